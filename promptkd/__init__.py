@@ -1,0 +1,10 @@
+"""promptkd: fused knowledge-distillation losses that never materialize logits."""
+
+from .api import fused_linear_kd_loss, kd_loss
+from .modules import FusedLinearKDLoss, KDLoss
+from .settings import DIVERGENCES, REDUCTIONS, KDSettings
+
+__version__ = "0.1.0"
+
+__all__ = ["fused_linear_kd_loss", "kd_loss", "FusedLinearKDLoss", "KDLoss", "KDSettings", "DIVERGENCES",
+           "REDUCTIONS", "__version__"]

@@ -1,0 +1,250 @@
+"""Public functions: check arguments, flatten, pick an implementation.
+
+Formulas (p = softmax(teacher_logits / T), q = softmax(student_logits / T)):
+    forward_kl       KL(p || q)
+    reverse_kl       KL(q || p)
+    jsd              beta KL(p || M) + (1 - beta) KL(q || M),  M = beta p + (1 - beta) q,  0 < beta < 1
+    skew_forward_kl  KL(p || alpha p + (1 - alpha) q),  0 <= alpha < 1
+    skew_reverse_kl  KL(q || (1 - alpha) p + alpha q),  0 <= alpha < 1
+Per token: soft_weight * divergence + hard_weight * CE(student logits at T = 1, label).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+
+import torch
+
+from .reference import fused_linear_kd_loss_reference, kd_loss_reference
+from .settings import IMPLS, KDSettings
+from .torch_impl import TorchKDFunction
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _is_tensor(name: str, x, optional: bool = False):
+    if x is None and optional:
+        return
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+
+
+def _check_labels(labels, lead: torch.Size, vocab: int, settings: KDSettings, device):
+    if labels is None:
+        if settings.has_hard:
+            raise ValueError("labels are required when hard_weight > 0")
+        return None
+    _is_tensor("labels", labels)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.shape != lead:
+        raise ValueError(f"labels must have the inputs' leading shape {tuple(lead)}, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device}, the inputs on {device}")
+    labels = labels.reshape(-1).long()
+    # Range check where it costs no device synchronisation; on CUDA an out-of-range counted
+    # label makes that token's loss NaN instead (see the docstring of fused_linear_kd_loss).
+    if labels.device.type == "cpu" and labels.numel():
+        bad = (labels != settings.ignore_index) & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) or equal ignore_index={settings.ignore_index}; "
+                f"flattened position {i} holds {int(labels[i])}"
+            )
+    return labels
+
+
+def _resolve_vocab(vs: int, vt: int, settings: KDSettings) -> KDSettings:
+    if settings.vocab_size is None:
+        if vs != vt:
+            raise ValueError(
+                f"student vocabulary ({vs}) and teacher vocabulary ({vt}) differ: pass vocab_size= "
+                "to name how many leading rows are real tokens (the rest are padding)"
+            )
+        return replace(settings, vocab_size=vs)
+    if settings.vocab_size > min(vs, vt):
+        raise ValueError(f"vocab_size={settings.vocab_size} exceeds the smaller vocabulary ({min(vs, vt)})")
+    return settings
+
+
+def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" and dtype in _TRITON_FLOATS else "torch"
+    if impl == "triton":
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+        if dtype not in _TRITON_FLOATS:
+            raise ValueError(f"impl='triton' supports float32, float16 and bfloat16, got {dtype}")
+    return impl
+
+
+def _check_float(name: str, x: torch.Tensor, dtype, device, ndim=None):
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{name} must be a floating tensor (float32, float16, bfloat16, float64), got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(f"{name} has dtype {x.dtype}, expected {dtype} like student_hidden / student_logits")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} like student_hidden / student_logits")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {tuple(x.shape)}")
+
+
+def _finish(loss: torch.Tensor, lead: torch.Size, settings: KDSettings) -> torch.Tensor:
+    return loss.reshape(lead) if settings.reduction == "none" else loss
+
+
+def fused_linear_kd_loss(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Distillation loss straight from hidden states and output-embedding weights.
+
+    The [tokens, vocab] logits ``hidden @ weight.T + bias`` are never materialized by the
+    ``torch`` and ``triton`` implementations: they are computed chunk by chunk (tile by tile on
+    the GPU), folded into per-token statistics, and recomputed in backward.
+
+    Shapes: student_hidden [..., Ds], student_weight [Vs, Ds], teacher_hidden [..., Dt] with the
+    same leading shape, teacher_weight [Vt, Dt]; biases [Vs] / [Vt]; labels [...] integer.
+    Ds may differ from Dt. All floating inputs share one dtype and device.
+
+    With p = softmax(teacher_logits / T) and q = softmax(student_logits / T), per token:
+        soft_weight * D(p, q) + hard_weight * cross_entropy(student_logits, label)
+    where D is ``divergence``: ``forward_kl`` KL(p||q); ``reverse_kl`` KL(q||p); ``jsd``
+    beta KL(p||M) + (1-beta) KL(q||M), M = beta p + (1-beta) q, 0 < beta < 1;
+    ``skew_forward_kl`` KL(p || alpha p + (1-alpha) q) and ``skew_reverse_kl``
+    KL(q || (1-alpha) p + alpha q), 0 <= alpha < 1. The divergence is exactly the one at
+    temperature T: there is **no T^2 factor** (multiply soft_weight by T**2 if you want it).
+    The cross-entropy always uses temperature 1.
+
+    Tokens whose label equals ``ignore_index`` count zero. ``reduction``: ``mean`` divides by the
+    number of counted tokens (a device tensor: no host synchronisation), ``sum`` adds, ``none``
+    returns one value per token in the leading shape (0 for ignored tokens). With no counted
+    token the loss is 0 and all gradients are 0. The result is float32 (float64 for float64 inputs).
+
+    If Vs != Vt, ``vocab_size`` says how many leading rows are real tokens; the remaining rows of
+    either weight are padding: they get zero probability and zero gradient. ``vocab_size`` may
+    also trim padding when Vs == Vt.
+
+    Gradients flow to every input that requires grad (student hidden, weight, bias; teacher
+    hidden, weight, bias), and only to those. Labels of counted tokens must lie in
+    [0, vocab_size): checked with a ValueError for CPU tensors; on CUDA (to avoid a host sync) an
+    out-of-range label gives that token a NaN loss when hard_weight > 0 and is otherwise only a mask.
+
+    ``impl``: ``reference`` (full logits, plain torch), ``torch`` (chunked, CPU and fallback),
+    ``triton`` (fused kernels, CUDA), ``auto`` (triton on CUDA, torch otherwise).
+    """
+    settings = KDSettings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index,
+                          reduction, vocab_size)
+    for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
+                    ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
+        _is_tensor(name, x)
+    _is_tensor("student_bias", student_bias, optional=True)
+    _is_tensor("teacher_bias", teacher_bias, optional=True)
+    dtype, device = student_hidden.dtype, student_hidden.device
+    _check_float("student_hidden", student_hidden, None, None)
+    if student_hidden.ndim < 1:
+        raise ValueError("student_hidden must have at least one dimension [..., Ds]")
+    _check_float("student_weight", student_weight, dtype, device, ndim=2)
+    _check_float("teacher_hidden", teacher_hidden, dtype, device)
+    _check_float("teacher_weight", teacher_weight, dtype, device, ndim=2)
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} differs from "
+                         f"student_hidden's {tuple(lead)}")
+    ds, dt = student_hidden.shape[-1], teacher_hidden.shape[-1]
+    if student_weight.shape[1] != ds:
+        raise ValueError(f"student_weight must be [Vs, {ds}] to match student_hidden, got {tuple(student_weight.shape)}")
+    if teacher_weight.shape[1] != dt:
+        raise ValueError(f"teacher_weight must be [Vt, {dt}] to match teacher_hidden, got {tuple(teacher_weight.shape)}")
+    vs, vt = student_weight.shape[0], teacher_weight.shape[0]
+    for name, bias, v in (("student_bias", student_bias, vs), ("teacher_bias", teacher_bias, vt)):
+        if bias is not None:
+            _check_float(name, bias, dtype, device, ndim=1)
+            if bias.shape[0] != v:
+                raise ValueError(f"{name} must have shape [{v}], got {tuple(bias.shape)}")
+    settings = _resolve_vocab(vs, vt, settings)
+    labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
+    impl = _pick_impl(impl, device, dtype)
+
+    if impl == "reference":
+        return fused_linear_kd_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                              None if labels is None else labels.reshape(lead), settings,
+                                              student_bias, teacher_bias)
+    xs, xt = student_hidden.reshape(-1, ds), teacher_hidden.reshape(-1, dt)
+    args = (xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, labels, settings)
+    return _finish(_apply(impl, args), lead, settings)
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+    temperature: float = 1.0,
+    soft_weight: float = 1.0,
+    hard_weight: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    vocab_size: int | None = None,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """The loss of :func:`fused_linear_kd_loss` on logits you already have: [..., Vs] and [..., Vt].
+
+    Same formulas, keywords and gradient rules; gradients go to both logits tensors when they
+    require grad. The ``torch`` and ``triton`` implementations keep no [tokens, vocab]
+    intermediate beyond the gradient itself.
+    """
+    settings = KDSettings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index,
+                          reduction, vocab_size)
+    _is_tensor("student_logits", student_logits)
+    _is_tensor("teacher_logits", teacher_logits)
+    dtype, device = student_logits.dtype, student_logits.device
+    _check_float("student_logits", student_logits, None, None)
+    if student_logits.ndim < 1:
+        raise ValueError("student_logits must have at least one dimension [..., Vs]")
+    _check_float("teacher_logits", teacher_logits, dtype, device)
+    lead = student_logits.shape[:-1]
+    if teacher_logits.shape[:-1] != lead:
+        raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} differs from "
+                         f"student_logits's {tuple(lead)}")
+    settings = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], settings)
+    labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
+    impl = _pick_impl(impl, device, dtype)
+    if impl == "reference":
+        return kd_loss_reference(student_logits, teacher_logits,
+                                 None if labels is None else labels.reshape(lead), settings)
+    xs = student_logits.reshape(-1, student_logits.shape[-1])
+    xt = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    return _finish(_apply(impl, (xs, None, None, xt, None, None, labels, settings)), lead, settings)
+
+
+def _apply(impl: str, args) -> torch.Tensor:
+    if impl == "torch":
+        return TorchKDFunction.apply(*args)
+    from .triton_impl import TritonKDFunction  # imports triton only when asked for
+
+    return TritonKDFunction.apply(*args)

@@ -1,0 +1,155 @@
+"""``impl="torch"``: the CPU and fallback path, chunked over tokens, recomputing in backward.
+
+Each chunk holds full-vocabulary rows of student and teacher logits, at most ``CHUNK_BYTES``
+per [rows, V] float32 tensor, so the extra memory is O(N) row statistics plus one bounded chunk
+(a handful of [rows, V] temporaries), whatever N is. The forward keeps five float32 numbers per
+token (two log-sum-exps at T, one at T=1, and the row sums cp, cq of ``promptkd.math``); the
+backward recomputes each chunk's logits and turns the logit gradient straight into hidden,
+weight and bias gradients with GEMMs, for the inputs that require them only.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .math import logit_grads, row_stats
+from .settings import KDSettings
+
+#: Bytes of one float32 [rows, V] chunk tensor; rows = max(1, CHUNK_BYTES // (4 * V)).
+CHUNK_BYTES = 16 << 20
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: slice, vocab: int):
+    """Float32 (float64 for float64 inputs) logits of ``rows``: x[rows] @ weight[:V].T + bias[:V], or x[rows, :V]."""
+    if weight is None:
+        z = x[rows, :vocab]
+    else:
+        z = F.linear(x[rows], weight[:vocab], None if bias is None else bias[:vocab])
+    return z.to(_compute_dtype(x.dtype))
+
+
+def _side_grads(dz: torch.Tensor, x, weight, bias, rows: slice, needs, grads):
+    """Adds the gradients of one chunk's logit gradient dz [rows, V] to ``grads`` = [dx, dweight, dbias]."""
+    vocab = dz.shape[1]
+    if weight is None:  # logits input
+        if needs[0]:
+            grads[0][rows, :vocab] = dz
+        return
+    dz_in = dz.to(x.dtype)
+    if needs[0]:
+        grads[0][rows] = dz_in @ weight[:vocab]
+    if needs[1]:
+        grads[1][:vocab].addmm_(dz_in.t().to(grads[1].dtype), x[rows].to(grads[1].dtype))
+    if bias is not None and needs[2]:
+        grads[2][:vocab] += dz.sum(0).to(grads[2].dtype)
+
+
+def _alloc_grads(x, weight, bias, needs):
+    """Gradient buffers for the inputs that need them; weight/bias accumulate in >= float32."""
+    acc = _compute_dtype(x.dtype)
+    out = [None, None, None]
+    if needs[0]:
+        out[0] = torch.zeros_like(x) if weight is None else torch.empty_like(x)
+    if weight is not None and needs[1]:
+        out[1] = torch.zeros(weight.shape, dtype=acc, device=weight.device)
+    if bias is not None and needs[2]:
+        out[2] = torch.zeros(bias.shape, dtype=acc, device=bias.device)
+    return out
+
+
+class TorchKDFunction(torch.autograd.Function):
+    """Chunked KD loss over (hidden, weight, bias) pairs, or over logits when the weights are None.
+
+    Inputs are flattened: x [N, D] (or logits [N, V']), labels [N] or None; ``settings.vocab_size``
+    is resolved. Returns the loss reduced per ``settings.reduction`` ([N] for ``none``), in float32
+    (float64 for float64 inputs).
+    """
+
+    @staticmethod
+    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
+        n, vocab = xs.shape[0], settings.vocab_size
+        inv_t = 1.0 / settings.temperature
+        stats = torch.empty(5, n, dtype=_compute_dtype(xs.dtype), device=xs.device)
+        lse_a, lse_b, lse_c, cp, cq = stats
+        per_token = torch.empty(n, dtype=stats.dtype, device=xs.device)
+        step = _chunk_rows(vocab)
+        for r0 in range(0, n, step):
+            rows = slice(r0, min(n, r0 + step))
+            s = _logits(xs, ws, bs, rows, vocab)
+            t = _logits(xt, wt, bt, rows, vocab)
+            a, b = s * inv_t, t * inv_t
+            lse_a[rows], lse_b[rows] = a.logsumexp(-1), b.logsumexp(-1)
+            div, cp[rows], cq[rows] = row_stats(b - lse_b[rows, None], a - lse_a[rows, None], settings)
+            per_token[rows] = settings.soft_weight * div
+            if settings.has_hard:
+                lse_c[rows] = s.logsumexp(-1)
+                target = s.gather(1, labels[rows].clamp(0, vocab - 1)[:, None])[:, 0]
+                per_token[rows] += settings.hard_weight * (lse_c[rows] - target)
+        counted = None if labels is None else labels != settings.ignore_index
+        if counted is not None:
+            per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+        ctx.settings = settings
+        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, stats)
+        return _reduce(per_token, counted, settings.reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
+        settings: KDSettings = ctx.settings
+        need = ctx.needs_input_grad
+        need_s, need_t = any(need[0:3]), any(need[3:6])
+        gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
+        if need_s or need_t:
+            n, vocab = xs.shape[0], settings.vocab_size
+            inv_t = 1.0 / settings.temperature
+            lse_a, lse_b, lse_c, cp, cq = stats
+            scale = _row_scale(grad_out, labels, settings, n, stats.dtype)
+            step = _chunk_rows(vocab)
+            for r0 in range(0, n, step):
+                rows = slice(r0, min(n, r0 + step))
+                s = _logits(xs, ws, bs, rows, vocab)
+                t = _logits(xt, wt, bt, rows, vocab)
+                lq = s * inv_t - lse_a[rows, None]
+                lp = t * inv_t - lse_b[rows, None]
+                da, db = logit_grads(lp, lq, cp[rows], cq[rows], settings)
+                sc = scale[rows, None]
+                if need_s:
+                    ds = da.mul_(settings.soft_weight * inv_t)
+                    if settings.has_hard:
+                        ds += settings.hard_weight * (s - lse_c[rows, None]).exp_()
+                        ds.scatter_add_(1, labels[rows].clamp(0, vocab - 1)[:, None],
+                                        torch.full_like(ds[:, :1], -settings.hard_weight))
+                    _side_grads(ds.mul_(sc), xs, ws, bs, rows, need[0:3], gs)
+                if need_t:
+                    _side_grads(db.mul_(sc * (settings.soft_weight * inv_t)), xt, wt, bt, rows, need[3:6], gt)
+        gs = [None if g is None else g.to(ref.dtype) for g, ref in zip(gs, (xs, ws, bs))]
+        gt = [None if g is None else g.to(ref.dtype) for g, ref in zip(gt, (xt, wt, bt))]
+        return (*gs, *gt, None, None)
+
+
+def _reduce(per_token: torch.Tensor, counted: torch.Tensor | None, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    count = per_token.new_tensor(per_token.numel()) if counted is None else counted.sum()
+    return total / count.clamp_min(1).to(total.dtype)
+
+
+def _row_scale(grad_out: torch.Tensor, labels, settings: KDSettings, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """d(loss)/d(per-token loss) as an [N] device vector of ``dtype``: no host synchronisation."""
+    counted = torch.ones(n, dtype=dtype, device=grad_out.device) if labels is None else \
+        (labels != settings.ignore_index).to(dtype)
+    if settings.reduction == "mean":
+        counted = counted / counted.sum().clamp_min(1)
+    return counted * grad_out.to(dtype)

@@ -1,0 +1,27 @@
+import re
+from pathlib import Path
+
+from setuptools import setup
+
+here = Path(__file__).parent
+version = re.search(r'__version__ = "([^"]+)"', (here / "promptkd" / "__init__.py").read_text()).group(1)
+
+setup(
+    name="promptkd",
+    version=version,
+    description="Fused knowledge-distillation losses for LLMs that never materialize logits, and PromptKD",
+    long_description=(here / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The Triton kernels live in kernels/ and install as promptkd.kernels.
+    packages=["promptkd", "promptkd.kernels"],
+    package_dir={"promptkd": "promptkd", "promptkd.kernels": "kernels"},
+    # Any torch >= 2.4 works: a CPU build (pip install torch==2.13.0) or the CUDA build already on a GPU
+    # machine satisfy it, so installing promptkd never replaces or pulls a torch build.
+    install_requires=["torch>=2.4", "triton>=3.6; platform_system == 'Linux'", "numpy"],
+    extras_require={
+        "test": ["pytest>=8", "pytest-benchmark", "ruff"],
+        "bench": ["pytest-benchmark"],
+    },
+    license="Apache-2.0",
+)
