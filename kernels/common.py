@@ -1,0 +1,84 @@
+"""Shared @triton.jit helpers of the KD kernels. Notation and formulas: promptkd/math.py."""
+
+import triton
+import triton.language as tl
+
+# Divergence codes; promptkd.settings.DIVERGENCE_CODES holds the same numbers.
+LSE_ONLY = tl.constexpr(0)
+FORWARD_KL = tl.constexpr(1)
+REVERSE_KL = tl.constexpr(2)
+JSD = tl.constexpr(3)
+SKEW_FORWARD_KL = tl.constexpr(4)
+SKEW_REVERSE_KL = tl.constexpr(5)
+
+
+@triton.jit
+def logits_tile(X, W, B, o_n, o_v, m_n, m_v, D, stride_x, stride_w,
+                FROM_LOGITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """float32 [BLOCK_N, BLOCK_V] tile: X[o_n] @ W[o_v].T (+ B[o_v]), or X[o_n, o_v] when FROM_LOGITS.
+
+    o_n, o_v are int64 offsets; rows/columns outside (m_n, m_v) read as 0. UPCAST multiplies in
+    float32 (the Triton interpreter's bfloat16 tl.dot is wrong; float32 products of bf16 are exact).
+    """
+    if FROM_LOGITS:
+        b_z = tl.load(X + o_n[:, None] * stride_x + o_v[None, :], mask=m_n[:, None] & m_v[None, :], other=0.0)
+        b_z = b_z.to(tl.float32)  # [BLOCK_N, BLOCK_V]
+    else:
+        b_z = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            o_d = d0 + tl.arange(0, BLOCK_D)
+            m_d = o_d < D
+            b_x = tl.load(X + o_n[:, None] * stride_x + o_d[None, :], mask=m_n[:, None] & m_d[None, :], other=0.0)
+            b_w = tl.load(W + o_v[None, :] * stride_w + o_d[:, None], mask=m_v[None, :] & m_d[:, None], other=0.0)
+            if UPCAST:
+                b_x = b_x.to(tl.float32)  # [BLOCK_N, BLOCK_D]
+                b_w = b_w.to(tl.float32)  # [BLOCK_D, BLOCK_V]
+            b_z = tl.dot(b_x, b_w, b_z, input_precision=PRECISION)
+    if HAS_BIAS:
+        b_z += tl.load(B + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
+    return b_z
+
+
+@triton.jit
+def log_add_exp(x, y):
+    """log(exp(x) + exp(y)) without overflow; one argument may be -inf (a zero mixture weight)."""
+    hi = tl.maximum(x, y)
+    lo = tl.minimum(x, y)
+    return hi + tl.log(1.0 + tl.exp(lo - hi))
+
+
+@triton.jit
+def divergence_terms(lp, lq, lw_p, lw_q, DIVERGENCE: tl.constexpr):
+    """(f, Gp, Gq) per element from lp = log p, lq = log q; lw_p, lw_q = log weights of the mixture.
+
+    D = sum f; dD/da = Gq - q sum(Gq); dD/db = Gp - p sum(Gp) (a, b: student, teacher logits / T).
+    """
+    p = tl.exp(lp)
+    q = tl.exp(lq)
+    if DIVERGENCE == FORWARD_KL:  # f = p (lp - lq)
+        f = p * (lp - lq)
+        gp = f + p
+        gq = -p
+    elif DIVERGENCE == REVERSE_KL:  # f = q (lq - lp)
+        f = q * (lq - lp)
+        gp = -q
+        gq = f + q
+    elif DIVERGENCE == JSD:  # f = b p (lp - lM) + (1-b) q (lq - lM), M = b p + (1-b) q
+        lm = log_add_exp(lp + lw_p, lq + lw_q)
+        gp = tl.exp(lp + lw_p) * (lp - lm)
+        gq = tl.exp(lq + lw_q) * (lq - lm)
+        f = gp + gq
+    elif DIVERGENCE == SKEW_FORWARD_KL:  # f = p (lp - lM), M = a p + (1-a) q, w = (1-a) q / M
+        lm = log_add_exp(lp + lw_p, lq + lw_q)
+        pw = p * tl.exp(lq + lw_q - lm)
+        f = p * (lp - lm)
+        gp = f + pw
+        gq = -pw
+    else:  # SKEW_REVERSE_KL: f = q (lq - lM), M = (1-a) p + a q, w = (1-a) p / M
+        lm = log_add_exp(lp + lw_p, lq + lw_q)
+        qw = q * tl.exp(lp + lw_p - lm)
+        f = q * (lq - lm)
+        gp = -qw
+        gq = f + qw
+    return f, gp, gq

@@ -1,0 +1,36 @@
+"""Launch configurations of the KD kernels, in one place.
+
+The launchers pick from these tables only; tests/test_compile.py compiles every entry for sm_80
+and sm_90 ahead of time, so a configuration that cannot compile or overflows shared memory fails CI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int  # tokens per tile
+    block_v: int  # vocabulary entries per tile
+    block_d: int  # hidden-dimension step of the logit GEMM
+    num_warps: int
+    num_stages: int
+
+
+# (kernel, operand bytes) -> configurations, smallest block_n first. The launcher takes the first whose
+# block_n covers the token count, else the last. 16-bit operands take twice the hidden step of float32.
+CONFIGS = {
+    ("forward", 2): (TileConfig(16, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3)),
+    ("forward", 4): (TileConfig(16, 128, 32, 4, 3), TileConfig(64, 128, 32, 8, 3)),
+    ("backward", 2): (TileConfig(16, 128, 64, 4, 3), TileConfig(64, 128, 64, 8, 3)),
+    ("backward", 4): (TileConfig(16, 128, 32, 4, 3), TileConfig(64, 128, 32, 8, 3)),
+}
+
+
+def pick(kernel: str, element_size: int, n_tokens: int) -> TileConfig:
+    options = CONFIGS[(kernel, 2 if element_size <= 2 else 4)]
+    for cfg in options:
+        if n_tokens <= cfg.block_n:
+            return cfg
+    return options[-1]

@@ -1,0 +1,58 @@
+"""Backward kernel: recompute logit tiles and write the logit gradients of one vocabulary chunk."""
+
+import triton
+import triton.language as tl
+
+from .common import divergence_terms, logits_tile
+
+
+@triton.jit(do_not_specialize=["N"])
+def _kd_backward_kernel(
+    XS, WS, BS, XT, WT, BT, LABELS, ROWS, DZS, DZT,
+    N, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt, stride_dzs, stride_dzt,
+    v_start, v_end, inv_t, lw_p, lw_q, soft_weight, hard_weight,
+    DIVERGENCE: tl.constexpr, HAS_HARD: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Logit gradients of the tile (tokens i_n, columns v_start + i_v * BLOCK_V ...) of the chunk [v_start, v_end).
+
+    ROWS[k, token] holds lse(a), lse(b), lse(s), cp, cq and g = d(loss)/d(token loss) for k = 0..5.
+    With lq = a - lse(a), lp = b - lse(b), q = e^lq, p = e^lp and (Gp, Gq) from divergence_terms:
+        dS = g (soft_weight / T (Gq - q cq) + hard_weight (softmax(s) - onehot(label)))   (NEED_S)
+        dT = g  soft_weight / T (Gp - p cp)                                              (NEED_T)
+    written to DZS / DZT at [token, v - v_start] in their element type.
+    """
+    i_n = tl.program_id(0)
+    i_v = tl.program_id(1)
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_n = o_n < N
+    o_v = (v_start + i_v * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+    m_v = o_v < v_end
+    b_s = logits_tile(XS, WS, BS, o_n, o_v, m_n, m_v, DS, stride_xs, stride_ws, FROM_LOGITS, HAS_BIAS_S,
+                      BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
+    b_t = logits_tile(XT, WT, BT, o_n, o_v, m_n, m_v, DT, stride_xt, stride_wt, FROM_LOGITS, HAS_BIAS_T,
+                      BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
+    b_lse_a = tl.load(ROWS + o_n, mask=m_n, other=0.0)
+    b_lse_b = tl.load(ROWS + N + o_n, mask=m_n, other=0.0)
+    b_cp = tl.load(ROWS + 3 * N + o_n, mask=m_n, other=0.0)
+    b_cq = tl.load(ROWS + 4 * N + o_n, mask=m_n, other=0.0)
+    b_g = tl.load(ROWS + 5 * N + o_n, mask=m_n, other=0.0)
+    b_lq = b_s * inv_t - b_lse_a[:, None]
+    b_lp = b_t * inv_t - b_lse_b[:, None]
+    _, b_gp, b_gq = divergence_terms(b_lp, b_lq, lw_p, lw_q, DIVERGENCE)
+    m_out = m_n[:, None] & m_v[None, :]
+    o_out = o_v[None, :] - v_start
+    if NEED_S:
+        b_ds = (soft_weight * inv_t) * (b_gq - tl.exp(b_lq) * b_cq[:, None])
+        if HAS_HARD:
+            b_lse_c = tl.load(ROWS + 2 * N + o_n, mask=m_n, other=0.0)
+            b_label = tl.load(LABELS + o_n, mask=m_n, other=-1)
+            b_onehot = tl.where(o_v[None, :] == b_label[:, None], 1.0, 0.0)
+            b_ds += hard_weight * (tl.exp(b_s - b_lse_c[:, None]) - b_onehot)
+        b_ds = b_ds * b_g[:, None]
+        tl.store(DZS + o_n[:, None] * stride_dzs + o_out, b_ds.to(DZS.dtype.element_ty), mask=m_out)
+    if NEED_T:
+        b_dt = ((soft_weight * inv_t) * b_g)[:, None] * (b_gp - tl.exp(b_lp) * b_cp[:, None])
+        tl.store(DZT + o_n[:, None] * stride_dzt + o_out, b_dt.to(DZT.dtype.element_ty), mask=m_out)

@@ -1,0 +1,151 @@
+"""Forward kernels: per-token statistics over (token block x vocabulary split) programs.
+
+Each program owns BLOCK_N tokens and a contiguous range of vocabulary tiles (one "split"); it
+computes student and teacher logit tiles in SRAM (tl.dot, float32 accumulation) and folds them
+into per-split statistics that the launcher combines over splits in a fixed order (deterministic).
+"""
+
+import triton
+import triton.language as tl
+
+from .common import FORWARD_KL, REVERSE_KL, divergence_terms, logits_tile
+
+# Stands for -inf in running maxima and padding columns: e^(NEG - m) is exactly 0 and, unlike -inf,
+# NEG - NEG is 0, so empty sums and masked lanes need no extra guards.
+NEG = tl.constexpr(-1.0e30)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _kd_online_kernel(
+    XS, WS, BS, XT, WT, BT, LABELS, STATS,
+    N, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt, stride_stat,
+    tiles_per_split, inv_t,
+    DIVERGENCE: tl.constexpr, HAS_HARD: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Online statistics of one split, written to STATS[k, token, split] (float32):
+
+    a = s / T, b = t / T (s, t: student, teacher logits). Running maxima m and rescaled sums l give
+        k=0,1: m_a, l_a      lse(a) = m_a + log l_a
+        k=2,3: m_b, l_b      lse(b) = m_b + log l_b
+        k=4:   forward_kl  acc = sum_v e^(b - m_b) ((b - m_b) - (a - m_a)),
+               then KL(p||q) = acc / l_b - log l_b + log l_a  (terms relative to the running maxima,
+               so a common offset of the logits cancels before it can cost precision);
+               reverse_kl  the same with a and b exchanged; LSE_ONLY: unused.
+        k=5,6: m_c, l_c      lse(s) at T = 1 (cross-entropy, HAS_HARD)
+        k=7:   s[label]      the label's logit (0 in splits that do not hold it)
+    When a maximum grows from m to m', a sum rescales by e^(m - m'), and acc also gains
+    l * ((m_b - m_b') - (m_a - m_a')).
+    """
+    i_n = tl.program_id(0)
+    i_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_n = o_n < N
+    t_start = i_s * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
+
+    b_ma = tl.full([BLOCK_N], NEG, tl.float32)
+    b_la = tl.zeros([BLOCK_N], tl.float32)
+    b_mb = tl.full([BLOCK_N], NEG, tl.float32)
+    b_lb = tl.zeros([BLOCK_N], tl.float32)
+    b_acc = tl.zeros([BLOCK_N], tl.float32)
+    b_mc = tl.full([BLOCK_N], NEG, tl.float32)
+    b_lc = tl.zeros([BLOCK_N], tl.float32)
+    b_target = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_HARD:
+        b_label = tl.load(LABELS + o_n, mask=m_n, other=-1)
+
+    for i_t in range(t_start, t_end):
+        o_v = (i_t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        m_v = o_v < V
+        b_s = logits_tile(XS, WS, BS, o_n, o_v, m_n, m_v, DS, stride_xs, stride_ws, FROM_LOGITS, HAS_BIAS_S,
+                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
+        b_t = logits_tile(XT, WT, BT, o_n, o_v, m_n, m_v, DT, stride_xt, stride_wt, FROM_LOGITS, HAS_BIAS_T,
+                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
+        b_a = tl.where(m_v[None, :], b_s * inv_t, NEG)
+        b_b = tl.where(m_v[None, :], b_t * inv_t, NEG)
+        ma_new = tl.maximum(b_ma, tl.max(b_a, 1))  # finite: every tile holds a real column
+        mb_new = tl.maximum(b_mb, tl.max(b_b, 1))
+        ra = tl.exp(b_ma - ma_new)
+        rb = tl.exp(b_mb - mb_new)
+        b_ea = tl.exp(b_a - ma_new[:, None])
+        b_eb = tl.exp(b_b - mb_new[:, None])
+        if DIVERGENCE == FORWARD_KL:
+            b_d = (b_b - mb_new[:, None]) - (b_a - ma_new[:, None])
+            b_acc = rb * (b_acc + b_lb * ((b_mb - mb_new) - (b_ma - ma_new))) + tl.sum(b_eb * b_d, 1)
+        elif DIVERGENCE == REVERSE_KL:
+            b_d = (b_a - ma_new[:, None]) - (b_b - mb_new[:, None])
+            b_acc = ra * (b_acc + b_la * ((b_ma - ma_new) - (b_mb - mb_new))) + tl.sum(b_ea * b_d, 1)
+        b_la = b_la * ra + tl.sum(b_ea, 1)
+        b_lb = b_lb * rb + tl.sum(b_eb, 1)
+        b_ma = ma_new
+        b_mb = mb_new
+        if HAS_HARD:
+            b_c = tl.where(m_v[None, :], b_s, NEG)
+            mc_new = tl.maximum(b_mc, tl.max(b_c, 1))
+            b_lc = b_lc * tl.exp(b_mc - mc_new) + tl.sum(tl.exp(b_c - mc_new[:, None]), 1)
+            b_mc = mc_new
+            b_target += tl.sum(tl.where(o_v[None, :] == b_label[:, None], b_s, 0.0), 1)
+
+    p_out = STATS + o_n * n_splits + i_s
+    tl.store(p_out, b_ma, mask=m_n)
+    tl.store(p_out + stride_stat, b_la, mask=m_n)
+    tl.store(p_out + 2 * stride_stat, b_mb, mask=m_n)
+    tl.store(p_out + 3 * stride_stat, b_lb, mask=m_n)
+    if DIVERGENCE == FORWARD_KL or DIVERGENCE == REVERSE_KL:
+        tl.store(p_out + 4 * stride_stat, b_acc, mask=m_n)
+    if HAS_HARD:
+        tl.store(p_out + 5 * stride_stat, b_mc, mask=m_n)
+        tl.store(p_out + 6 * stride_stat, b_lc, mask=m_n)
+        tl.store(p_out + 7 * stride_stat, b_target, mask=m_n)
+
+
+@triton.jit(do_not_specialize=["N"])
+def _kd_terms_kernel(
+    XS, WS, BS, XT, WT, BT, LSE, PARTIAL,
+    N, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt, stride_stat,
+    tiles_per_split, inv_t, lw_p, lw_q,
+    DIVERGENCE: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
+    FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Second forward pass of the mixture divergences (jsd, skew_forward_kl, skew_reverse_kl).
+
+    With lse(a), lse(b) known (LSE[0, token], LSE[1, token]): lq = a - lse(a), lp = b - lse(b), the
+    mixture log M = logaddexp(lw_p + lp, lw_q + lq) in log space, and per split
+        PARTIAL[0] = sum f = D,  PARTIAL[1] = sum Gp = cp,  PARTIAL[2] = sum Gq = cq
+    (f, Gp, Gq from common.divergence_terms; cp, cq feed the backward).
+    """
+    i_n = tl.program_id(0)
+    i_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    m_n = o_n < N
+    t_start = i_s * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    b_lse_a = tl.load(LSE + o_n, mask=m_n, other=0.0)
+    b_lse_b = tl.load(LSE + N + o_n, mask=m_n, other=0.0)
+
+    b_div = tl.zeros([BLOCK_N], tl.float32)
+    b_cp = tl.zeros([BLOCK_N], tl.float32)
+    b_cq = tl.zeros([BLOCK_N], tl.float32)
+    for i_t in range(t_start, t_end):
+        o_v = (i_t * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        m_v = o_v < V
+        b_s = logits_tile(XS, WS, BS, o_n, o_v, m_n, m_v, DS, stride_xs, stride_ws, FROM_LOGITS, HAS_BIAS_S,
+                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
+        b_t = logits_tile(XT, WT, BT, o_n, o_v, m_n, m_v, DT, stride_xt, stride_wt, FROM_LOGITS, HAS_BIAS_T,
+                          BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
+        b_lq = b_s * inv_t - b_lse_a[:, None]
+        b_lp = b_t * inv_t - b_lse_b[:, None]
+        b_f, b_gp, b_gq = divergence_terms(b_lp, b_lq, lw_p, lw_q, DIVERGENCE)
+        b_div += tl.sum(tl.where(m_v[None, :], b_f, 0.0), 1)
+        b_cp += tl.sum(tl.where(m_v[None, :], b_gp, 0.0), 1)
+        b_cq += tl.sum(tl.where(m_v[None, :], b_gq, 0.0), 1)
+
+    p_out = PARTIAL + o_n * n_splits + i_s
+    tl.store(p_out, b_div, mask=m_n)
+    tl.store(p_out + stride_stat, b_cp, mask=m_n)
+    tl.store(p_out + 2 * stride_stat, b_cq, mask=m_n)

@@ -1,0 +1,232 @@
+"""``impl="triton"``: launchers and the autograd Function around the fused KD kernels.
+
+Forward: one Triton pass (forward/reverse KL) or two (log-sum-exps, then the mixture sums of JSD
+and the skew KLs) over (token block x vocabulary split) programs; per-split statistics combine
+over splits in a fixed order, so results are deterministic. No [tokens, vocab] tensor exists.
+
+Backward: the kernel recomputes logit tiles for one vocabulary chunk of all tokens and writes the
+logit gradient of that chunk (at most ``BACKWARD_CHUNK_BYTES`` per side); cuBLAS turns it into
+hidden, weight and bias gradients (deterministic: no atomics). Hidden gradients accumulate over
+chunks in float32; weight and bias rows of a chunk are written once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from .kernels import configs
+from .kernels.kd_backward import _kd_backward_kernel
+from .kernels.kd_forward import _kd_online_kernel, _kd_terms_kernel
+from .settings import DIVERGENCE_CODES, KDSettings
+from .torch_impl import _reduce, _row_scale
+
+#: Bytes of one side's logit-gradient chunk [N, chunk of V] in backward.
+BACKWARD_CHUNK_BYTES = 64 << 20
+#: Tests set this to float("nan") so any buffer element a kernel forgets to write shows up.
+POISON: float | None = None
+
+
+def _buffer(shape, dtype, device) -> torch.Tensor:
+    if POISON is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, POISON, dtype=dtype, device=device)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: still exercise several vocabulary splits
+    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _compile_switches(x: torch.Tensor) -> dict:
+    """UPCAST / PRECISION: exact float32 products where tl.dot needs them."""
+    upcast = _interpreting() and x.dtype == torch.bfloat16
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return dict(UPCAST=upcast, PRECISION="tf32" if tf32 else "ieee")
+
+
+def _side_args(x, w, b):
+    """(X, W, B, D, stride_x, stride_w, HAS_BIAS) of one side; W is None for logits input."""
+    if w is None:
+        return x, x, x, 0, x.stride(0), 0, False
+    return x, w, (x if b is None else b), x.shape[1], x.stride(0), w.stride(0), b is not None
+
+
+def _unit_stride(x):
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
+
+
+def _combine_lse(m: torch.Tensor, l: torch.Tensor):
+    """Merge per-split (max, rescaled sum) [N, splits] into (global max, sum) [N], in a fixed order."""
+    mx = m.amax(1)
+    return mx, (l * torch.exp(m - mx[:, None])).sum(1)
+
+
+def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
+    n, vocab, device = xs.shape[0], settings.vocab_size, xs.device
+    code = DIVERGENCE_CODES[settings.divergence]
+    inv_t = 1.0 / settings.temperature
+    lw_p, lw_q = settings.mix_log_weights
+    cfg = configs.pick("forward", xs.element_size(), n)
+    n_tiles = triton_cdiv(vocab, cfg.block_v)
+    row_blocks = triton_cdiv(n, cfg.block_n)
+    splits = min(n_tiles, max(1, triton_cdiv(_target_programs(device), row_blocks)))
+    tiles_per_split = triton_cdiv(n_tiles, splits)
+    splits = triton_cdiv(n_tiles, tiles_per_split)  # every split holds at least one real column
+
+    XS, WS, BS, DS, sxs, sws, has_bs = _side_args(xs, ws, bs)
+    XT, WT, BT, DT, sxt, swt, has_bt = _side_args(xt, wt, bt)
+    common = dict(FROM_LOGITS=ws is None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, HAS_BIAS_S=has_bs, HAS_BIAS_T=has_bt,
+                  **_compile_switches(xs))
+    grid = (row_blocks, splits)
+    online = code if settings.divergence in ("forward_kl", "reverse_kl") else 0
+    stats = _buffer((8, n, splits), torch.float32, device)
+    _kd_online_kernel[grid](
+        XS, WS, BS, XT, WT, BT, XS if labels is None else labels, stats,
+        n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t,
+        DIVERGENCE=online, HAS_HARD=settings.has_hard, **common)
+    m_a, l_a, m_b, l_b, acc, m_c, l_c, target = stats.unbind(0)
+    ma, la = _combine_lse(m_a, l_a)
+    mb, lb = _combine_lse(m_b, l_b)
+    lse_a, lse_b = ma + la.log(), mb + lb.log()
+    if settings.divergence == "forward_kl":
+        acc = (torch.exp(m_b - mb[:, None]) * (acc + l_b * ((m_b - mb[:, None]) - (m_a - ma[:, None])))).sum(1)
+        div = acc / lb - lb.log() + la.log()
+        cp, cq = div + 1.0, torch.full_like(div, -1.0)
+    elif settings.divergence == "reverse_kl":
+        acc = (torch.exp(m_a - ma[:, None]) * (acc + l_a * ((m_a - ma[:, None]) - (m_b - mb[:, None])))).sum(1)
+        div = acc / la - la.log() + lb.log()
+        cp, cq = torch.full_like(div, -1.0), div + 1.0
+    else:
+        partial = _buffer((3, n, splits), torch.float32, device)
+        _kd_terms_kernel[grid](
+            XS, WS, BS, XT, WT, BT, torch.stack([lse_a, lse_b]), partial,
+            n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t, lw_p, lw_q,
+            DIVERGENCE=code, **common)
+        div, cp, cq = partial.sum(2).unbind(0)
+    per_token = settings.soft_weight * div
+    lse_c = torch.zeros_like(lse_a)
+    if settings.has_hard:
+        mc, lc = _combine_lse(m_c, l_c)
+        lse_c = mc + lc.log()
+        ce = lse_c - target.sum(1)
+        if labels.is_cuda:  # out-of-range labels were not checked on the host: make them loud
+            bad = (labels != settings.ignore_index) & ((labels < 0) | (labels >= vocab))
+            ce = torch.where(bad, torch.full_like(ce, math.nan), ce)
+        per_token = per_token + settings.hard_weight * ce
+    counted = None if labels is None else labels != settings.ignore_index
+    if counted is not None:
+        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
+    return per_token, counted, torch.stack([lse_a, lse_b, lse_c, cp, cq])
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _linear_grads(dz, x, w, b, v0: int, v1: int, needs, grads):
+    """Hidden, weight and bias gradients of one vocabulary chunk's logit gradient dz [N, v1 - v0]."""
+    if needs[0]:
+        if grads[0].dtype == dz.dtype:
+            grads[0].addmm_(dz, w[v0:v1])
+        else:  # 16-bit: products per chunk, accumulated in float32
+            grads[0] += dz @ w[v0:v1]
+    if needs[1]:
+        torch.mm(dz.t(), x, out=grads[1][v0:v1])
+    if b is not None and needs[2]:
+        grads[2][v0:v1] = dz.sum(0, dtype=torch.float32)
+
+
+def _backward(ctx, grad_out):
+    xs, ws, bs, xt, wt, bt, labels, rows = ctx.saved_tensors
+    settings: KDSettings = ctx.settings
+    need = ctx.needs_input_grad
+    need_s, need_t = any(need[0:3]), any(need[3:6])
+    n, vocab, device = xs.shape[0], settings.vocab_size, xs.device
+    from_logits = ws is None
+    gs, gt = [None] * 3, [None] * 3
+    for grads, (x, w, b), needs in ((gs, (xs, ws, bs), need[0:3]), (gt, (xt, wt, bt), need[3:6])):
+        if needs[0]:
+            if from_logits:
+                grads[0] = torch.zeros_like(x) if x.shape[1] > vocab else _buffer(x.shape, x.dtype, device)
+            else:
+                grads[0] = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=device)
+        if w is not None and needs[1]:
+            grads[1] = torch.zeros_like(w)
+        if b is not None and needs[2]:
+            grads[2] = torch.zeros_like(b)
+    if n == 0 or not (need_s or need_t):
+        return (*gs, *gt, None, None)
+
+    rows = torch.cat([rows, _row_scale(grad_out, labels, settings, n, torch.float32)[None]])
+    cfg = configs.pick("backward", xs.element_size(), n)
+    lw_p, lw_q = settings.mix_log_weights
+    XS, WS, BS, DS, sxs, sws, has_bs = _side_args(xs, ws, bs)
+    XT, WT, BT, DT, sxt, swt, has_bt = _side_args(xt, wt, bt)
+    if from_logits:
+        chunk = vocab
+        dzs, dzt = gs[0], gt[0]
+    else:
+        per_column = n * xs.element_size() * (int(need_s) + int(need_t))
+        chunk = max(cfg.block_v, BACKWARD_CHUNK_BYTES // max(per_column, 1) // cfg.block_v * cfg.block_v)
+        chunk = min(chunk, triton_cdiv(vocab, cfg.block_v) * cfg.block_v)
+        dzs = _buffer((n, chunk), xs.dtype, device) if need_s else None
+        dzt = _buffer((n, chunk), xt.dtype, device) if need_t else None
+    for v0 in range(0, vocab, chunk):
+        v1 = min(vocab, v0 + chunk)
+        grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(v1 - v0, cfg.block_v))
+        _kd_backward_kernel[grid](
+            XS, WS, BS, XT, WT, BT, XS if labels is None else labels, rows,
+            XS if dzs is None else dzs, XS if dzt is None else dzt,
+            n, vocab, DS, DT, sxs, sws, sxt, swt,
+            0 if dzs is None else dzs.stride(0), 0 if dzt is None else dzt.stride(0),
+            v0, v1, 1.0 / settings.temperature, lw_p, lw_q, settings.soft_weight, settings.hard_weight,
+            DIVERGENCE=DIVERGENCE_CODES[settings.divergence], HAS_HARD=settings.has_hard,
+            HAS_BIAS_S=has_bs, HAS_BIAS_T=has_bt, NEED_S=need_s, NEED_T=need_t, FROM_LOGITS=from_logits,
+            BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_compile_switches(xs))
+        if not from_logits:
+            if need_s:
+                _linear_grads(dzs[:, : v1 - v0], xs, ws, bs, v0, v1, need[0:3], gs)
+            if need_t:
+                _linear_grads(dzt[:, : v1 - v0], xt, wt, bt, v0, v1, need[3:6], gt)
+    gs[0] = None if gs[0] is None else gs[0].to(xs.dtype)
+    gt[0] = None if gt[0] is None else gt[0].to(xt.dtype)
+    return (*gs, *gt, None, None)
+
+
+class TritonKDFunction(torch.autograd.Function):
+    """Fused KD loss on (hidden, weight, bias) pairs, or on logits when the weights are None.
+
+    Inputs as for ``promptkd.torch_impl.TorchKDFunction``: flattened, vocab_size resolved.
+    """
+
+    @staticmethod
+    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
+        xs, ws, bs, xt, wt, bt = (_unit_stride(t) for t in (xs, ws, bs, xt, wt, bt))
+        if xs.shape[0] == 0:
+            per_token, counted = xs.new_zeros(0, dtype=torch.float32), None
+            rows = xs.new_zeros(5, 0, dtype=torch.float32)
+        else:
+            per_token, counted, rows = _forward(xs, ws, bs, xt, wt, bt, labels, settings)
+        ctx.settings = settings
+        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, rows)
+        return _reduce(per_token, counted, settings.reduction)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)
