@@ -20,7 +20,7 @@ setup(
     # machine satisfy it, so installing promptkd never replaces or pulls a torch build.
     install_requires=["torch>=2.4", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     extras_require={
-        "test": ["pytest>=8", "pytest-benchmark", "ruff"],
+        "test": ["pytest>=8", "pytest-xdist", "pytest-benchmark", "ruff"],
         "bench": ["pytest-benchmark"],
     },
     license="Apache-2.0",

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import divergence_terms, logits_tile
+from .common import FORWARD_KL, REVERSE_KL, divergence_terms, logits_tile
 
 
 @triton.jit(do_not_specialize=["N"])
@@ -18,11 +18,16 @@ def _kd_backward_kernel(
 ):
     """Logit gradients of the tile (tokens i_n, columns v_start + i_v * BLOCK_V ...) of the chunk [v_start, v_end).
 
-    ROWS[k, token] holds lse(a), lse(b), lse(s), cp, cq and g = d(loss)/d(token loss) for k = 0..5.
-    With lq = a - lse(a), lp = b - lse(b), q = e^lq, p = e^lp and (Gp, Gq) from divergence_terms:
+    ROWS[k, token], k = 0..8: m_a, log l_a, m_b, log l_b, m_c, log l_c (maxima and log-sums of a, b
+    and s), cp, cq and g = d(loss)/d(token loss). With lq = (a - m_a) - log l_a (the maximum first,
+    as log_softmax does: one stored lse would round log l away next to a large maximum),
+    lp = (b - m_b) - log l_b, q = e^lq, p = e^lp and (Gp, Gq) from divergence_terms:
         dS = g (soft_weight / T (Gq - q cq) + hard_weight (softmax(s) - onehot(label)))   (NEED_S)
         dT = g  soft_weight / T (Gp - p cp)                                              (NEED_T)
-    written to DZS / DZT at [token, v - v_start] in their element type.
+    written to DZS / DZT at [token, v - v_start] in their element type. The KL divergences keep the
+    forward's centring on the argmax element (kd_forward._kd_online_kernel): there cp, cq hold
+    C = acc / l and x_at, and  forward_kl: dB = p ((b - m_b) - (a - a_at) - C), dA = q - p;
+    reverse_kl: dA = q ((a - m_a) - (b - b_at) - C), dB = p - q.
     """
     i_n = tl.program_id(0)
     i_v = tl.program_id(1)
@@ -34,25 +39,41 @@ def _kd_backward_kernel(
                       BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
     b_t = logits_tile(XT, WT, BT, o_n, o_v, m_n, m_v, DT, stride_xt, stride_wt, FROM_LOGITS, HAS_BIAS_T,
                       BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
-    b_lse_a = tl.load(ROWS + o_n, mask=m_n, other=0.0)
-    b_lse_b = tl.load(ROWS + N + o_n, mask=m_n, other=0.0)
-    b_cp = tl.load(ROWS + 3 * N + o_n, mask=m_n, other=0.0)
-    b_cq = tl.load(ROWS + 4 * N + o_n, mask=m_n, other=0.0)
-    b_g = tl.load(ROWS + 5 * N + o_n, mask=m_n, other=0.0)
-    b_lq = b_s * inv_t - b_lse_a[:, None]
-    b_lp = b_t * inv_t - b_lse_b[:, None]
-    _, b_gp, b_gq = divergence_terms(b_lp, b_lq, lw_p, lw_q, DIVERGENCE)
+    b_ma = tl.load(ROWS + o_n, mask=m_n, other=0.0)
+    b_lla = tl.load(ROWS + N + o_n, mask=m_n, other=0.0)
+    b_mb = tl.load(ROWS + 2 * N + o_n, mask=m_n, other=0.0)
+    b_llb = tl.load(ROWS + 3 * N + o_n, mask=m_n, other=0.0)
+    b_cp = tl.load(ROWS + 6 * N + o_n, mask=m_n, other=0.0)
+    b_cq = tl.load(ROWS + 7 * N + o_n, mask=m_n, other=0.0)
+    b_g = tl.load(ROWS + 8 * N + o_n, mask=m_n, other=0.0)
+    b_a = b_s * inv_t
+    b_b = b_t * inv_t
+    b_q = tl.exp((b_a - b_ma[:, None]) - b_lla[:, None])
+    b_p = tl.exp((b_b - b_mb[:, None]) - b_llb[:, None])
+    if DIVERGENCE == FORWARD_KL:
+        b_da = b_q - b_p
+        b_db = b_p * (((b_b - b_mb[:, None]) - (b_a - b_cq[:, None])) - b_cp[:, None])
+    elif DIVERGENCE == REVERSE_KL:
+        b_da = b_q * (((b_a - b_ma[:, None]) - (b_b - b_cp[:, None])) - b_cq[:, None])
+        b_db = b_p - b_q
+    else:
+        b_lq = (b_a - b_ma[:, None]) - b_lla[:, None]
+        b_lp = (b_b - b_mb[:, None]) - b_llb[:, None]
+        _, b_gp, b_gq = divergence_terms(b_lp, b_lq, lw_p, lw_q, DIVERGENCE)
+        b_da = b_gq - b_q * b_cq[:, None]
+        b_db = b_gp - b_p * b_cp[:, None]
     m_out = m_n[:, None] & m_v[None, :]
     o_out = o_v[None, :] - v_start
     if NEED_S:
-        b_ds = (soft_weight * inv_t) * (b_gq - tl.exp(b_lq) * b_cq[:, None])
+        b_ds = (soft_weight * inv_t) * b_da
         if HAS_HARD:
-            b_lse_c = tl.load(ROWS + 2 * N + o_n, mask=m_n, other=0.0)
+            b_mc = tl.load(ROWS + 4 * N + o_n, mask=m_n, other=0.0)
+            b_llc = tl.load(ROWS + 5 * N + o_n, mask=m_n, other=0.0)
             b_label = tl.load(LABELS + o_n, mask=m_n, other=-1)
             b_onehot = tl.where(o_v[None, :] == b_label[:, None], 1.0, 0.0)
-            b_ds += hard_weight * (tl.exp(b_s - b_lse_c[:, None]) - b_onehot)
+            b_ds += hard_weight * (tl.exp((b_s - b_mc[:, None]) - b_llc[:, None]) - b_onehot)
         b_ds = b_ds * b_g[:, None]
         tl.store(DZS + o_n[:, None] * stride_dzs + o_out, b_ds.to(DZS.dtype.element_ty), mask=m_out)
     if NEED_T:
-        b_dt = ((soft_weight * inv_t) * b_g)[:, None] * (b_gp - tl.exp(b_lp) * b_cp[:, None])
+        b_dt = ((soft_weight * inv_t) * b_g)[:, None] * b_db
         tl.store(DZT + o_n[:, None] * stride_dzt + o_out, b_dt.to(DZT.dtype.element_ty), mask=m_out)

@@ -15,6 +15,13 @@ from .common import FORWARD_KL, REVERSE_KL, divergence_terms, logits_tile
 NEG = tl.constexpr(-1.0e30)
 
 
+@triton.jit
+def _at_argmax(b_x, b_y, BLOCK_V: tl.constexpr):
+    """y at the first column where x is largest, per row of [BLOCK_N, BLOCK_V] tiles."""
+    i_max = tl.argmax(b_x, 1)
+    return tl.sum(tl.where(tl.arange(0, BLOCK_V)[None, :] == i_max[:, None], b_y, 0.0), 1)
+
+
 @triton.jit(do_not_specialize=["N"])
 def _kd_online_kernel(
     XS, WS, BS, XT, WT, BT, LABELS, STATS,
@@ -29,14 +36,17 @@ def _kd_online_kernel(
     a = s / T, b = t / T (s, t: student, teacher logits). Running maxima m and rescaled sums l give
         k=0,1: m_a, l_a      lse(a) = m_a + log l_a
         k=2,3: m_b, l_b      lse(b) = m_b + log l_b
-        k=4:   forward_kl  acc = sum_v e^(b - m_b) ((b - m_b) - (a - m_a)),
-               then KL(p||q) = acc / l_b - log l_b + log l_a  (terms relative to the running maxima,
-               so a common offset of the logits cancels before it can cost precision);
-               reverse_kl  the same with a and b exchanged; LSE_ONLY: unused.
+        k=4:   forward_kl  acc = sum_v e^(b - m_b) ((b - m_b) - (a - a_at)),  a_at = a at argmax b
+               reverse_kl  acc = sum_v e^(a - m_a) ((a - m_a) - (b - b_at)),  b_at = b at argmax a
+               LSE_ONLY: unused
+        k=8:   a_at (forward_kl) or b_at (reverse_kl)
         k=5,6: m_c, l_c      lse(s) at T = 1 (cross-entropy, HAS_HARD)
         k=7:   s[label]      the label's logit (0 in splits that do not hold it)
-    When a maximum grows from m to m', a sum rescales by e^(m - m'), and acc also gains
-    l * ((m_b - m_b') - (m_a - m_a')).
+    Centring on the argmax element makes acc exactly 0 for a one-hot distribution, and the backward
+    forms the same differences from the same bits, so KL(p||q) = acc / l_b - log l_b + (m_a - a_at)
+    + log l_a keeps full precision even for logits of 1e4 (for reverse_kl exchange a and b).
+    When a maximum grows from m to m', sums rescale by e^(m - m'), and acc also gains
+    l * ((m - m') - (x_at - x_at')).
     """
     i_n = tl.program_id(0)
     i_s = tl.program_id(1)
@@ -51,6 +61,7 @@ def _kd_online_kernel(
     b_mb = tl.full([BLOCK_N], NEG, tl.float32)
     b_lb = tl.zeros([BLOCK_N], tl.float32)
     b_acc = tl.zeros([BLOCK_N], tl.float32)
+    b_at = tl.zeros([BLOCK_N], tl.float32)
     b_mc = tl.full([BLOCK_N], NEG, tl.float32)
     b_lc = tl.zeros([BLOCK_N], tl.float32)
     b_target = tl.zeros([BLOCK_N], tl.float32)
@@ -73,11 +84,15 @@ def _kd_online_kernel(
         b_ea = tl.exp(b_a - ma_new[:, None])
         b_eb = tl.exp(b_b - mb_new[:, None])
         if DIVERGENCE == FORWARD_KL:
-            b_d = (b_b - mb_new[:, None]) - (b_a - ma_new[:, None])
-            b_acc = rb * (b_acc + b_lb * ((b_mb - mb_new) - (b_ma - ma_new))) + tl.sum(b_eb * b_d, 1)
+            at_new = tl.where(tl.max(b_b, 1) > b_mb, _at_argmax(b_b, b_a, BLOCK_V), b_at)
+            b_d = (b_b - mb_new[:, None]) - (b_a - at_new[:, None])
+            b_acc = rb * (b_acc + b_lb * ((b_mb - mb_new) - (b_at - at_new))) + tl.sum(b_eb * b_d, 1)
+            b_at = at_new
         elif DIVERGENCE == REVERSE_KL:
-            b_d = (b_a - ma_new[:, None]) - (b_b - mb_new[:, None])
-            b_acc = ra * (b_acc + b_la * ((b_ma - ma_new) - (b_mb - mb_new))) + tl.sum(b_ea * b_d, 1)
+            at_new = tl.where(tl.max(b_a, 1) > b_ma, _at_argmax(b_a, b_b, BLOCK_V), b_at)
+            b_d = (b_a - ma_new[:, None]) - (b_b - at_new[:, None])
+            b_acc = ra * (b_acc + b_la * ((b_ma - ma_new) - (b_at - at_new))) + tl.sum(b_ea * b_d, 1)
+            b_at = at_new
         b_la = b_la * ra + tl.sum(b_ea, 1)
         b_lb = b_lb * rb + tl.sum(b_eb, 1)
         b_ma = ma_new
@@ -96,6 +111,7 @@ def _kd_online_kernel(
     tl.store(p_out + 3 * stride_stat, b_lb, mask=m_n)
     if DIVERGENCE == FORWARD_KL or DIVERGENCE == REVERSE_KL:
         tl.store(p_out + 4 * stride_stat, b_acc, mask=m_n)
+        tl.store(p_out + 8 * stride_stat, b_at, mask=m_n)
     if HAS_HARD:
         tl.store(p_out + 5 * stride_stat, b_mc, mask=m_n)
         tl.store(p_out + 6 * stride_stat, b_lc, mask=m_n)
@@ -113,7 +129,8 @@ def _kd_terms_kernel(
 ):
     """Second forward pass of the mixture divergences (jsd, skew_forward_kl, skew_reverse_kl).
 
-    With lse(a), lse(b) known (LSE[0, token], LSE[1, token]): lq = a - lse(a), lp = b - lse(b), the
+    With the maxima and log-sums known (LSE[0..3, token] = m_a, log l_a, m_b, log l_b):
+    lq = (a - m_a) - log l_a, lp = (b - m_b) - log l_b (the maximum first, as log_softmax does), the
     mixture log M = logaddexp(lw_p + lp, lw_q + lq) in log space, and per split
         PARTIAL[0] = sum f = D,  PARTIAL[1] = sum Gp = cp,  PARTIAL[2] = sum Gq = cq
     (f, Gp, Gq from common.divergence_terms; cp, cq feed the backward).
@@ -125,8 +142,10 @@ def _kd_terms_kernel(
     m_n = o_n < N
     t_start = i_s * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
-    b_lse_a = tl.load(LSE + o_n, mask=m_n, other=0.0)
-    b_lse_b = tl.load(LSE + N + o_n, mask=m_n, other=0.0)
+    b_ma = tl.load(LSE + o_n, mask=m_n, other=0.0)
+    b_lla = tl.load(LSE + N + o_n, mask=m_n, other=0.0)
+    b_mb = tl.load(LSE + 2 * N + o_n, mask=m_n, other=0.0)
+    b_llb = tl.load(LSE + 3 * N + o_n, mask=m_n, other=0.0)
 
     b_div = tl.zeros([BLOCK_N], tl.float32)
     b_cp = tl.zeros([BLOCK_N], tl.float32)
@@ -138,8 +157,8 @@ def _kd_terms_kernel(
                           BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
         b_t = logits_tile(XT, WT, BT, o_n, o_v, m_n, m_v, DT, stride_xt, stride_wt, FROM_LOGITS, HAS_BIAS_T,
                           BLOCK_N, BLOCK_V, BLOCK_D, UPCAST, PRECISION)  # [BLOCK_N, BLOCK_V]
-        b_lq = b_s * inv_t - b_lse_a[:, None]
-        b_lp = b_t * inv_t - b_lse_b[:, None]
+        b_lq = (b_s * inv_t - b_ma[:, None]) - b_lla[:, None]
+        b_lp = (b_t * inv_t - b_mb[:, None]) - b_llb[:, None]
         b_f, b_gp, b_gq = divergence_terms(b_lp, b_lq, lw_p, lw_q, DIVERGENCE)
         b_div += tl.sum(tl.where(m_v[None, :], b_f, 0.0), 1)
         b_cp += tl.sum(tl.where(m_v[None, :], b_gp, 0.0), 1)

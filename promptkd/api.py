@@ -174,9 +174,11 @@ def fused_linear_kd_loss(
                          f"student_hidden's {tuple(lead)}")
     ds, dt = student_hidden.shape[-1], teacher_hidden.shape[-1]
     if student_weight.shape[1] != ds:
-        raise ValueError(f"student_weight must be [Vs, {ds}] to match student_hidden, got {tuple(student_weight.shape)}")
+        raise ValueError(f"student_weight must be [Vs, {ds}] to match student_hidden, "
+                         f"got {tuple(student_weight.shape)}")
     if teacher_weight.shape[1] != dt:
-        raise ValueError(f"teacher_weight must be [Vt, {dt}] to match teacher_hidden, got {tuple(teacher_weight.shape)}")
+        raise ValueError(f"teacher_weight must be [Vt, {dt}] to match teacher_hidden, "
+                         f"got {tuple(teacher_weight.shape)}")
     vs, vt = student_weight.shape[0], teacher_weight.shape[0]
     for name, bias, v in (("student_bias", student_bias, vs), ("teacher_bias", teacher_bias, vt)):
         if bias is not None:

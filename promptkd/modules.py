@@ -42,7 +42,10 @@ class FusedLinearKDLoss(nn.Module):
 
 
 class KDLoss(FusedLinearKDLoss):
-    """Module form of :func:`promptkd.kd_loss`: ``KDLoss(divergence="reverse_kl")(student_logits, teacher_logits, labels)``."""
+    """Module form of :func:`promptkd.kd_loss`.
+
+    ``KDLoss(divergence="reverse_kl")(student_logits, teacher_logits, labels)``.
+    """
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: torch.Tensor | None = None) -> torch.Tensor:

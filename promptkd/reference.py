@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .settings import KDSettings
 
 
-def divergence_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor, settings: KDSettings) -> torch.Tensor:
+def divergence_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                         settings: KDSettings) -> torch.Tensor:
     """Per-row divergence of ``settings.divergence`` between softmax(teacher/T) and softmax(student/T).
 
     student_logits, teacher_logits: [N, V]. Returns [N] in the logits' dtype.

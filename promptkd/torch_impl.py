@@ -3,7 +3,9 @@
 Each chunk holds full-vocabulary rows of student and teacher logits, at most ``CHUNK_BYTES``
 per [rows, V] float32 tensor, so the extra memory is O(N) row statistics plus one bounded chunk
 (a handful of [rows, V] temporaries), whatever N is. The forward keeps five float32 numbers per
-token (two log-sum-exps at T, one at T=1, and the row sums cp, cq of ``promptkd.math``); the
+token (maximum and log-sum of exp for a = s/T, b = t/T and s, and the row sums cp, cq of
+``promptkd.math``; log-softmax is formed as (x - max) - log-sum, since one stored log-sum-exp
+would round the log-sum away next to a large maximum); the
 backward recomputes each chunk's logits and turns the logit gradient straight into hidden,
 weight and bias gradients with GEMMs, for the inputs that require them only.
 """
@@ -22,6 +24,14 @@ CHUNK_BYTES = 16 << 20
 
 def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
+
+
+def _log_softmax(x: torch.Tensor, m_out: torch.Tensor, ll_out: torch.Tensor) -> torch.Tensor:
+    """log_softmax of the rows of x as (x - max) - log-sum; writes max and log-sum into m_out, ll_out."""
+    m_out.copy_(x.amax(-1))
+    x = x - m_out[:, None]
+    ll_out.copy_(x.exp().sum(-1).log())
+    return x.sub_(ll_out[:, None])
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -78,22 +88,22 @@ class TorchKDFunction(torch.autograd.Function):
     def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
         n, vocab = xs.shape[0], settings.vocab_size
         inv_t = 1.0 / settings.temperature
-        stats = torch.empty(5, n, dtype=_compute_dtype(xs.dtype), device=xs.device)
-        lse_a, lse_b, lse_c, cp, cq = stats
+        stats = torch.zeros(8, n, dtype=_compute_dtype(xs.dtype), device=xs.device)
+        m_a, ll_a, m_b, ll_b, m_c, ll_c, cp, cq = stats
         per_token = torch.empty(n, dtype=stats.dtype, device=xs.device)
         step = _chunk_rows(vocab)
         for r0 in range(0, n, step):
             rows = slice(r0, min(n, r0 + step))
             s = _logits(xs, ws, bs, rows, vocab)
             t = _logits(xt, wt, bt, rows, vocab)
-            a, b = s * inv_t, t * inv_t
-            lse_a[rows], lse_b[rows] = a.logsumexp(-1), b.logsumexp(-1)
-            div, cp[rows], cq[rows] = row_stats(b - lse_b[rows, None], a - lse_a[rows, None], settings)
+            lq = _log_softmax(s * inv_t, m_a[rows], ll_a[rows])
+            lp = _log_softmax(t * inv_t, m_b[rows], ll_b[rows])
+            div, cp[rows], cq[rows] = row_stats(lp, lq, settings)
             per_token[rows] = settings.soft_weight * div
             if settings.has_hard:
-                lse_c[rows] = s.logsumexp(-1)
-                target = s.gather(1, labels[rows].clamp(0, vocab - 1)[:, None])[:, 0]
-                per_token[rows] += settings.hard_weight * (lse_c[rows] - target)
+                log_probs = _log_softmax(s, m_c[rows], ll_c[rows])
+                target = labels[rows].clamp(0, vocab - 1)[:, None]
+                per_token[rows] -= settings.hard_weight * log_probs.gather(1, target)[:, 0]
         counted = None if labels is None else labels != settings.ignore_index
         if counted is not None:
             per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
@@ -111,28 +121,28 @@ class TorchKDFunction(torch.autograd.Function):
         if need_s or need_t:
             n, vocab = xs.shape[0], settings.vocab_size
             inv_t = 1.0 / settings.temperature
-            lse_a, lse_b, lse_c, cp, cq = stats
+            m_a, ll_a, m_b, ll_b, m_c, ll_c, cp, cq = stats
             scale = _row_scale(grad_out, labels, settings, n, stats.dtype)
             step = _chunk_rows(vocab)
             for r0 in range(0, n, step):
                 rows = slice(r0, min(n, r0 + step))
                 s = _logits(xs, ws, bs, rows, vocab)
                 t = _logits(xt, wt, bt, rows, vocab)
-                lq = s * inv_t - lse_a[rows, None]
-                lp = t * inv_t - lse_b[rows, None]
+                lq = (s * inv_t - m_a[rows, None]) - ll_a[rows, None]
+                lp = (t * inv_t - m_b[rows, None]) - ll_b[rows, None]
                 da, db = logit_grads(lp, lq, cp[rows], cq[rows], settings)
                 sc = scale[rows, None]
                 if need_s:
                     ds = da.mul_(settings.soft_weight * inv_t)
                     if settings.has_hard:
-                        ds += settings.hard_weight * (s - lse_c[rows, None]).exp_()
+                        ds += settings.hard_weight * ((s - m_c[rows, None]) - ll_c[rows, None]).exp_()
                         ds.scatter_add_(1, labels[rows].clamp(0, vocab - 1)[:, None],
                                         torch.full_like(ds[:, :1], -settings.hard_weight))
                     _side_grads(ds.mul_(sc), xs, ws, bs, rows, need[0:3], gs)
                 if need_t:
                     _side_grads(db.mul_(sc * (settings.soft_weight * inv_t)), xt, wt, bt, rows, need[3:6], gt)
-        gs = [None if g is None else g.to(ref.dtype) for g, ref in zip(gs, (xs, ws, bs))]
-        gt = [None if g is None else g.to(ref.dtype) for g, ref in zip(gt, (xt, wt, bt))]
+        gs = [None if g is None else g.to(ref.dtype) for g, ref in zip(gs, (xs, ws, bs), strict=True)]
+        gt = [None if g is None else g.to(ref.dtype) for g, ref in zip(gt, (xt, wt, bt), strict=True)]
         return (*gs, *gt, None, None)
 
 

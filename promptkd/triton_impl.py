@@ -40,7 +40,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -52,10 +52,12 @@ def _target_programs(device: torch.device) -> int:
 
 
 def _compile_switches(x: torch.Tensor) -> dict:
-    """UPCAST / PRECISION: exact float32 products where tl.dot needs them."""
+    """UPCAST / PRECISION: exact float32 products where tl.dot needs them. Fused multiply-adds are off
+    so that the forward and backward kernels round a = s / T and a - max(a) identically."""
     upcast = _interpreting() and x.dtype == torch.bfloat16
     tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    return dict(UPCAST=upcast, PRECISION="tf32" if tf32 else "ieee")
+    options = {} if _interpreting() else {"enable_fp_fusion": False}
+    return dict(UPCAST=upcast, PRECISION="tf32" if tf32 else "ieee", **options)
 
 
 def _side_args(x, w, b):
@@ -69,10 +71,20 @@ def _unit_stride(x):
     return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
-def _combine_lse(m: torch.Tensor, l: torch.Tensor):
+def _combine_lse(m: torch.Tensor, sums: torch.Tensor):
     """Merge per-split (max, rescaled sum) [N, splits] into (global max, sum) [N], in a fixed order."""
     mx = m.amax(1)
-    return mx, (l * torch.exp(m - mx[:, None])).sum(1)
+    return mx, (sums * torch.exp(m - mx[:, None])).sum(1)
+
+
+def _combine_centred(m, sums, acc, at, m_all, sums_all):
+    """Merge the per-split centred sums of a KL (see _kd_online_kernel): returns (acc / l, x_at), each [N].
+
+    The split that holds the global maximum provides x_at; the others shift by l ((m - M) - (x_at_k - x_at)).
+    """
+    x_at = at.gather(1, m.argmax(1, keepdim=True))[:, 0]
+    acc = (torch.exp(m - m_all[:, None]) * (acc + sums * ((m - m_all[:, None]) - (at - x_at[:, None])))).sum(1)
+    return acc / sums_all, x_at
 
 
 def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
@@ -94,36 +106,36 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
                   **_compile_switches(xs))
     grid = (row_blocks, splits)
     online = code if settings.divergence in ("forward_kl", "reverse_kl") else 0
-    stats = _buffer((8, n, splits), torch.float32, device)
+    stats = _buffer((9, n, splits), torch.float32, device)
     _kd_online_kernel[grid](
         XS, WS, BS, XT, WT, BT, XS if labels is None else labels, stats,
         n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t,
         DIVERGENCE=online, HAS_HARD=settings.has_hard, **common)
-    m_a, l_a, m_b, l_b, acc, m_c, l_c, target = stats.unbind(0)
+    m_a, l_a, m_b, l_b, acc, m_c, l_c, target, at = stats.unbind(0)
     ma, la = _combine_lse(m_a, l_a)
     mb, lb = _combine_lse(m_b, l_b)
-    lse_a, lse_b = ma + la.log(), mb + lb.log()
-    if settings.divergence == "forward_kl":
-        acc = (torch.exp(m_b - mb[:, None]) * (acc + l_b * ((m_b - mb[:, None]) - (m_a - ma[:, None])))).sum(1)
-        div = acc / lb - lb.log() + la.log()
-        cp, cq = div + 1.0, torch.full_like(div, -1.0)
-    elif settings.divergence == "reverse_kl":
-        acc = (torch.exp(m_a - ma[:, None]) * (acc + l_a * ((m_a - ma[:, None]) - (m_b - mb[:, None])))).sum(1)
-        div = acc / la - la.log() + lb.log()
-        cp, cq = torch.full_like(div, -1.0), div + 1.0
+    lla, llb = la.log(), lb.log()
+    if settings.divergence == "forward_kl":  # row slots: cp <- C = acc / l_b, cq <- a_at
+        c, a_at = _combine_centred(m_b, l_b, acc, at, mb, lb)
+        div = c - llb + (ma - a_at) + lla
+        cp, cq = c, a_at
+    elif settings.divergence == "reverse_kl":  # row slots: cp <- b_at, cq <- C = acc / l_a
+        c, b_at = _combine_centred(m_a, l_a, acc, at, ma, la)
+        div = c - lla + (mb - b_at) + llb
+        cp, cq = b_at, c
     else:
         partial = _buffer((3, n, splits), torch.float32, device)
         _kd_terms_kernel[grid](
-            XS, WS, BS, XT, WT, BT, torch.stack([lse_a, lse_b]), partial,
+            XS, WS, BS, XT, WT, BT, torch.stack([ma, lla, mb, llb]), partial,
             n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t, lw_p, lw_q,
             DIVERGENCE=code, **common)
         div, cp, cq = partial.sum(2).unbind(0)
     per_token = settings.soft_weight * div
-    lse_c = torch.zeros_like(lse_a)
+    mc, llc = torch.zeros_like(ma), torch.zeros_like(ma)
     if settings.has_hard:
         mc, lc = _combine_lse(m_c, l_c)
-        lse_c = mc + lc.log()
-        ce = lse_c - target.sum(1)
+        llc = lc.log()
+        ce = (mc - target.sum(1)) + llc
         if labels.is_cuda:  # out-of-range labels were not checked on the host: make them loud
             bad = (labels != settings.ignore_index) & ((labels < 0) | (labels >= vocab))
             ce = torch.where(bad, torch.full_like(ce, math.nan), ce)
@@ -131,7 +143,7 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
     counted = None if labels is None else labels != settings.ignore_index
     if counted is not None:
         per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-    return per_token, counted, torch.stack([lse_a, lse_b, lse_c, cp, cq])
+    return per_token, counted, torch.stack([ma, lla, mb, llb, mc, llc, cp, cq])
 
 
 def triton_cdiv(a: int, b: int) -> int:
@@ -220,7 +232,7 @@ class TritonKDFunction(torch.autograd.Function):
         xs, ws, bs, xt, wt, bt = (_unit_stride(t) for t in (xs, ws, bs, xt, wt, bt))
         if xs.shape[0] == 0:
             per_token, counted = xs.new_zeros(0, dtype=torch.float32), None
-            rows = xs.new_zeros(5, 0, dtype=torch.float32)
+            rows = xs.new_zeros(8, 0, dtype=torch.float32)
         else:
             per_token, counted, rows = _forward(xs, ws, bs, xt, wt, bt, labels, settings)
         ctx.settings = settings

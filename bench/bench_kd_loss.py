@@ -1,0 +1,227 @@
+"""Benchmark: fused KD loss forward+backward against eager full-logits torch (and Liger on GPU).
+
+Every implementation runs in one invocation on the same inputs. Time is the median of repeated
+forward+backward passes; memory is the peak beyond inputs (CPU: a fresh process per measurement,
+peak RSS over the RSS after the inputs were made; CUDA: max_memory_allocated over the inputs).
+Gradients (here: student hidden and weight, as in training a student) are part of that peak
+and are also reported separately. Also reported: the time of the GEMMs the loss needs (logits for
+both sides, then the student's two gradient GEMMs), measured on the same device, as a floor.
+
+    python bench/bench_kd_loss.py                 # CPU: N=4096, D=512, V=32000, forward_kl
+    python bench/bench_kd_loss.py --quick         # small, a few seconds
+    python bench/bench_kd_loss.py --device cuda   # N=8192, D=4096, V=128256, bf16, + Liger if installed
+
+Rows are appended to bench/results/kd_loss.csv (device, commit, versions, timestamp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def make_inputs(n, d, v, dtype, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype=dtype, device=device)
+    return (rnd(n, d).requires_grad_(), rnd(v, d, scale=d ** -0.5).requires_grad_(),
+            rnd(n, d), rnd(v, d, scale=d ** -0.5))
+
+
+def loss_fn(impl: str, divergence: str):
+    if impl == "liger":
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        # Liger's generalized JSD: beta = 0 is forward KL(p||q), beta = 1 reverse KL; soft loss only.
+        beta = {"forward_kl": 0.0, "reverse_kl": 1.0}[divergence]
+        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta)
+        return lambda hs, ws, ht, wt, labels: module(hs, ws, ht, wt, labels)
+    import promptkd
+    return lambda hs, ws, ht, wt, labels: promptkd.fused_linear_kd_loss(
+        hs, ws, ht, wt, labels, divergence=divergence, impl=impl)
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(impl, divergence, n, d, v, dtype, device, reps) -> dict:
+    """One implementation: peak extra memory of the first pass, then the median time of `reps` passes."""
+    hs, ws, ht, wt = make_inputs(n, d, v, dtype, device)
+    labels = torch.randint(0, v, (n,), device=device)
+    fn = loss_fn(impl, divergence)
+    grad_bytes = (hs.numel() + ws.numel()) * hs.element_size()
+
+    def step():
+        hs.grad = ws.grad = None
+        fn(hs, ws, ht, wt, labels).backward()
+
+    if device == "cuda":
+        step()  # compile and warm up first: on the GPU the allocator reports the peak exactly
+        hs.grad = ws.grad = None
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = rss_bytes()
+        step()
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return dict(impl=impl, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                peak_extra_mb=peak / 2**20, grads_mb=grad_bytes / 2**20)
+
+
+def gemm_floor(n, d, v, dtype, device, reps) -> float:
+    """Median time of the GEMMs the loss needs: two logit GEMMs, then dH = dS W and dW = dS^T H."""
+    hs, ws, ht, wt = (t.detach() for t in make_inputs(n, d, v, dtype, device))
+    chunk = max(1, min(n, (256 << 20) // (v * hs.element_size())))  # bounded [chunk, V] blocks
+    def run():
+        for r0 in range(0, n, chunk):
+            s = hs[r0:r0 + chunk] @ ws.t()
+            t = ht[r0:r0 + chunk] @ wt.t()
+            _ = s @ ws
+            _ = t.t() @ hs[r0:r0 + chunk]
+    run()
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        run()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def child(args):
+    """Runs one measurement in this (fresh) process and prints it as JSON."""
+    dtype = getattr(torch, args.dtype)
+    if args.impl == "gemm":
+        out = dict(impl="gemm", median_s=gemm_floor(args.n, args.d, args.v, dtype, args.device, args.reps))
+    else:
+        out = measure(args.impl, args.divergence, args.n, args.d, args.v, dtype, args.device, args.reps)
+    print(json.dumps(out))
+
+
+def versions() -> dict:
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=RESULTS.parent.parent,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
+    return dict(commit=git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+                torch=torch.__version__, triton=triton_version)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--quick", action="store_true", help="small shapes, a few seconds")
+    p.add_argument("--n", type=int)
+    p.add_argument("--d", type=int)
+    p.add_argument("--v", type=int)
+    p.add_argument("--dtype")
+    p.add_argument("--divergences", default=None, help="comma-separated (default: forward_kl; cuda: +reverse_kl)")
+    p.add_argument("--impls", default=None, help="comma-separated (default: cpu reference,torch; cuda +triton,liger)")
+    p.add_argument("--reps", type=int)
+    p.add_argument("--no-record", action="store_true", help="do not append to bench/results/kd_loss.csv")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--impl", help=argparse.SUPPRESS)
+    p.add_argument("--divergence", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+
+    gpu = args.device == "cuda"
+    n = args.n or (256 if args.quick else 8192 if gpu else 4096)
+    d = args.d or (128 if args.quick else 4096 if gpu else 512)
+    v = args.v or (4000 if args.quick else 128256 if gpu else 32000)
+    dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    reps = args.reps or (3 if args.quick else 10 if gpu else 5)
+    divergences = (args.divergences or ("forward_kl,reverse_kl" if gpu else "forward_kl")).split(",")
+    impls = (args.impls or ("reference,torch,triton,liger" if gpu else "reference,torch")).split(",")
+    if gpu and "liger" in impls:
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            print("liger-kernel is not installed: skipping that baseline", file=sys.stderr)
+            impls.remove("liger")
+    info = versions()
+    device_name = torch.cuda.get_device_name() if gpu else f"{platform.processor() or platform.machine()} " \
+                                                            f"x{torch.get_num_threads()} threads"
+    print(f"device: {device_name} | commit {info['commit']} | torch {info['torch']} | triton {info['triton']}")
+    print(f"N={n} D={d} V={v} {dtype}, forward+backward with student hidden and weight gradients, "
+          f"median of {reps}")
+
+    def run_child(impl, divergence):
+        cmd = [sys.executable, __file__, "--child", "--impl", impl, "--divergence", divergence, "--device",
+               args.device, "--n", str(n), "--d", str(d), "--v", str(v), "--dtype", dtype, "--reps", str(reps)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"{impl} failed:\n{out.stderr}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    floor = run_child("gemm", "forward_kl")["median_s"]
+    rows = []
+    for divergence in divergences:
+        results = {impl: run_child(impl, divergence) for impl in impls}
+        eager = results.get("reference")
+        print(f"\n{divergence}: GEMM floor {floor * 1e3:.1f} ms")
+        print(f"{'impl':10s} {'median ms':>10s} {'x eager':>8s} {'x GEMMs':>8s} {'peak MB':>9s} {'x eager':>8s} "
+              f"{'beyond grads MB':>16s}")
+        for impl, r in results.items():
+            t_ratio = r["median_s"] / eager["median_s"] if eager else float("nan")
+            m_ratio = r["peak_extra_mb"] / eager["peak_extra_mb"] if eager else float("nan")
+            print(f"{impl:10s} {r['median_s'] * 1e3:10.1f} {t_ratio:8.2f} {r['median_s'] / floor:8.2f} "
+                  f"{r['peak_extra_mb']:9.1f} {m_ratio:8.3f} {r['peak_extra_mb'] - r['grads_mb']:16.1f}")
+            rows.append(dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             device=device_name, **info, divergence=divergence, n=n, d=d, v=v, dtype=dtype,
+                             reps=reps, gemm_floor_s=floor, time_vs_eager=t_ratio, memory_vs_eager=m_ratio,
+                             **r))
+    if not args.no_record:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / "kd_loss.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            if new:
+                writer.writeheader()
+            writer.writerows(rows)
+        print(f"\nappended {len(rows)} rows to {path}")
+
+
+if __name__ == "__main__":
+    main()
