@@ -55,11 +55,30 @@ def elementwise_terms(lp: torch.Tensor, lq: torch.Tensor, settings: KDSettings):
 
 def row_stats(lp: torch.Tensor, lq: torch.Tensor, settings: KDSettings):
     """(D, cp, cq): the per-row divergence and the two sums the backward needs, each [rows]."""
+    div = settings.divergence
+    if div in ("forward_kl", "reverse_kl"):  # cp, cq follow from D: skip the [rows, V] terms
+        x, lx, ly = (lp.exp(), lp, lq) if div == "forward_kl" else (lq.exp(), lq, lp)
+        d = torch.sub(lx, ly).mul_(x).sum(-1)
+        one = torch.ones_like(d)
+        return (d, d + 1, -one) if div == "forward_kl" else (d, -one, d + 1)
     f, gp, gq = elementwise_terms(lp, lq, settings)
     return f.sum(-1), gp.sum(-1), gq.sum(-1)
 
 
-def logit_grads(lp: torch.Tensor, lq: torch.Tensor, cp: torch.Tensor, cq: torch.Tensor, settings: KDSettings):
-    """(dD/da, dD/db) for the [rows, V] chunk, given the row sums cp, cq from the forward."""
+def logit_grads(lp: torch.Tensor, lq: torch.Tensor, cp: torch.Tensor, cq: torch.Tensor, settings: KDSettings,
+                need_a: bool = True, need_b: bool = True):
+    """(dD/da or None, dD/db or None) for the [rows, V] chunk, given the row sums cp, cq of the forward."""
+    div = settings.divergence
+    if div in ("forward_kl", "reverse_kl"):  # dD/da = q - p, dD/db = p (lp - lq - D) and mirrored
+        p, q = lp.exp(), lq.exp()
+        if div == "forward_kl":
+            da = q.sub_(p) if need_a else None
+            db = torch.sub(lp, lq).sub_((cp - 1)[:, None]).mul_(p) if need_b else None
+        else:
+            db = p.sub_(q) if need_b else None
+            da = torch.sub(lq, lp).sub_((cq - 1)[:, None]).mul_(q) if need_a else None
+        return da, db
     _, gp, gq = elementwise_terms(lp, lq, settings)
-    return gq - lq.exp() * cq[:, None], gp - lp.exp() * cp[:, None]
+    da = gq.sub_(lq.exp().mul_(cq[:, None])) if need_a else None
+    db = gp.sub_(lp.exp().mul_(cp[:, None])) if need_b else None
+    return da, db

@@ -26,11 +26,14 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def _log_softmax(x: torch.Tensor, m_out: torch.Tensor, ll_out: torch.Tensor) -> torch.Tensor:
-    """log_softmax of the rows of x as (x - max) - log-sum; writes max and log-sum into m_out, ll_out."""
+def _log_softmax_(x: torch.Tensor, m_out: torch.Tensor, ll_out: torch.Tensor) -> torch.Tensor:
+    """In place: log_softmax of the rows of x as (x - max) - log-sum; max and log-sum go to m_out, ll_out.
+
+    The backward recomputes (x - max) - log-sum with the same operations, so both see the same bits.
+    """
     m_out.copy_(x.amax(-1))
-    x = x - m_out[:, None]
-    ll_out.copy_(x.exp().sum(-1).log())
+    x.sub_(m_out[:, None])
+    ll_out.copy_(x.exp().sum(-1).log_())
     return x.sub_(ll_out[:, None])
 
 
@@ -39,11 +42,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: slice, vocab: int):
-    """Float32 (float64 for float64 inputs) logits of ``rows``: x[rows] @ weight[:V].T + bias[:V], or x[rows, :V]."""
+    """Float32 (float64 for float64 inputs) logits of ``rows``: x[rows] @ weight[:V].T + bias[:V], or x[rows, :V].
+
+    Always a new tensor (callers work on it in place), never a view of the caller's logits.
+    """
     if weight is None:
-        z = x[rows, :vocab]
-    else:
-        z = F.linear(x[rows], weight[:vocab], None if bias is None else bias[:vocab])
+        return x[rows, :vocab].to(_compute_dtype(x.dtype), copy=True)
+    z = F.linear(x[rows], weight[:vocab], None if bias is None else bias[:vocab])
     return z.to(_compute_dtype(x.dtype))
 
 
@@ -96,12 +101,12 @@ class TorchKDFunction(torch.autograd.Function):
             rows = slice(r0, min(n, r0 + step))
             s = _logits(xs, ws, bs, rows, vocab)
             t = _logits(xt, wt, bt, rows, vocab)
-            lq = _log_softmax(s * inv_t, m_a[rows], ll_a[rows])
-            lp = _log_softmax(t * inv_t, m_b[rows], ll_b[rows])
+            lq = _log_softmax_(s * inv_t if settings.has_hard else s.mul_(inv_t), m_a[rows], ll_a[rows])
+            lp = _log_softmax_(t.mul_(inv_t), m_b[rows], ll_b[rows])
             div, cp[rows], cq[rows] = row_stats(lp, lq, settings)
             per_token[rows] = settings.soft_weight * div
             if settings.has_hard:
-                log_probs = _log_softmax(s, m_c[rows], ll_c[rows])
+                log_probs = _log_softmax_(s, m_c[rows], ll_c[rows])
                 target = labels[rows].clamp(0, vocab - 1)[:, None]
                 per_token[rows] -= settings.hard_weight * log_probs.gather(1, target)[:, 0]
         counted = None if labels is None else labels != settings.ignore_index
@@ -128,14 +133,15 @@ class TorchKDFunction(torch.autograd.Function):
                 rows = slice(r0, min(n, r0 + step))
                 s = _logits(xs, ws, bs, rows, vocab)
                 t = _logits(xt, wt, bt, rows, vocab)
-                lq = (s * inv_t - m_a[rows, None]) - ll_a[rows, None]
-                lp = (t * inv_t - m_b[rows, None]) - ll_b[rows, None]
-                da, db = logit_grads(lp, lq, cp[rows], cq[rows], settings)
+                # log-softmax as in the forward, in place where the logits are not needed again
+                lq = (s * inv_t if settings.has_hard else s.mul_(inv_t)).sub_(m_a[rows, None]).sub_(ll_a[rows, None])
+                lp = t.mul_(inv_t).sub_(m_b[rows, None]).sub_(ll_b[rows, None])
+                da, db = logit_grads(lp, lq, cp[rows], cq[rows], settings, need_s, need_t)
                 sc = scale[rows, None]
                 if need_s:
                     ds = da.mul_(settings.soft_weight * inv_t)
                     if settings.has_hard:
-                        ds += settings.hard_weight * ((s - m_c[rows, None]) - ll_c[rows, None]).exp_()
+                        ds.add_(s.sub_(m_c[rows, None]).sub_(ll_c[rows, None]).exp_(), alpha=settings.hard_weight)
                         ds.scatter_add_(1, labels[rows].clamp(0, vocab - 1)[:, None],
                                         torch.full_like(ds[:, :1], -settings.hard_weight))
                     _side_grads(ds.mul_(sc), xs, ws, bs, rows, need[0:3], gs)

@@ -202,3 +202,14 @@ def test_gpu_matches_fp64(dtype, div):
     eager = run(linear_loss, x, dtype, labels, impl="reference", **kwargs)
     fused = run(linear_loss, x, dtype, labels, impl="triton", **kwargs)
     assert_close_to_truth(fused, eager, truth, dtype)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_inputs_are_not_modified(impl, div):
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(9, 130, generator=g).requires_grad_(), torch.randn(9, 130, generator=g)
+    labels = make_labels((9,), 130, "some")
+    s0, t0 = s.detach().clone(), t.clone()
+    promptkd.kd_loss(s, t, labels, divergence=div, temperature=2.0, hard_weight=0.5, impl=impl).backward()
+    assert torch.equal(s.detach(), s0) and torch.equal(t, t0)
