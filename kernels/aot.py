@@ -5,11 +5,17 @@ register spills. This compiles each kernel the launchers can pick (kernels/confi
 ``triton.compile`` for a ``GPUTarget`` and reads the resource use off the cubin.
 
     python -m promptkd.kernels.aot            # table of shared memory, registers, spills
+    python -m promptkd.kernels.aot --case 3   # one case, as JSON (what tests/test_compile.py runs)
+
+It must run without TRITON_INTERPRET=1 (under the interpreter, kernels cannot be compiled).
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import itertools
+import json
 import os
 import re
 import subprocess
@@ -129,12 +135,29 @@ def variants():
     yield fn, "fp32", {**_base(big32, False), **extra, "PRECISION": "tf32"}, big32.num_warps, big32.num_stages, (90,)
 
 
-def compile_all():
-    for fn, dtype, constexprs, warps, stages, archs in variants():
-        for arch in archs:
-            yield compile_one(fn, dtype, arch, constexprs, warps, stages)
+def cases():
+    """Flat list of (fn, dtype, constexprs, num_warps, num_stages, arch)."""
+    return [(fn, dtype, cx, w, s, arch) for fn, dtype, cx, w, s, archs in variants() for arch in archs]
+
+
+def compile_case(case) -> Compiled:
+    fn, dtype, constexprs, warps, stages, arch = case
+    return compile_one(fn, dtype, arch, constexprs, warps, stages)
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Compile the KD kernels for sm_80 / sm_90 without a GPU.")
+    parser.add_argument("--case", type=int, help="compile one case (index into cases()) and print it as JSON")
+    args = parser.parse_args()
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    if args.case is not None:
+        print(json.dumps(dataclasses.asdict(compile_case(cases()[args.case]))))
+        return
+    for case in cases():
+        c = compile_case(case)
+        print(f"sm_{c.arch} {c.kernel:22s} shared={c.shared:6d} regs={c.registers} spill={c.spill_bytes}  {c.variant}")
 
 
 if __name__ == "__main__":
-    for c in compile_all():
-        print(f"sm_{c.arch} {c.kernel:22s} shared={c.shared:6d} regs={c.registers} spill={c.spill_bytes}  {c.variant}")
+    main()
