@@ -88,15 +88,21 @@ def measure(impl, divergence, n, d, v, dtype, device, reps) -> dict:
         base = rss_bytes()
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    times = timed(step, reps, device)
+    return dict(impl=impl, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
+                peak_extra_mb=peak / 2**20, grads_mb=grad_bytes / 2**20)
+
+
+def timed(fn, reps, device) -> list[float]:
+    """Wall times of ``reps`` calls, the device synchronised around each."""
     times = []
     for _ in range(reps):
         sync(device)
         t0 = time.perf_counter()
-        step()
+        fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return dict(impl=impl, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
-                peak_extra_mb=peak / 2**20, grads_mb=grad_bytes / 2**20)
+    return times
 
 
 def gemm_floor(n, d, v, dtype, device, reps) -> float:
@@ -110,14 +116,7 @@ def gemm_floor(n, d, v, dtype, device, reps) -> float:
             _ = s @ ws
             _ = t.t() @ hs[r0:r0 + chunk]
     run()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(run, reps, device))
 
 
 def child(args):

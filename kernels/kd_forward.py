@@ -16,6 +16,18 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _program_range(OUT, N, V, tiles_per_split, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr):
+    """This program's tokens (int64 offsets, mask), its vocabulary tiles [t_start, t_end), and its
+    output slot OUT[0, token, split] (planes of an [k, N, splits] buffer)."""
+    i_n = tl.program_id(0)
+    i_s = tl.program_id(1)
+    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    t_start = i_s * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    return o_n, o_n < N, t_start, t_end, OUT + o_n * tl.num_programs(1) + i_s
+
+
+@triton.jit
 def _at_argmax(b_x, b_y, BLOCK_V: tl.constexpr):
     """y at the first column where x is largest, per row of [BLOCK_N, BLOCK_V] tiles."""
     i_max = tl.argmax(b_x, 1)
@@ -48,13 +60,7 @@ def _kd_online_kernel(
     When a maximum grows from m to m', sums rescale by e^(m - m'), and acc also gains
     l * ((m - m') - (x_at - x_at')).
     """
-    i_n = tl.program_id(0)
-    i_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    m_n = o_n < N
-    t_start = i_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    o_n, m_n, t_start, t_end, p_out = _program_range(STATS, N, V, tiles_per_split, BLOCK_N, BLOCK_V)
 
     b_ma = tl.full([BLOCK_N], NEG, tl.float32)
     b_la = tl.zeros([BLOCK_N], tl.float32)
@@ -104,7 +110,6 @@ def _kd_online_kernel(
             b_mc = mc_new
             b_target += tl.sum(tl.where(o_v[None, :] == b_label[:, None], b_s, 0.0), 1)
 
-    p_out = STATS + o_n * n_splits + i_s
     tl.store(p_out, b_ma, mask=m_n)
     tl.store(p_out + stride_stat, b_la, mask=m_n)
     tl.store(p_out + 2 * stride_stat, b_mb, mask=m_n)
@@ -135,13 +140,7 @@ def _kd_terms_kernel(
         PARTIAL[0] = sum f = D,  PARTIAL[1] = sum Gp = cp,  PARTIAL[2] = sum Gq = cq
     (f, Gp, Gq from common.divergence_terms; cp, cq feed the backward).
     """
-    i_n = tl.program_id(0)
-    i_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    o_n = (i_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    m_n = o_n < N
-    t_start = i_s * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, tl.cdiv(V, BLOCK_V))
+    o_n, m_n, t_start, t_end, p_out = _program_range(PARTIAL, N, V, tiles_per_split, BLOCK_N, BLOCK_V)
     b_ma = tl.load(LSE + o_n, mask=m_n, other=0.0)
     b_lla = tl.load(LSE + N + o_n, mask=m_n, other=0.0)
     b_mb = tl.load(LSE + 2 * N + o_n, mask=m_n, other=0.0)
@@ -164,7 +163,6 @@ def _kd_terms_kernel(
         b_cp += tl.sum(tl.where(m_v[None, :], b_gp, 0.0), 1)
         b_cq += tl.sum(tl.where(m_v[None, :], b_gq, 0.0), 1)
 
-    p_out = PARTIAL + o_n * n_splits + i_s
     tl.store(p_out, b_div, mask=m_n)
     tl.store(p_out + stride_stat, b_cp, mask=m_n)
     tl.store(p_out + 2 * stride_stat, b_cq, mask=m_n)

@@ -36,6 +36,10 @@ def _buffer(shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, POISON, dtype=dtype, device=device)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -93,11 +97,11 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
     inv_t = 1.0 / settings.temperature
     lw_p, lw_q = settings.mix_log_weights
     cfg = configs.pick("forward", xs.element_size(), n)
-    n_tiles = triton_cdiv(vocab, cfg.block_v)
-    row_blocks = triton_cdiv(n, cfg.block_n)
-    splits = min(n_tiles, max(1, triton_cdiv(_target_programs(device), row_blocks)))
-    tiles_per_split = triton_cdiv(n_tiles, splits)
-    splits = triton_cdiv(n_tiles, tiles_per_split)  # every split holds at least one real column
+    n_tiles = _cdiv(vocab, cfg.block_v)
+    row_blocks = _cdiv(n, cfg.block_n)
+    splits = min(n_tiles, max(1, _cdiv(_target_programs(device), row_blocks)))
+    tiles_per_split = _cdiv(n_tiles, splits)
+    splits = _cdiv(n_tiles, tiles_per_split)  # every split holds at least one real column
 
     XS, WS, BS, DS, sxs, sws, has_bs = _side_args(xs, ws, bs)
     XT, WT, BT, DT, sxt, swt, has_bt = _side_args(xt, wt, bt)
@@ -146,10 +150,6 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
     return per_token, counted, torch.stack([ma, lla, mb, llb, mc, llc, cp, cq])
 
 
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _linear_grads(dz, x, w, b, v0: int, v1: int, needs, grads):
     """Hidden, weight and bias gradients of one vocabulary chunk's logit gradient dz [N, v1 - v0]."""
     if needs[0]:
@@ -195,12 +195,12 @@ def _backward(ctx, grad_out):
     else:
         per_column = n * xs.element_size() * (int(need_s) + int(need_t))
         chunk = max(cfg.block_v, BACKWARD_CHUNK_BYTES // max(per_column, 1) // cfg.block_v * cfg.block_v)
-        chunk = min(chunk, triton_cdiv(vocab, cfg.block_v) * cfg.block_v)
+        chunk = min(chunk, _cdiv(vocab, cfg.block_v) * cfg.block_v)
         dzs = _buffer((n, chunk), xs.dtype, device) if need_s else None
         dzt = _buffer((n, chunk), xt.dtype, device) if need_t else None
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
-        grid = (triton_cdiv(n, cfg.block_n), triton_cdiv(v1 - v0, cfg.block_v))
+        grid = (_cdiv(n, cfg.block_n), _cdiv(v1 - v0, cfg.block_v))
         _kd_backward_kernel[grid](
             XS, WS, BS, XT, WT, BT, XS if labels is None else labels, rows,
             XS if dzs is None else dzs, XS if dzt is None else dzt,
