@@ -6,7 +6,7 @@ PYTEST_WORKERS ?= 2
 
 install:
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e '.[test,bench]'
+	$(PYTHON) -m pip install -e '.[test]'
 
 test:
 	$(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) tests

@@ -19,9 +19,7 @@ setup(
     # Any torch >= 2.4 works: a CPU build (pip install torch==2.13.0) or the CUDA build already on a GPU
     # machine satisfy it, so installing promptkd never replaces or pulls a torch build.
     install_requires=["torch>=2.4", "triton>=3.6; platform_system == 'Linux'", "numpy"],
-    extras_require={
-        "test": ["pytest>=8", "pytest-xdist", "pytest-benchmark", "ruff"],
-        "bench": ["pytest-benchmark"],
-    },
+    # The benchmark needs nothing beyond the package (liger-kernel, if installed, adds a GPU baseline).
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff"]},
     license="Apache-2.0",
 )

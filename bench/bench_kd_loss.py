@@ -141,7 +141,8 @@ def versions() -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = "none"
-    return dict(commit=git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain") else ""),
+    dirty = git("status", "--porcelain", "--", ".", ":(exclude)bench/results")  # the results are not code
+    return dict(commit=git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else ""),
                 torch=torch.__version__, triton=triton_version)
 
 
