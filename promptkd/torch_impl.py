@@ -158,8 +158,9 @@ def _reduce(per_token: torch.Tensor, counted: torch.Tensor | None, reduction: st
     total = per_token.sum()
     if reduction == "sum":
         return total
-    count = per_token.new_tensor(per_token.numel()) if counted is None else counted.sum()
-    return total / count.clamp_min(1).to(total.dtype)
+    if counted is None:  # every token counts: a Python number, no device copy
+        return total / max(per_token.numel(), 1)
+    return total / counted.sum().clamp_min(1).to(total.dtype)
 
 
 def _row_scale(grad_out: torch.Tensor, labels, settings: KDSettings, n: int, dtype: torch.dtype) -> torch.Tensor:
