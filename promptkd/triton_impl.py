@@ -177,10 +177,12 @@ def _backward(ctx, grad_out):
                 grads[0] = torch.zeros_like(x) if x.shape[1] > vocab else _buffer(x.shape, x.dtype, device)
             else:
                 grads[0] = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=device)
-        if w is not None and needs[1]:
-            grads[1] = torch.zeros_like(w)
-        if b is not None and needs[2]:
-            grads[2] = torch.zeros_like(b)
+        # Every real row [0, vocab) of a weight or bias gradient is written once by its chunk (when there
+        # are tokens): zero only the padding.
+        for i, param in ((1, w), (2, b)):
+            if param is not None and needs[i]:
+                grads[i] = _buffer(param.shape, param.dtype, device)
+                grads[i][vocab if n else 0:].zero_()
     if n == 0 or not (need_s or need_t):
         return (*gs, *gt, None, None)
 

@@ -213,3 +213,11 @@ def test_inputs_are_not_modified(impl, div):
     s0, t0 = s.detach().clone(), t.clone()
     promptkd.kd_loss(s, t, labels, divergence=div, temperature=2.0, hard_weight=0.5, impl=impl).backward()
     assert torch.equal(s.detach(), s0) and torch.equal(t, t0)
+
+
+def test_kernel_divergence_codes_match_settings():
+    from promptkd.kernels import common
+    from promptkd.settings import DIVERGENCE_CODES
+
+    for name in DIVERGENCES:
+        assert getattr(common, name.upper()).value == DIVERGENCE_CODES[name], name
