@@ -14,11 +14,11 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The Triton kernels live in kernels/ and install as promptkd.kernels.
-    packages=["promptkd", "promptkd.kernels"],
-    package_dir={"promptkd": "promptkd", "promptkd.kernels": "kernels"},
-    # Any torch >= 2.4 works: a CPU build (pip install torch==2.13.0) or the CUDA build already on a GPU
-    # machine satisfy it, so installing promptkd never replaces or pulls a torch build.
-    install_requires=["torch>=2.4", "triton>=3.6; platform_system == 'Linux'", "numpy"],
+    packages=["promptkd", "promptkd.attention", "promptkd.kernels"],
+    package_dir={"promptkd": "promptkd", "promptkd.attention": "promptkd/attention", "promptkd.kernels": "kernels"},
+    # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
+    # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.
+    install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy"],
     # The benchmark needs nothing beyond the package (liger-kernel, if installed, adds a GPU baseline).
     extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff"]},
     license="Apache-2.0",

@@ -1,10 +1,11 @@
-"""promptkd: fused knowledge-distillation losses that never materialize logits."""
+"""promptkd: fused knowledge-distillation losses that never materialize logits, and prefix-shared attention."""
 
 from .api import fused_linear_kd_loss, kd_loss
+from .attention import prefix_attention
 from .modules import FusedLinearKDLoss, KDLoss
 from .settings import DIVERGENCES, REDUCTIONS, KDSettings
 
 __version__ = "0.1.0"
 
-__all__ = ["fused_linear_kd_loss", "kd_loss", "FusedLinearKDLoss", "KDLoss", "KDSettings", "DIVERGENCES",
-           "REDUCTIONS", "__version__"]
+__all__ = ["fused_linear_kd_loss", "kd_loss", "prefix_attention", "FusedLinearKDLoss", "KDLoss", "KDSettings",
+           "DIVERGENCES", "REDUCTIONS", "__version__"]

@@ -1,0 +1,40 @@
+"""``impl="torch"``: prefix attention on ``scaled_dot_product_attention`` (CPU and fallback).
+
+Each sample's prefix is put in front of its keys and a boolean [B, 1, N, P + N] mask (1 byte per
+entry, shared by the heads) describes the pattern, so SDPA's fused CPU/GPU kernels run and no
+[B, H, N, P + N] float score tensor is kept. The prefix enters through ``expand`` (one group) or a
+one-hot matmul (several groups), whose backward sums the samples' prefix gradients in a fixed order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .reference import allowed_mask
+
+
+def _spread(prefix: torch.Tensor, group: torch.Tensor, batch: int) -> torch.Tensor:
+    """[G, H, P, D] -> [B, H, P, D], sample b getting prefix group[b]; backward: deterministic sum."""
+    if prefix.shape[0] == 1:
+        return prefix.expand(batch, *prefix.shape[1:])
+    onehot = F.one_hot(group, prefix.shape[0]).to(prefix.dtype)  # [B, G]
+    return (onehot @ prefix.reshape(prefix.shape[0], -1)).reshape(batch, *prefix.shape[1:])
+
+
+def prefix_attention_torch(q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, scale):
+    b, _, n, _ = q.shape
+    p = prefix_k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if p:
+        k = torch.cat([_spread(prefix_k, group, b), k], dim=2)
+        v = torch.cat([_spread(prefix_v, group, b), v], dim=2)
+    if p == 0 and key_padding_mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = allowed_mask(group, lengths, key_padding_mask, n, p)  # [B, 1, N, P+N]
+    if key_padding_mask is None:  # every row sees at least its own key
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    # A row that sees nothing: let it see everything (SDPA backends disagree on empty rows), then zero it.
+    alive = mask.any(-1, keepdim=True)  # [B, 1, N, 1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~alive, scale=scale, enable_gqa=gqa)
+    return out * alive.to(out.dtype)
