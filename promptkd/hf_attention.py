@@ -1,0 +1,142 @@
+"""``prefix_attention`` as a Hugging Face attention implementation (``"promptkd_prefix"``).
+
+Registered with transformers' ``AttentionInterface`` and ``AttentionMaskInterface``, it is selected
+per model with ``model.set_attn_implementation(ATTN_IMPLEMENTATION)``. The mask function hands the
+attention the 2-D key-padding mask ([B, N] bool, or None without padding) instead of a 4-D mask.
+
+The prefix reaches the attention layers through a forward keyword, ``promptkd_prefix``, which
+transformers passes down to every attention call (also under gradient checkpointing, which keeps
+a layer's keywords for its recomputation):
+
+* a :class:`PrefixKV` (read-only per-layer keys/values): the layer attends to that prefix;
+* a :class:`PrefixRecorder`: the layer records the keys/values it computes (the prompt pass);
+* absent: plain causal attention with padding, so the model keeps working for other callers.
+
+Only decoder families whose attention modules take (module, q [B, Hq, N, D], k/v [B, Hkv, N, D],
+mask, scaling) and carry ``layer_idx`` are accepted: :data:`SUPPORTED_MODEL_TYPES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import prefix_attention
+
+ATTN_IMPLEMENTATION = "promptkd_prefix"
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "opt")
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """Per-layer prefix keys and values, each [G, Hkv, P, D]; immutable, so a recomputation under
+    gradient checkpointing reads exactly what the first forward read."""
+
+    keys: tuple[torch.Tensor, ...]
+    values: tuple[torch.Tensor, ...]
+    lengths: torch.Tensor | None = None  # [G] real lengths, None = all P
+    group_index: torch.Tensor | None = None  # [B] prefix of each sample, None = the default grouping
+
+    @property
+    def length(self) -> int:
+        return self.keys[0].shape[2] if self.keys else 0
+
+
+class PrefixRecorder:
+    """Collects the keys/values each layer computes, by layer index (the prompt pass)."""
+
+    def __init__(self):
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def freeze(self, num_layers: int) -> PrefixKV:
+        missing = [i for i in range(num_layers) if i not in self.layers]
+        if missing:
+            raise RuntimeError(f"the prompt pass recorded no keys for layers {missing}: the model does not route "
+                               f"attention through the '{ATTN_IMPLEMENTATION}' implementation")
+        return PrefixKV(tuple(self.layers[i][0] for i in range(num_layers)),
+                        tuple(self.layers[i][1] for i in range(num_layers)))
+
+
+def _cached_decode(query, key, value, padding, scaling):
+    """Queries are the last N of K keys (decoding with a KV cache): causal, aligned bottom-right."""
+    n, kv = query.shape[2], key.shape[2]
+    mask = torch.ones(n, kv, dtype=torch.bool, device=query.device).tril(kv - n)[None, None]
+    if padding is not None:
+        mask = mask & padding[:, None, None, -kv:]
+    alive = mask.any(-1, keepdim=True)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | ~alive, scale=scaling,
+                                         enable_gqa=query.shape[1] != key.shape[1])
+    return out * alive.to(out.dtype)
+
+
+def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                             promptkd_prefix=None, sliding_window=None, **kwargs):
+    """The attention-interface function: returns ([B, N, Hq, D], None)."""
+    if dropout:
+        raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention has no attention dropout (got p={dropout}): "
+                         "run the model in eval mode")
+    if attention_mask is not None and attention_mask.ndim != 2:
+        raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention expects a [B, N] padding mask, got a "
+                         f"{attention_mask.ndim}-D mask (a custom 4-D mask is not supported)")
+    layer = getattr(module, "layer_idx", None)
+    if isinstance(promptkd_prefix, PrefixRecorder):
+        promptkd_prefix.layers[layer] = (key, value)
+        promptkd_prefix = None
+    if key.shape[2] != query.shape[2]:
+        if promptkd_prefix is not None:
+            raise ValueError("a prefix cannot be combined with a KV cache")
+        out = _cached_decode(query, key, value, attention_mask, scaling)
+        return out.transpose(1, 2).contiguous(), None
+    padding = None if attention_mask is None else attention_mask[:, -key.shape[2]:]
+    span = key.shape[2] + (0 if promptkd_prefix is None else promptkd_prefix.length)
+    if sliding_window is not None and span > sliding_window:
+        raise ValueError(f"sequence of {span} keys exceeds the model's sliding window ({sliding_window}), "
+                         f"which '{ATTN_IMPLEMENTATION}' attention does not implement")
+    if promptkd_prefix is None or promptkd_prefix.length == 0:
+        pk = key.new_empty(1, key.shape[1], 0, key.shape[3])
+        pv = pk
+        lengths = group = None
+    else:
+        pk, pv = promptkd_prefix.keys[layer], promptkd_prefix.values[layer]
+        pk, pv = pk.to(key.dtype), pv.to(value.dtype)
+        lengths, group = promptkd_prefix.lengths, promptkd_prefix.group_index
+    out = prefix_attention(query, key, value, pk, pv, prefix_lengths=lengths, group_index=group,
+                           key_padding_mask=padding, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def padding_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                 attention_mask=None, **kwargs):
+    """The mask-interface function: the [B, kv_length] bool padding mask as given (None stays None).
+
+    A mask of all ones is passed on rather than dropped: finding that out would synchronise with the device."""
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -kv_length:].to(torch.bool)
+
+
+def register() -> str:
+    """Register the attention and mask functions with transformers (idempotent); returns their name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, prefix_attention_forward)
+    try:
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:  # versions without a mask interface call the attention with the 2-D mask themselves
+        return ATTN_IMPLEMENTATION
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, padding_mask)
+    return ATTN_IMPLEMENTATION
+
+
+def check_supported(model) -> str:
+    """The model's type if it is a supported causal LM; else a ValueError naming what is supported."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"model: architecture {model_type!r} ({type(model).__name__}) is not supported; "
+                         f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model.get_output_embeddings() is None:
+        raise ValueError(f"model: {type(model).__name__} has no output embedding; pass a *ForCausalLM model")
+    return model_type
