@@ -18,8 +18,10 @@ setup(
     package_dir={"promptkd": "promptkd", "promptkd.attention": "promptkd/attention", "promptkd.kernels": "kernels"},
     # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
     # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.
-    install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy"],
-    # The benchmark needs nothing beyond the package (liger-kernel, if installed, adds a GPU baseline).
-    extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff"]},
+    install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy", "transformers>=5.0",
+                      "safetensors"],
+    # The benchmarks need nothing beyond the package and the test extra (PEFT: the prompt-tuning baseline);
+    # liger-kernel, if installed, adds a GPU baseline.
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff", "peft>=0.17"]},
     license="Apache-2.0",
 )

@@ -111,7 +111,11 @@ class PromptedTeacher(nn.Module):
         self.use_prompt = True
         self.gradient_checkpointing = bool(gradient_checkpointing)
         if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(model, "activation_checkpointing_enable", None)  # the newer name of the same switch
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.train(self.training)
 
     @staticmethod

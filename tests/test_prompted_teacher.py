@@ -1,0 +1,230 @@
+"""PromptedTeacher on small randomly initialised GPT-2, Llama (GQA, RoPE), Mistral, Qwen2 and OPT models.
+
+The central check: logits at the input positions and the soft prompt's gradient equal PEFT's prompt
+tuning (the prompt concatenated to every sample) on the same model and prompt, to float32 precision.
+"""
+
+import copy
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from promptkd import PromptedTeacher, fused_linear_kd_loss  # noqa: E402
+from promptkd.hf_attention import SUPPORTED_MODEL_TYPES  # noqa: E402
+
+VOCAB, P = 97, 7
+SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def build(family: str, seed: int = 0):
+    torch.manual_seed(seed)
+    t = transformers
+    if family == "gpt2":
+        config = t.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, **SMALL)
+        return t.GPT2LMHeadModel(config).eval()
+    if family in ("llama", "mistral", "qwen2"):
+        kw = dict(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, **SMALL)
+        cls = {"llama": (t.LlamaConfig, t.LlamaForCausalLM), "mistral": (t.MistralConfig, t.MistralForCausalLM),
+               "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM)}[family]
+        return cls[1](cls[0](**kw)).eval()
+    if family == "opt":
+        config = t.OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
+                             max_position_embeddings=64, word_embed_proj_dim=32, **SMALL)
+        return t.OPTForCausalLM(config).eval()
+    raise KeyError(family)
+
+
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "opt"]
+
+
+def batch(padding: str, b=3, n=11, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (b, n), generator=g)
+    mask = torch.ones(b, n, dtype=torch.long)
+    if padding == "right":
+        mask[1, 8:] = 0
+        mask[2, 4:] = 0
+    elif padding == "left":
+        mask[1, :3] = 0
+        mask[2, :7] = 0
+    ids = ids.masked_fill(mask == 0, SMALL["pad_token_id"])
+    return ids, (None if padding == "none" else mask)
+
+
+def peft_twin(family: str):
+    """PEFT prompt tuning on an identical copy of the model; returns (peft model, its prompt parameter)."""
+    config = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=P)
+    model = peft.get_peft_model(build(family), config).eval()
+    return model, model.prompt_encoder["default"].embedding.weight
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+# PEFT runs Llama-style models and GPT-2 at positions 0..P+N-1 whatever the mask, OPT from the mask:
+# with right padding both agree with ours; left padding is compared with PEFT only where PEFT uses the mask.
+PEFT_CASES = [(f, pad) for f in FAMILIES for pad in ("none", "right")] + [("opt", "left")]
+
+
+@pytest.mark.parametrize("family,padding", PEFT_CASES, ids=[f"{f}-{p}" for f, p in PEFT_CASES])
+def test_matches_peft_prompt_tuning(family, padding):
+    twin, twin_prompt = peft_twin(family)
+    teacher = PromptedTeacher(build(family), P, init_embeddings=twin_prompt.detach())
+    ids, mask = batch(padding)
+    out = teacher(ids, mask, return_logits=True)
+    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert rel(out.logits[real], ref[real]) < 1e-5
+    weights = torch.linspace(0.5, 1.5, VOCAB)  # a loss that is not symmetric in the logits
+    (out.logits[real].log_softmax(-1) * weights).sum().backward()
+    (ref[real].log_softmax(-1) * weights).sum().backward()
+    assert teacher.soft_prompt.grad is not None and twin_prompt.grad is not None
+    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padding_gives_each_sample_its_unpadded_result(family):
+    teacher = PromptedTeacher(build(family), P, init="random")
+    ids, mask = batch("left")
+    out = teacher(ids, mask).hidden_states
+    for b in range(ids.shape[0]):
+        real = mask[b].bool()
+        alone = teacher(ids[b:b + 1, real]).hidden_states[0]
+        assert rel(out[b, real], alone) < 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_prompt_is_the_plain_model(family):
+    plain = build(family)
+    teacher = PromptedTeacher(copy.deepcopy(plain), P, init="random")
+    ids, mask = batch("right")
+    real = mask.bool()
+    ref = plain(input_ids=ids, attention_mask=mask).logits
+    with teacher.without_prompt():
+        out = teacher(ids, mask, return_logits=True)
+    assert teacher.use_prompt
+    assert rel(out.logits[real], ref[real]) < 1e-5
+    assert rel(teacher(ids, mask, use_prompt=False, return_logits=True).logits[real], ref[real]) < 1e-5
+    prompted = teacher(ids, mask, return_logits=True).logits
+    assert rel(prompted[real], ref[real]) > 1e-3  # the prompt does change the teacher
+
+
+def test_outputs_feed_the_fused_loss():
+    teacher = PromptedTeacher(build("llama"), P, init="random")
+    ids, mask = batch("right")
+    out = teacher(ids, mask, return_logits=True)
+    assert out.hidden_states.shape == (3, 11, 32) and out.output_weight.shape == (VOCAB, 32)
+    assert out.output_bias is None
+    torch.testing.assert_close(out.hidden_states @ out.output_weight.T, out.logits)
+    student_hidden = torch.randn(3, 11, 16, requires_grad=True)
+    student_weight = torch.randn(VOCAB, 16, requires_grad=True)
+    labels = torch.where(mask.bool(), ids, -100)
+    loss = fused_linear_kd_loss(student_hidden, student_weight, out.hidden_states, out.output_weight, labels,
+                                divergence="reverse_kl")
+    loss.backward()
+    assert teacher.soft_prompt.grad.abs().sum() > 0 and student_hidden.grad.abs().sum() > 0
+
+
+def test_only_the_prompt_trains_and_the_model_stays_frozen_in_eval():
+    teacher = PromptedTeacher(build("gpt2"), P, init="random")
+    teacher.train()
+    assert [name for name, p in teacher.named_parameters() if p.requires_grad] == ["soft_prompt"]
+    assert not any(m.training for m in teacher.model.modules())
+    assert teacher.soft_prompt.dtype == torch.float32 and teacher.soft_prompt.shape == (P, 32)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_gradient_checkpointing_recomputes_identically(family):
+    init = torch.randn(P, 32)
+    ids, mask = batch("left")
+    grads, calls = [], []
+    for checkpointing in (False, True):
+        teacher = PromptedTeacher(build(family), P, init_embeddings=init, gradient_checkpointing=checkpointing)
+        teacher.train()
+        count = [0]
+        attention = [m for m in teacher.model.modules() if type(m).__name__.endswith("Attention")][0]
+        attention.register_forward_hook(lambda *args, c=count: c.__setitem__(0, c[0] + 1))
+        out = teacher(ids, mask)
+        (out.hidden_states[mask.bool()] ** 2).sum().backward()
+        grads.append(teacher.soft_prompt.grad)
+        calls.append(count[0])
+    assert calls == [2, 4]  # prompt pass + batch pass, each recomputed in backward when checkpointing
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
+def test_cached_generation_still_works_on_the_wrapped_model():
+    plain = build("llama")
+    teacher = PromptedTeacher(copy.deepcopy(plain), P, init="random")
+    ids, mask = batch("left")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(teacher.model.generate(ids, attention_mask=mask, **kw),
+                       plain.generate(ids, attention_mask=mask, **kw))
+
+
+class _Tokenizer:
+    pad_token_id = 5
+
+    def __call__(self, text):
+        return {"input_ids": [10 + ord(c) % 50 for c in text.split()[0]]}  # one id per letter of the first word
+
+
+def test_text_and_pad_initialisation():
+    model = build("gpt2")
+    embed = model.get_input_embeddings().weight.detach()
+    teacher = PromptedTeacher(model, 7, init_text="Suppose you", tokenizer=_Tokenizer())
+    ids = [10 + ord(c) % 50 for c in "Suppose"]
+    torch.testing.assert_close(teacher.soft_prompt.detach(), embed[ids])
+    teacher = PromptedTeacher(build("gpt2"), 10, init_text="abc", tokenizer=_Tokenizer())  # repeated to length
+    torch.testing.assert_close(teacher.soft_prompt.detach(), embed[[10 + ord(c) % 50 for c in "abcabcabca"]])
+    teacher = PromptedTeacher(build("gpt2"), 3, init="pad", tokenizer=_Tokenizer())
+    torch.testing.assert_close(teacher.soft_prompt.detach(), embed[[5, 5, 5]])
+    teacher = PromptedTeacher(build("gpt2"), 3, init="pad")  # from the config's pad_token_id
+    torch.testing.assert_close(teacher.soft_prompt.detach(), embed[[0, 0, 0]])
+
+
+def test_prompt_round_trips_through_peft(tmp_path):
+    teacher = PromptedTeacher(build("opt"), P, init="random")
+    teacher.save_prompt(str(tmp_path / "ours"))
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == "PROMPT_TUNING"
+    loaded = peft.PeftModel.from_pretrained(build("opt"), str(tmp_path / "ours")).eval()
+    ids, mask = batch("left")
+    real = mask.bool()
+    ref = loaded(input_ids=ids, attention_mask=mask).logits[:, P:]
+    assert rel(teacher(ids, mask, return_logits=True).logits[real], ref[real]) < 1e-5
+
+    twin, twin_prompt = peft_twin("opt")
+    twin.save_pretrained(str(tmp_path / "peft"))
+    other = PromptedTeacher(build("opt"), P, init="random")
+    other.load_prompt(str(tmp_path / "peft"))
+    assert torch.equal(other.soft_prompt.detach(), twin_prompt.detach())
+    with pytest.raises(ValueError, match="prompt_embeddings"):
+        PromptedTeacher(build("opt"), P + 1, init="random").load_prompt(str(tmp_path / "peft"))
+    with pytest.raises(ValueError, match="directory"):
+        other.load_prompt(str(tmp_path))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="gpt2, llama"):
+        PromptedTeacher(transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(
+            num_hidden_layers=1, hidden_size=32, intermediate_size=64, num_attention_heads=4, vocab_size=VOCAB)))
+    assert set(SUPPORTED_MODEL_TYPES) == set(FAMILIES)
+    with pytest.raises(ValueError, match="num_prompt_tokens"):
+        PromptedTeacher(build("gpt2"), 0, init="random")
+    with pytest.raises(ValueError, match="init"):
+        PromptedTeacher(build("gpt2"), P, init="zeros")
+    with pytest.raises(ValueError, match="tokenizer"):
+        PromptedTeacher(build("gpt2"), P)
+    with pytest.raises(ValueError, match="init_embeddings"):
+        PromptedTeacher(build("gpt2"), P, init_embeddings=torch.zeros(P, 31))
+    teacher = PromptedTeacher(build("gpt2"), P, init="random")
+    ids, mask = batch("right")
+    with pytest.raises(ValueError, match="attention_mask"):
+        teacher(ids, mask[:, :5])
+    with pytest.raises(ValueError, match="input_ids"):
+        teacher(ids[0])
