@@ -1,4 +1,4 @@
-"""Shared @triton.jit helpers of the KD kernels. Notation and formulas: promptkd/math.py."""
+"""Shared @triton.jit helpers: KD kernels (notation and formulas: promptkd/math.py) and prefix attention."""
 
 import triton
 import triton.language as tl
@@ -82,3 +82,25 @@ def divergence_terms(lp, lq, lw_p, lw_q, DIVERGENCE: tl.constexpr):
         gp = -qw
         gq = f + qw
     return f, gp, gq
+
+
+@triton.jit
+def load_rows(base, o_r, m_r, o_d, m_d, stride_r, MASK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+              UPCAST: tl.constexpr):
+    """[rows, BLOCK_D] tile base[o_r * stride_r + o_d] (unit stride along d). Rows outside m_r (when
+    MASK_ROWS) and columns outside m_d (unless EVEN_D: the head dim fills BLOCK_D) read as 0.
+    UPCAST returns float32 (the interpreter's bfloat16 tl.dot is wrong; float32 products of bf16 are exact)."""
+    ptrs = base + o_r[:, None] * stride_r + o_d[None, :]
+    if MASK_ROWS:
+        if EVEN_D:
+            b_x = tl.load(ptrs, mask=m_r[:, None], other=0.0)
+        else:
+            b_x = tl.load(ptrs, mask=m_r[:, None] & m_d[None, :], other=0.0)
+    else:
+        if EVEN_D:
+            b_x = tl.load(ptrs)
+        else:
+            b_x = tl.load(ptrs, mask=m_d[None, :], other=0.0)
+    if UPCAST:
+        b_x = b_x.to(tl.float32)
+    return b_x

@@ -34,3 +34,40 @@ def pick(kernel: str, element_size: int, n_tokens: int) -> TileConfig:
         if n_tokens <= cfg.block_n:
             return cfg
     return options[-1]
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # query rows per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+
+# Prefix attention: (kernel, operand bytes, BLOCK_D) -> configuration. BLOCK_D is the head dim rounded
+# up to 64 or 128 (smaller powers would add compile variants for no common model). "forward" walks keys
+# for a query block; "dq" likewise; "dkdv" (own and prefix keys) walks query blocks for a key block.
+ATTENTION_CONFIGS = {
+    ("forward", 2, 64): AttentionConfig(128, 64, 4, 3),
+    ("forward", 2, 128): AttentionConfig(128, 64, 8, 3),
+    ("forward", 4, 64): AttentionConfig(64, 64, 4, 2),
+    ("forward", 4, 128): AttentionConfig(64, 32, 4, 2),
+    ("dq", 2, 64): AttentionConfig(128, 64, 8, 2),
+    ("dq", 2, 128): AttentionConfig(128, 32, 8, 2),
+    ("dq", 4, 64): AttentionConfig(64, 32, 4, 2),
+    ("dq", 4, 128): AttentionConfig(64, 32, 4, 2),
+    ("dkdv", 2, 64): AttentionConfig(64, 128, 8, 2),
+    ("dkdv", 2, 128): AttentionConfig(32, 128, 8, 2),
+    ("dkdv", 4, 64): AttentionConfig(32, 64, 4, 2),
+    ("dkdv", 4, 128): AttentionConfig(32, 64, 4, 2),
+}
+#: The largest head dim the prefix-attention kernels take.
+ATTENTION_MAX_HEAD_DIM = 128
+
+
+def attention_block_d(head_dim: int) -> int:
+    return 64 if head_dim <= 64 else 128
+
+
+def pick_attention(kernel: str, element_size: int, head_dim: int) -> AttentionConfig:
+    return ATTENTION_CONFIGS[(kernel, 2 if element_size <= 2 else 4, attention_block_d(head_dim))]

@@ -1,0 +1,206 @@
+"""``impl="triton"``: launchers and the autograd Function around the fused prefix-attention kernels.
+
+Forward (kernels/prefix_attention_forward.py): one program per (query block, sample x query head)
+walks the group's prefix keys and its own keys up to the diagonal with an online softmax in base 2,
+and stores the output and one combined log-sum-exp per row (float32; +inf for a row that sees
+nothing, whose output is 0).
+
+Backward (kernels/prefix_attention_backward.py): the dQ kernel also computes delta = rowsum(dO * O);
+the own-keys kernel writes dK, dV of each sample's keys; the prefix kernel writes float32 partial
+prefix dK, dV per (group, split of the group's samples), summed here over the splits in a fixed
+order: the same bits on every run, no atomics. Only the requested gradients are computed, and
+nothing waits on the device (no host synchronisation).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+
+from ..kernels import configs
+from ..kernels.prefix_attention_backward import (
+    _prefix_attention_dkdv_kernel,
+    _prefix_attention_dq_kernel,
+    _prefix_attention_prefix_dkdv_kernel,
+)
+from ..kernels.prefix_attention_forward import _prefix_attention_forward_kernel
+
+#: Tests set this to float("nan") so any buffer element a kernel forgets to write shows up.
+POISON: float | None = None
+#: Prefix-gradient splits per group under the interpreter (on CUDA: enough programs for the SMs).
+INTERPRETER_SPLITS = 3
+
+
+def _buffer(shape, dtype, device) -> torch.Tensor:
+    if POISON is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    return torch.full(shape, POISON, dtype=dtype, device=device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _splits(device: torch.device, programs: int, batch: int) -> int:
+    """Splits of each group's samples in the prefix-gradient kernel: about two programs per SM."""
+    if device.type != "cuda":
+        return max(1, min(batch, INTERPRETER_SPLITS))
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return max(1, min(batch, _cdiv(2 * sms, programs)))
+
+
+def _switches(x: torch.Tensor, kernel: str) -> dict:
+    """Tiles, warps and the precision switches: UPCAST multiplies bfloat16 in float32 under the
+    interpreter (its bfloat16 tl.dot is wrong); float32 uses tf32 only where torch matmuls may."""
+    d = x.shape[-1]
+    cfg = configs.pick_attention(kernel, x.element_size(), d)
+    block_d = configs.attention_block_d(d)
+    tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    return dict(UPCAST=_interpreting() and x.dtype == torch.bfloat16, PRECISION="tf32" if tf32 else "ieee",
+                EVEN_D=d == block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _unit_stride(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _same_strides(a: torch.Tensor, b: torch.Tensor):
+    """The kernels read keys and values (own or prefix) with one set of strides."""
+    a, b = _unit_stride(a), _unit_stride(b)
+    if a.stride() != b.stride():
+        a, b = a.contiguous(), b.contiguous()
+    return a, b
+
+
+def _strides(x: torch.Tensor) -> tuple[int, int, int]:
+    return x.stride(0), x.stride(1), x.stride(2)
+
+
+def _forward(q, k, v, pk, pv, lengths, group, keep, scale):
+    b, hq, n, d = q.shape
+    o = _buffer(q.shape, q.dtype, q.device)
+    lse = _buffer((b, hq, n), torch.float32, q.device)
+    sw = _switches(q, "forward")
+    grid = (_cdiv(n, sw["BLOCK_M"]), b * hq)
+    _prefix_attention_forward_kernel[grid](
+        q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep, o, lse,
+        n, pk.shape[2], d, hq, hq // k.shape[1], scale * math.log2(math.e),
+        *_strides(q), *_strides(k), *_strides(pk), *_strides(o),
+        HAS_LENGTHS=lengths is not None, HAS_PADDING=keep is not None, **sw)
+    return o, lse
+
+
+def _backward(ctx, grad_out):
+    q, k, v, pk, pv, o, lse, lengths, group, keep = ctx.saved_tensors
+    need = ctx.needs_input_grad[:5]
+    scale = ctx.scale
+    b, hq, n, d = q.shape
+    hkv, (g, _, p, _) = k.shape[1], pk.shape
+    device = q.device
+    grads = [None] * 5
+    if not any(need):
+        return (*grads, None, None, None, None)
+    do = grad_out.contiguous()  # shares the strides of o (contiguous)
+    qk_scale = scale * math.log2(math.e)
+    common = (n, d, hq, hq // hkv, qk_scale, scale)
+
+    delta = _buffer((b, hq, n), torch.float32, device)
+    if need[0]:
+        grads[0] = _buffer(q.shape, q.dtype, device)
+    sw = _switches(q, "dq")
+    _prefix_attention_dq_kernel[(_cdiv(n, sw["BLOCK_M"]), b * hq)](
+        q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep,
+        o, do, lse, delta, q if grads[0] is None else grads[0],
+        n, p, d, hq, hq // hkv, qk_scale, scale,
+        *_strides(q), *_strides(k), *_strides(pk), *_strides(o),
+        NEED_DQ=need[0], HAS_LENGTHS=lengths is not None, HAS_PADDING=keep is not None, **sw)
+
+    sw = _switches(q, "dkdv")
+    if need[1] or need[2]:
+        dk = _buffer(k.shape, k.dtype, device) if need[1] else None
+        dv = _buffer(v.shape, v.dtype, device) if need[2] else None
+        out = dk if dk is not None else dv
+        _prefix_attention_dkdv_kernel[(_cdiv(n, sw["BLOCK_N"]), b * hkv)](
+            q, k, v, group if keep is None else keep, do, lse, delta, out if dk is None else dk,
+            out if dv is None else dv, *common,
+            *_strides(q), *_strides(k), *_strides(o), *_strides(out),
+            NEED_DK=need[1], NEED_DV=need[2], HAS_PADDING=keep is not None, **sw)
+        grads[1], grads[2] = dk, dv
+
+    if need[3] or need[4]:
+        if p == 0:
+            grads[3] = torch.zeros_like(pk) if need[3] else None
+            grads[4] = torch.zeros_like(pv) if need[4] else None
+        else:
+            # Samples of each group: order[offsets[g]:offsets[g + 1]], computed on the device.
+            sorted_group, order = torch.sort(group, stable=True)
+            offsets = torch.searchsorted(sorted_group, torch.arange(g + 1, device=device))
+            blocks = _cdiv(p, sw["BLOCK_N"])
+            splits = _splits(device, blocks * g * hkv, b)
+            shape = (splits, g, hkv, p, d)
+            dpk = _buffer(shape, torch.float32, device) if need[3] else None
+            dpv = _buffer(shape, torch.float32, device) if need[4] else None
+            out = dpk if dpk is not None else dpv
+            _prefix_attention_prefix_dkdv_kernel[(blocks, g * hkv, splits)](
+                q, pk, pv, group if lengths is None else lengths, order, offsets, do, lse, delta,
+                out if dpk is None else dpk, out if dpv is None else dpv,
+                n, p, d, hq, hq // hkv, qk_scale, scale,
+                *_strides(q), *_strides(pk), *_strides(o), *out.stride()[:4],
+                NEED_DK=need[3], NEED_DV=need[4], HAS_LENGTHS=lengths is not None, **sw)
+            # Sum over splits in a fixed order (deterministic), then cast.
+            grads[3] = None if dpk is None else dpk.sum(0).to(pk.dtype)
+            grads[4] = None if dpv is None else dpv.sum(0).to(pv.dtype)
+    return (*grads, None, None, None, None)
+
+
+class PrefixAttentionFunction(torch.autograd.Function):
+    """Fused prefix attention; arguments as ``prefix_attention_triton`` receives them."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, lengths, group, keep, scale):
+        o, lse = _forward(q, k, v, prefix_k, prefix_v, lengths, group, keep, scale)
+        ctx.scale = scale
+        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, lengths, group, keep)
+        return o
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)
+
+
+def prefix_attention_triton(q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, scale):
+    """Arguments checked and normalised by ``promptkd.attention.api``: lengths int64 [G] or None,
+    group int64 [B] and key_padding_mask bool [B, N] or None, on the inputs' device; scale a float.
+    Head dims up to 128 (non-powers of two are masked)."""
+    d = q.shape[-1]
+    if d > configs.ATTENTION_MAX_HEAD_DIM:
+        raise ValueError(f"impl='triton' supports head dims up to {configs.ATTENTION_MAX_HEAD_DIM}, got {d} "
+                         "(use impl='torch')")
+    if q.numel() == 0:  # no query, or no query head: nothing to attend and zero gradients
+        return _empty_output(q, k, v, prefix_k, prefix_v)
+    q = _unit_stride(q)
+    k, v = _same_strides(k, v)
+    prefix_k, prefix_v = _same_strides(prefix_k, prefix_v)
+    group = group.contiguous()
+    lengths = None if lengths is None else lengths.contiguous()
+    keep = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
+    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, lengths, group, keep, float(scale))
+
+
+def _empty_output(q, k, v, prefix_k, prefix_v):
+    """The output of an empty query set, connected to the inputs so that their gradients are zeros."""
+    zero = sum(x.sum() * 0 for x in (k, v, prefix_k, prefix_v))
+    return q * 0 + zero
