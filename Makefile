@@ -19,6 +19,8 @@ lint:
 
 bench:
 	$(PYTHON) bench/bench_kd_loss.py
+	$(PYTHON) bench/bench_prefix_attention.py
 
 bench-quick:
 	$(PYTHON) bench/bench_kd_loss.py --quick
+	$(PYTHON) bench/bench_prefix_attention.py --quick
