@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of every kernel configuration for NVIDIA targets, without a GPU.
 
 The interpreter runs kernels on the CPU but cannot see compile errors, shared-memory overflow or
-register spills. This compiles each kernel the launchers can pick (kernels/configs.py) with
+register spills. This compiles each kernel the launchers can pick (kernels/configs.py: KD and prefix attention) with
 ``triton.compile`` for a ``GPUTarget`` and reads the resource use off the cubin.
 
     python -m promptkd.kernels.aot            # table of shared memory, registers, spills
@@ -28,15 +28,37 @@ from triton.backends.compiler import GPUTarget
 from . import configs
 from .kd_backward import _kd_backward_kernel
 from .kd_forward import _kd_online_kernel, _kd_terms_kernel
+from .prefix_attention_backward import (
+    _prefix_attention_dkdv_kernel,
+    _prefix_attention_dq_kernel,
+    _prefix_attention_prefix_dkdv_kernel,
+)
+from .prefix_attention_forward import _prefix_attention_forward_kernel
 
 #: Opt-in shared memory per block, bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
+# Kernel arguments: the pointers (by name) hold the operand dtype unless _POINTER_TYPES says otherwise,
+# _FLOAT_ARGS are float32 scalars, every other argument (sizes, strides) is an i32.
 _POINTERS = {
     "_kd_online_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "STATS"),
     "_kd_terms_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LSE", "PARTIAL"),
     "_kd_backward_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "ROWS", "DZS", "DZT"),
+    "_prefix_attention_forward_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "LSE"),
+    "_prefix_attention_dq_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "DO", "LSE",
+                                    "DELTA", "DQ"),
+    "_prefix_attention_dkdv_kernel": ("Q", "K", "V", "KEEP", "DO", "LSE", "DELTA", "DK", "DV"),
+    "_prefix_attention_prefix_dkdv_kernel": ("Q", "PK", "PV", "LENGTHS", "ORDER", "OFFSETS", "DO", "LSE", "DELTA",
+                                             "DPK", "DPV"),
 }
-_FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight")
+_POINTER_TYPES = {
+    **dict.fromkeys(("LABELS", "LENGTHS", "GROUP", "ORDER", "OFFSETS"), "*i64"),
+    **dict.fromkeys(("STATS", "LSE", "PARTIAL", "ROWS", "DELTA", "DPK", "DPV"), "*fp32"),  # float32 statistics
+    "KEEP": "*u8",  # the key-padding mask, bool viewed as uint8
+}
+_FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight", "qk_scale", "scale")
+# The KD launchers turn fused multiply-adds off (promptkd/triton_impl._compile_switches); the attention
+# launchers turn them on (promptkd/attention/triton_impl._switches).
+_NO_FP_FUSION = ("_kd_online_kernel", "_kd_terms_kernel", "_kd_backward_kernel")
 
 
 @dataclass
@@ -47,6 +69,7 @@ class Compiled:
     shared: int
     registers: int | None
     spill_bytes: int | None
+    spill_stores: int | None = None  # ptxas -v: bytes of register spill stores (to the stack frame)
 
 
 def _signature(fn, dtype: str, constexprs: dict) -> dict:
@@ -55,12 +78,7 @@ def _signature(fn, dtype: str, constexprs: dict) -> dict:
         if name in constexprs:
             sig[name] = "constexpr"
         elif name in _POINTERS[fn.__name__]:
-            if name == "LABELS":
-                sig[name] = "*i64"
-            elif name in ("STATS", "LSE", "PARTIAL", "ROWS"):  # float32 statistics
-                sig[name] = "*fp32"
-            else:
-                sig[name] = "*" + dtype
+            sig[name] = _POINTER_TYPES.get(name, "*" + dtype)
         elif name in _FLOAT_ARGS:
             sig[name] = "fp32"
         else:
@@ -81,15 +99,29 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None), (int(local.group(1)) if local else None)
 
 
+def _ptxas_spill_stores(ptx: str, arch: int) -> int | None:
+    """Spill stores as ptxas reports them: the cubin's LOCAL count (spill_bytes) misses spills to the stack."""
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(tool):
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([tool, "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    stores = re.search(r"(\d+) bytes spill stores", out)
+    return int(stores.group(1)) if stores else None
+
+
 def compile_one(fn, dtype: str, arch: int, constexprs: dict, num_warps: int, num_stages: int) -> Compiled:
     src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options=dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=False))
+    options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fn.__name__ not in _NO_FP_FUSION)
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     regs, local = _resources(kernel.asm["cubin"])
     variant = ",".join(f"{k}={v}" for k, v in constexprs.items() if not k.startswith("BLOCK"))
     cfg = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
     return Compiled(fn.__name__, f"{dtype} {cfg} w{num_warps}s{num_stages} {variant}", arch,
-                    kernel.metadata.shared, regs, local)
+                    kernel.metadata.shared, regs, local, _ptxas_spill_stores(kernel.asm["ptx"], arch))
 
 
 def _base(cfg: configs.TileConfig, from_logits: bool) -> dict:
@@ -135,9 +167,56 @@ def variants():
     yield fn, "fp32", {**_base(big32, False), **extra, "PRECISION": "tf32"}, big32.num_warps, big32.num_stages, (90,)
 
 
+_ATTENTION = {  # kernel -> (configuration table key, heaviest switches)
+    _prefix_attention_forward_kernel: ("forward", dict(HAS_LENGTHS=True, HAS_PADDING=True)),
+    _prefix_attention_dq_kernel: ("dq", dict(NEED_DQ=True, HAS_LENGTHS=True, HAS_PADDING=True)),
+    _prefix_attention_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_PADDING=True)),
+    _prefix_attention_prefix_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_LENGTHS=True)),
+}
+_ATTENTION_OTHER_VARIANTS = [
+    (_prefix_attention_forward_kernel, dict(HAS_LENGTHS=False, HAS_PADDING=False)),
+    (_prefix_attention_dq_kernel, dict(NEED_DQ=False)),
+    (_prefix_attention_dq_kernel, dict(HAS_LENGTHS=False, HAS_PADDING=False)),
+    (_prefix_attention_dkdv_kernel, dict(NEED_DK=False)),
+    (_prefix_attention_dkdv_kernel, dict(NEED_DV=False)),
+    (_prefix_attention_dkdv_kernel, dict(HAS_PADDING=False)),
+    (_prefix_attention_prefix_dkdv_kernel, dict(NEED_DK=False)),
+    (_prefix_attention_prefix_dkdv_kernel, dict(NEED_DV=False)),
+    (_prefix_attention_prefix_dkdv_kernel, dict(HAS_LENGTHS=False)),
+]
+
+
+def _attention_case(fn, dtype: str, head_dim: int, archs, precision="ieee", **switches):
+    kind, heaviest = _ATTENTION[fn]
+    size = 2 if dtype in ("bf16", "fp16") else 4
+    cfg = configs.pick_attention(kind, size, head_dim)
+    block_d = configs.attention_block_d(head_dim)
+    cx = {**heaviest, **switches, "EVEN_D": head_dim == block_d, "UPCAST": False, "PRECISION": precision,
+          "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_D": block_d}
+    return fn, dtype, cx, cfg.num_warps, cfg.num_stages, archs
+
+
+def attention_variants():
+    """Prefix attention: every kernel x tile table entry (head dims 64 and 80/96: BLOCK_D 64 and 128, the
+    latter with masked columns; 80 and 96 compile identically, D being a runtime size) x bfloat16 and
+    float32 in the heaviest switches, for every arch; head dim 128 (EVEN_D), float16, tf32 and the other
+    switch variants once (sm_90)."""
+    every = (80, 90)
+    for fn in _ATTENTION:
+        for dtype, head_dim in itertools.product(("bf16", "fp32"), (64, 80)):
+            yield _attention_case(fn, dtype, head_dim, every)
+    for fn in _ATTENTION:
+        yield _attention_case(fn, "bf16", 128, (90,))
+        yield _attention_case(fn, "fp16", 96, (90,))
+    for fn, switches in _ATTENTION_OTHER_VARIANTS:
+        yield _attention_case(fn, "bf16", 96, (90,), **switches)
+    yield _attention_case(_prefix_attention_forward_kernel, "fp32", 128, (90,), precision="tf32")
+
+
 def cases():
     """Flat list of (fn, dtype, constexprs, num_warps, num_stages, arch)."""
-    return [(fn, dtype, cx, w, s, arch) for fn, dtype, cx, w, s, archs in variants() for arch in archs]
+    every = itertools.chain(variants(), attention_variants())
+    return [(fn, dtype, cx, w, s, arch) for fn, dtype, cx, w, s, archs in every for arch in archs]
 
 
 def compile_case(case) -> Compiled:
@@ -146,7 +225,7 @@ def compile_case(case) -> Compiled:
 
 
 def main():
-    parser = argparse.ArgumentParser(description="Compile the KD kernels for sm_80 / sm_90 without a GPU.")
+    parser = argparse.ArgumentParser(description="Compile the KD and attention kernels for sm_80, sm_90 without a GPU.")
     parser.add_argument("--case", type=int, help="compile one case (index into cases()) and print it as JSON")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -156,7 +235,8 @@ def main():
         return
     for case in cases():
         c = compile_case(case)
-        print(f"sm_{c.arch} {c.kernel:22s} shared={c.shared:6d} regs={c.registers} spill={c.spill_bytes}  {c.variant}")
+        print(f"sm_{c.arch} {c.kernel:36s} shared={c.shared:6d} regs={c.registers} spill={c.spill_bytes} "
+              f"spill_stores={c.spill_stores}  {c.variant}")
 
 
 if __name__ == "__main__":

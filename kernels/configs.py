@@ -48,18 +48,18 @@ class AttentionConfig:
 # up to 64 or 128 (smaller powers would add compile variants for no common model). "forward" walks keys
 # for a query block; "dq" likewise; "dkdv" (own and prefix keys) walks query blocks for a key block.
 ATTENTION_CONFIGS = {
-    ("forward", 2, 64): AttentionConfig(128, 64, 4, 3),
-    ("forward", 2, 128): AttentionConfig(128, 64, 8, 3),
-    ("forward", 4, 64): AttentionConfig(64, 64, 4, 2),
-    ("forward", 4, 128): AttentionConfig(64, 32, 4, 2),
-    ("dq", 2, 64): AttentionConfig(128, 64, 8, 2),
-    ("dq", 2, 128): AttentionConfig(128, 32, 8, 2),
-    ("dq", 4, 64): AttentionConfig(64, 32, 4, 2),
-    ("dq", 4, 128): AttentionConfig(64, 32, 4, 2),
-    ("dkdv", 2, 64): AttentionConfig(64, 128, 8, 2),
-    ("dkdv", 2, 128): AttentionConfig(32, 128, 8, 2),
-    ("dkdv", 4, 64): AttentionConfig(32, 64, 4, 2),
-    ("dkdv", 4, 128): AttentionConfig(32, 64, 4, 2),
+    ("forward", 2, 64): AttentionConfig(128, 64, 8, 3),
+    ("forward", 2, 128): AttentionConfig(128, 32, 8, 2),
+    ("forward", 4, 64): AttentionConfig(16, 16, 4, 2),
+    ("forward", 4, 128): AttentionConfig(16, 16, 4, 2),
+    ("dq", 2, 64): AttentionConfig(64, 64, 4, 2),
+    ("dq", 2, 128): AttentionConfig(64, 64, 8, 2),
+    ("dq", 4, 64): AttentionConfig(16, 16, 4, 1),
+    ("dq", 4, 128): AttentionConfig(16, 16, 4, 2),
+    ("dkdv", 2, 64): AttentionConfig(32, 64, 4, 2),
+    ("dkdv", 2, 128): AttentionConfig(64, 64, 8, 2),
+    ("dkdv", 4, 64): AttentionConfig(16, 16, 4, 1),
+    ("dkdv", 4, 128): AttentionConfig(16, 16, 4, 2),
 }
 #: The largest head dim the prefix-attention kernels take.
 ATTENTION_MAX_HEAD_DIM = 128

@@ -18,11 +18,17 @@ from promptkd.kernels import aot  # noqa: E402
 CASES = aot.cases()
 
 
+FLAGS = ("DIVERGENCE", "FROM_LOGITS", "HAS_HARD", "NEED_S", "NEED_T", "NEED_DQ", "NEED_DK", "NEED_DV", "HAS_LENGTHS",
+         "HAS_PADDING", "EVEN_D", "PRECISION")
+
+
 def _id(case):
     fn, dtype, cx, w, s, arch = case
-    flags = "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in cx.items()
-                     if k in ("DIVERGENCE", "FROM_LOGITS", "HAS_HARD", "NEED_S", "NEED_T", "PRECISION"))
-    tiles = f"N{cx['BLOCK_N']}V{cx['BLOCK_V']}D{cx['BLOCK_D']}-w{w}s{s}"
+    flags = "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in cx.items() if k in FLAGS)
+    if "BLOCK_V" in cx:  # KD kernels
+        tiles = f"N{cx['BLOCK_N']}V{cx['BLOCK_V']}D{cx['BLOCK_D']}-w{w}s{s}"
+    else:
+        tiles = f"M{cx['BLOCK_M']}N{cx['BLOCK_N']}D{cx['BLOCK_D']}-w{w}s{s}"
     return f"sm{arch}-{fn.__name__.strip('_')}-{dtype}-{tiles}-{flags}"
 
 

@@ -63,14 +63,16 @@ def _splits(device: torch.device, programs: int, batch: int) -> int:
 
 def _switches(x: torch.Tensor, kernel: str) -> dict:
     """Tiles, warps and the precision switches: UPCAST multiplies bfloat16 in float32 under the
-    interpreter (its bfloat16 tl.dot is wrong); float32 uses tf32 only where torch matmuls may."""
+    interpreter (its bfloat16 tl.dot is wrong); float32 uses tf32 only where torch matmuls may.
+    Fused multiply-adds stay on (kernels/aot.py compiles the same way)."""
     d = x.shape[-1]
     cfg = configs.pick_attention(kernel, x.element_size(), d)
     block_d = configs.attention_block_d(d)
     tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+    options = {} if _interpreting() else {"enable_fp_fusion": True}  # explicit: Triton's default may change
     return dict(UPCAST=_interpreting() and x.dtype == torch.bfloat16, PRECISION="tf32" if tf32 else "ieee",
                 EVEN_D=d == block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages, **options)
 
 
 def _unit_stride(x: torch.Tensor) -> torch.Tensor:
