@@ -101,8 +101,13 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
 
 def _ptxas_spill_stores(ptx: str, arch: int) -> int | None:
     """Spill stores as ptxas reports them: the cubin's LOCAL count (spill_bytes) misses spills to the stack."""
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    if not os.path.exists(tool):
+    try:  # the ptxas Triton itself runs for this arch (Triton 3.9: a newer one for sm_90)
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        tool = get_ptxas(arch).path
+    except (ImportError, AttributeError):
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not tool or not os.path.exists(tool):
         return None
     with tempfile.NamedTemporaryFile(suffix=".ptx", mode="w") as f:
         f.write(ptx)
