@@ -61,8 +61,8 @@ def _leaf(x, dtype, layout):
 
 
 def _grad(leaf):
-    """An empty input (P = 0) may get no gradient from the torch impl (SDPA never sees it): zeros of no element."""
-    return torch.zeros_like(leaf) if leaf.grad is None and leaf.numel() == 0 else leaf.grad
+    assert leaf.grad is not None, "an input that requires grad got no gradient"
+    return leaf.grad
 
 
 def run(inputs, dtype, impl, layout="bhnd", grad_seed=7, **kwargs):
@@ -270,12 +270,24 @@ def _bad_cases():
     yield "scale-tensor", base, dict(scale=torch.tensor(0.5)), "scale"
     yield "impl", base, dict(impl="cuda"), "impl"
     yield "impl-triton-fp64", {n: x.double() for n, x in base.items()}, dict(impl="triton"), "impl"
+    wide = {name: x.float() for name, x in make_inputs(1, 1, 2, 3, 2, 2, 160).items()}
+    yield "impl-triton-head-dim", wide, dict(impl="triton"), "impl='triton' supports head dims"
 
 
 @pytest.mark.parametrize("tensors,kwargs,name", [c[1:] for c in _bad_cases()], ids=[c[0] for c in _bad_cases()])
 def test_bad_input(tensors, kwargs, name):
     with pytest.raises((ValueError, TypeError), match=name):
         prefix_attention(**tensors, **kwargs)
+
+
+def test_auto_takes_torch_for_head_dims_over_the_kernels():
+    from promptkd.attention.api import _pick_impl
+
+    cuda = torch.device("cuda")
+    assert _pick_impl("auto", cuda, torch.bfloat16, 128) == "triton"
+    assert _pick_impl("auto", cuda, torch.bfloat16, 160) == "torch"
+    assert _pick_impl("auto", cuda, torch.float64, 64) == "torch"
+    assert _pick_impl("auto", torch.device("cpu"), torch.float32, 64) == "torch"
 
 
 GPU_CASES = [

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..kernels.configs import ATTENTION_MAX_HEAD_DIM
 from .reference import prefix_attention_reference
 from .torch_impl import prefix_attention_torch
 
@@ -46,12 +47,16 @@ def _index_tensor(name: str, x, length: int, low: int, high: int, device: torch.
     return x.to(device=device, dtype=torch.int64, non_blocking=True)
 
 
-def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
     if not isinstance(impl, str) or impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "triton" if device.type == "cuda" and dtype in _TRITON_FLOATS else "torch"
+        fused = device.type == "cuda" and dtype in _TRITON_FLOATS and head_dim <= ATTENTION_MAX_HEAD_DIM
+        return "triton" if fused else "torch"
     if impl == "triton":
+        if head_dim > ATTENTION_MAX_HEAD_DIM:
+            raise ValueError(f"impl='triton' supports head dims up to {ATTENTION_MAX_HEAD_DIM}, got {head_dim} "
+                             "(impl='auto' or 'torch' takes larger ones)")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
         if dtype not in _TRITON_FLOATS:
@@ -96,7 +101,7 @@ def prefix_attention(
 
     ``impl``: ``reference`` (concatenated keys, explicit mask, plain torch: the oracle), ``torch``
     (scaled_dot_product_attention with a boolean mask; CPU and fallback), ``triton`` (fused kernels,
-    CUDA), ``auto`` (triton on CUDA, torch otherwise).
+    CUDA, head dims up to 128), ``auto`` (triton on CUDA where it applies, torch otherwise).
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _tensor(name, x, 4)
@@ -148,7 +153,7 @@ def prefix_attention(
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     elif not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and > 0, got {scale}")
-    impl = _pick_impl(impl, device, dtype)
+    impl = _pick_impl(impl, device, dtype, d)
 
     args = (q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, float(scale))
     if impl == "reference":

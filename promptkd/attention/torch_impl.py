@@ -26,7 +26,7 @@ def prefix_attention_torch(q, k, v, prefix_k, prefix_v, lengths, group, key_padd
     b, _, n, _ = q.shape
     p = prefix_k.shape[2]
     gqa = q.shape[1] != k.shape[1]
-    if p:
+    if p or prefix_k.requires_grad or prefix_v.requires_grad:  # an empty prefix still gets its (empty) gradient
         k = torch.cat([_spread(prefix_k, group, b), k], dim=2)
         v = torch.cat([_spread(prefix_v, group, b), v], dim=2)
     if p == 0 and key_padding_mask is None:
