@@ -228,3 +228,22 @@ def test_bad_arguments():
         teacher(ids, mask[:, :5])
     with pytest.raises(ValueError, match="input_ids"):
         teacher(ids[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
+def test_gpu_matches_peft_through_the_triton_kernels(family):
+    """On CUDA the teacher's attention runs the Triton kernels (impl='auto'); float32 without tf32."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    twin, twin_prompt = peft_twin(family)
+    twin = twin.cuda()
+    teacher = PromptedTeacher(build(family).cuda(), P, init_embeddings=twin_prompt.detach())
+    ids, mask = batch("right")
+    ids, mask = ids.cuda(), mask.cuda()
+    real = mask.bool()
+    out = teacher(ids, mask, return_logits=True).logits
+    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
+    assert rel(out[real], ref[real]) < 1e-4
+    out[real].logsumexp(-1).sum().backward()
+    ref[real].logsumexp(-1).sum().backward()
+    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-3
