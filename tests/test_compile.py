@@ -1,6 +1,8 @@
 """Every kernel configuration the launchers can pick compiles for sm_80 and sm_90, no GPU needed.
 
-The interpreter cannot catch compile errors, shared-memory overflow or register spills; this can.
+The interpreter cannot catch compile errors, shared-memory overflow or local-memory arrays; this can.
+ptxas's spill stores (spills to the stack frame) are reported by ``python -m promptkd.kernels.aot``
+but not asserted: several configurations still spill (see the README's Tests section).
 Each case compiles in a fresh process without TRITON_INTERPRET (set for the rest of the suite).
 """
 
@@ -42,4 +44,4 @@ def test_compiles_within_limits(index):
     arch = CASES[index][-1]
     assert 0 <= c["shared"] <= aot.SHARED_LIMIT[arch], f"shared memory {c['shared']} B over the sm_{arch} limit"
     if c["spill_bytes"] is not None:
-        assert c["spill_bytes"] == 0, f"{c['spill_bytes']} bytes of local memory (register spills)"
+        assert c["spill_bytes"] == 0, f"{c['spill_bytes']} bytes of local memory"
