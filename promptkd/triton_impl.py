@@ -12,12 +12,11 @@ chunks in float32; weight and bias rows of a chunk are written once.
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 
+from . import launch
 from .kernels import configs
 from .kernels.kd_backward import _kd_backward_kernel
 from .kernels.kd_forward import _kd_online_kernel, _kd_terms_kernel
@@ -26,41 +25,18 @@ from .torch_impl import _reduce, _row_scale
 
 #: Bytes of one side's logit-gradient chunk [N, chunk of V] in backward.
 BACKWARD_CHUNK_BYTES = 64 << 20
-#: Tests set this to float("nan") so any buffer element a kernel forgets to write shows up.
-POISON: float | None = None
-
-
-def _buffer(shape, dtype, device) -> torch.Tensor:
-    if POISON is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, POISON, dtype=dtype, device=device)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: still exercise several vocabulary splits
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return 2 * launch.sm_count(device)
 
 
 def _compile_switches(x: torch.Tensor) -> dict:
     """UPCAST / PRECISION: exact float32 products where tl.dot needs them. Fused multiply-adds are off
     so that the forward and backward kernels round a = s / T and a - max(a) identically."""
-    upcast = _interpreting() and x.dtype == torch.bfloat16
+    upcast = launch.interpreting() and x.dtype == torch.bfloat16
     tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    options = {} if _interpreting() else {"enable_fp_fusion": False}
+    options = {} if launch.interpreting() else {"enable_fp_fusion": False}
     return dict(UPCAST=upcast, PRECISION="tf32" if tf32 else "ieee", **options)
 
 
@@ -97,11 +73,11 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
     inv_t = 1.0 / settings.temperature
     lw_p, lw_q = settings.mix_log_weights
     cfg = configs.pick("forward", xs.element_size(), n)
-    n_tiles = _cdiv(vocab, cfg.block_v)
-    row_blocks = _cdiv(n, cfg.block_n)
-    splits = min(n_tiles, max(1, _cdiv(_target_programs(device), row_blocks)))
-    tiles_per_split = _cdiv(n_tiles, splits)
-    splits = _cdiv(n_tiles, tiles_per_split)  # every split holds at least one real column
+    n_tiles = launch.cdiv(vocab, cfg.block_v)
+    row_blocks = launch.cdiv(n, cfg.block_n)
+    splits = min(n_tiles, max(1, launch.cdiv(_target_programs(device), row_blocks)))
+    tiles_per_split = launch.cdiv(n_tiles, splits)
+    splits = launch.cdiv(n_tiles, tiles_per_split)  # every split holds at least one real column
 
     XS, WS, BS, DS, sxs, sws, has_bs = _side_args(xs, ws, bs)
     XT, WT, BT, DT, sxt, swt, has_bt = _side_args(xt, wt, bt)
@@ -110,7 +86,7 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
                   **_compile_switches(xs))
     grid = (row_blocks, splits)
     online = code if settings.divergence in ("forward_kl", "reverse_kl") else 0
-    stats = _buffer((9, n, splits), torch.float32, device)
+    stats = launch.buffer((9, n, splits), torch.float32, device)
     _kd_online_kernel[grid](
         XS, WS, BS, XT, WT, BT, XS if labels is None else labels, stats,
         n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t,
@@ -128,7 +104,7 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
         div = c - lla + (mb - b_at) + llb
         cp, cq = b_at, c
     else:
-        partial = _buffer((3, n, splits), torch.float32, device)
+        partial = launch.buffer((3, n, splits), torch.float32, device)
         _kd_terms_kernel[grid](
             XS, WS, BS, XT, WT, BT, torch.stack([ma, lla, mb, llb]), partial,
             n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t, lw_p, lw_q,
@@ -174,14 +150,14 @@ def _backward(ctx, grad_out):
     for grads, (x, w, b), needs in ((gs, (xs, ws, bs), need[0:3]), (gt, (xt, wt, bt), need[3:6])):
         if needs[0]:
             if from_logits:
-                grads[0] = torch.zeros_like(x) if x.shape[1] > vocab else _buffer(x.shape, x.dtype, device)
+                grads[0] = torch.zeros_like(x) if x.shape[1] > vocab else launch.buffer(x.shape, x.dtype, device)
             else:
                 grads[0] = torch.zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32), device=device)
         # Every real row [0, vocab) of a weight or bias gradient is written once by its chunk (when there
         # are tokens): zero only the padding.
         for i, param in ((1, w), (2, b)):
             if param is not None and needs[i]:
-                grads[i] = _buffer(param.shape, param.dtype, device)
+                grads[i] = launch.buffer(param.shape, param.dtype, device)
                 grads[i][vocab if n else 0:].zero_()
     if n == 0 or not (need_s or need_t):
         return (*gs, *gt, None, None)
@@ -197,12 +173,12 @@ def _backward(ctx, grad_out):
     else:
         per_column = n * xs.element_size() * (int(need_s) + int(need_t))
         chunk = max(cfg.block_v, BACKWARD_CHUNK_BYTES // max(per_column, 1) // cfg.block_v * cfg.block_v)
-        chunk = min(chunk, _cdiv(vocab, cfg.block_v) * cfg.block_v)
-        dzs = _buffer((n, chunk), xs.dtype, device) if need_s else None
-        dzt = _buffer((n, chunk), xt.dtype, device) if need_t else None
+        chunk = min(chunk, launch.cdiv(vocab, cfg.block_v) * cfg.block_v)
+        dzs = launch.buffer((n, chunk), xs.dtype, device) if need_s else None
+        dzt = launch.buffer((n, chunk), xt.dtype, device) if need_t else None
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
-        grid = (_cdiv(n, cfg.block_n), _cdiv(v1 - v0, cfg.block_v))
+        grid = (launch.cdiv(n, cfg.block_n), launch.cdiv(v1 - v0, cfg.block_v))
         _kd_backward_kernel[grid](
             XS, WS, BS, XT, WT, BT, XS if labels is None else labels, rows,
             XS if dzs is None else dzs, XS if dzt is None else dzt,

@@ -20,7 +20,7 @@ from promptkd.settings import DIVERGENCES
 def small_chunks_and_poison(monkeypatch):
     monkeypatch.setattr(promptkd.torch_impl, "CHUNK_BYTES", 4 * 1001 * 8)  # 8-row chunks
     monkeypatch.setattr(promptkd.triton_impl, "BACKWARD_CHUNK_BYTES", 37 * 4 * 300)  # several vocab chunks
-    monkeypatch.setattr(promptkd.triton_impl, "POISON", float("nan"))
+    monkeypatch.setattr("promptkd.launch.POISON", float("nan"))
 
 
 IMPL_DTYPES = [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.float16)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import promptkd.attention.triton_impl as triton_impl
 from helpers import assert_close_to_truth, err
 from promptkd import prefix_attention
 from promptkd.kernels import configs
@@ -26,7 +25,7 @@ LAUNCH_TABLE = configs.ATTENTION_CONFIGS
 @pytest.fixture(autouse=True)
 def small_tiles_and_poison(monkeypatch):
     monkeypatch.setattr(configs, "ATTENTION_CONFIGS", {key: SMALL_TILES[key[0]] for key in LAUNCH_TABLE})
-    monkeypatch.setattr(triton_impl, "POISON", float("nan"))
+    monkeypatch.setattr("promptkd.launch.POISON", float("nan"))
 
 
 @pytest.fixture

@@ -14,12 +14,11 @@ nothing waits on the device (no host synchronisation).
 
 from __future__ import annotations
 
-import functools
 import math
-import os
 
 import torch
 
+from .. import launch
 from ..kernels import configs
 from ..kernels.prefix_attention_backward import (
     _prefix_attention_dkdv_kernel,
@@ -28,37 +27,16 @@ from ..kernels.prefix_attention_backward import (
 )
 from ..kernels.prefix_attention_forward import _prefix_attention_forward_kernel
 
-#: Tests set this to float("nan") so any buffer element a kernel forgets to write shows up.
-POISON: float | None = None
 #: Prefix-gradient splits per group under the interpreter (on CUDA: enough programs for the SMs).
 INTERPRETER_SPLITS = 3
-
-
-def _buffer(shape, dtype, device) -> torch.Tensor:
-    if POISON is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    return torch.full(shape, POISON, dtype=dtype, device=device)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _splits(device: torch.device, programs: int, batch: int) -> int:
     """Splits of each group's samples in the prefix-gradient kernel: about two programs per SM."""
     if device.type != "cuda":
         return max(1, min(batch, INTERPRETER_SPLITS))
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    return max(1, min(batch, _cdiv(2 * sms, programs)))
+    sms = launch.sm_count(device)
+    return max(1, min(batch, launch.cdiv(2 * sms, programs)))
 
 
 def _switches(x: torch.Tensor, kernel: str) -> dict:
@@ -69,8 +47,8 @@ def _switches(x: torch.Tensor, kernel: str) -> dict:
     cfg = configs.pick_attention(kernel, x.element_size(), d)
     block_d = configs.attention_block_d(d)
     tf32 = x.dtype == torch.float32 and x.is_cuda and torch.backends.cuda.matmul.allow_tf32
-    options = {} if _interpreting() else {"enable_fp_fusion": True}  # explicit: Triton's default may change
-    return dict(UPCAST=_interpreting() and x.dtype == torch.bfloat16, PRECISION="tf32" if tf32 else "ieee",
+    options = {} if launch.interpreting() else {"enable_fp_fusion": True}  # explicit: Triton's default may change
+    return dict(UPCAST=launch.interpreting() and x.dtype == torch.bfloat16, PRECISION="tf32" if tf32 else "ieee",
                 EVEN_D=d == block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages, **options)
 
@@ -93,10 +71,10 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
 
 def _forward(q, k, v, pk, pv, lengths, group, keep, scale):
     b, hq, n, d = q.shape
-    o = _buffer(q.shape, q.dtype, q.device)
-    lse = _buffer((b, hq, n), torch.float32, q.device)
+    o = launch.buffer(q.shape, q.dtype, q.device)
+    lse = launch.buffer((b, hq, n), torch.float32, q.device)
     sw = _switches(q, "forward")
-    grid = (_cdiv(n, sw["BLOCK_M"]), b * hq)
+    grid = (launch.cdiv(n, sw["BLOCK_M"]), b * hq)
     _prefix_attention_forward_kernel[grid](
         q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep, o, lse,
         n, pk.shape[2], d, hq, hq // k.shape[1], scale * math.log2(math.e),
@@ -119,11 +97,11 @@ def _backward(ctx, grad_out):
     qk_scale = scale * math.log2(math.e)
     common = (n, d, hq, hq // hkv, qk_scale, scale)
 
-    delta = _buffer((b, hq, n), torch.float32, device)
+    delta = launch.buffer((b, hq, n), torch.float32, device)
     if need[0]:
-        grads[0] = _buffer(q.shape, q.dtype, device)
+        grads[0] = launch.buffer(q.shape, q.dtype, device)
     sw = _switches(q, "dq")
-    _prefix_attention_dq_kernel[(_cdiv(n, sw["BLOCK_M"]), b * hq)](
+    _prefix_attention_dq_kernel[(launch.cdiv(n, sw["BLOCK_M"]), b * hq)](
         q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep,
         o, do, lse, delta, q if grads[0] is None else grads[0],
         n, p, d, hq, hq // hkv, qk_scale, scale,
@@ -132,10 +110,10 @@ def _backward(ctx, grad_out):
 
     sw = _switches(q, "dkdv")
     if need[1] or need[2]:
-        dk = _buffer(k.shape, k.dtype, device) if need[1] else None
-        dv = _buffer(v.shape, v.dtype, device) if need[2] else None
+        dk = launch.buffer(k.shape, k.dtype, device) if need[1] else None
+        dv = launch.buffer(v.shape, v.dtype, device) if need[2] else None
         out = dk if dk is not None else dv
-        _prefix_attention_dkdv_kernel[(_cdiv(n, sw["BLOCK_N"]), b * hkv)](
+        _prefix_attention_dkdv_kernel[(launch.cdiv(n, sw["BLOCK_N"]), b * hkv)](
             q, k, v, group if keep is None else keep, do, lse, delta, out if dk is None else dk,
             out if dv is None else dv, *common,
             *_strides(q), *_strides(k), *_strides(o), *_strides(out),
@@ -150,11 +128,11 @@ def _backward(ctx, grad_out):
             # Samples of each group: order[offsets[g]:offsets[g + 1]], computed on the device.
             sorted_group, order = torch.sort(group, stable=True)
             offsets = torch.searchsorted(sorted_group, torch.arange(g + 1, device=device))
-            blocks = _cdiv(p, sw["BLOCK_N"])
+            blocks = launch.cdiv(p, sw["BLOCK_N"])
             splits = _splits(device, blocks * g * hkv, b)
             shape = (splits, g, hkv, p, d)
-            dpk = _buffer(shape, torch.float32, device) if need[3] else None
-            dpv = _buffer(shape, torch.float32, device) if need[4] else None
+            dpk = launch.buffer(shape, torch.float32, device) if need[3] else None
+            dpv = launch.buffer(shape, torch.float32, device) if need[4] else None
             out = dpk if dpk is not None else dpv
             _prefix_attention_prefix_dkdv_kernel[(blocks, g * hkv, splits)](
                 q, pk, pv, group if lengths is None else lengths, order, offsets, do, lse, delta,
