@@ -119,6 +119,18 @@ def gemm_floor(n, d, v, dtype, device, reps) -> float:
     return statistics.median(timed(run, reps, device))
 
 
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append result rows to a CSV under bench/results (header written when the file is new)."""
+    path.parent.mkdir(exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nappended {len(rows)} rows to {path}")
+
+
 def child(args):
     """Runs one measurement in this (fresh) process and prints it as JSON."""
     dtype = getattr(torch, args.dtype)
@@ -212,15 +224,7 @@ def main():
                              reps=reps, gemm_floor_s=floor, time_vs_eager=t_ratio, memory_vs_eager=m_ratio,
                              **r))
     if not args.no_record:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / "kd_loss.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"\nappended {len(rows)} rows to {path}")
+        append_rows(RESULTS / "kd_loss.csv", rows)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ Rows are appended to bench/results/prefix_attention.csv (device, commit, version
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import json
 import platform
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kd_loss import rss_bytes, sync, timed, versions  # noqa: E402
+from bench_kd_loss import append_rows, rss_bytes, sync, timed, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
@@ -275,15 +274,7 @@ def main():
                              device=device_name, **info, case=case, shape=json.dumps(shape), dtype=dtype, reps=reps,
                              baseline=baseline, time_vs_baseline=t_ratio, memory_vs_baseline=m_ratio, **r))
     if rows and not args.no_record:
-        RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / "prefix_attention.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            if new:
-                writer.writeheader()
-            writer.writerows(rows)
-        print(f"\nappended {len(rows)} rows to {path}")
+        append_rows(RESULTS / "prefix_attention.csv", rows)
 
 
 if __name__ == "__main__":
