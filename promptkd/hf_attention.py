@@ -12,8 +12,9 @@ a layer's keywords for its recomputation):
 * a :class:`PrefixRecorder`: the layer records the keys/values it computes (the prompt pass);
 * absent: plain causal attention with padding, so the model keeps working for other callers.
 
-Only decoder families whose attention modules take (module, q [B, Hq, N, D], k/v [B, Hkv, N, D],
-mask, scaling) and carry ``layer_idx`` are accepted: :data:`SUPPORTED_MODEL_TYPES`.
+Not supported: packed sequences (position ids that restart inside a row, with no mask), custom 4-D
+masks, attention dropout. Only decoder families whose attention modules take (module, q [B, Hq, N, D],
+k/v [B, Hkv, N, D], mask, scaling) and carry ``layer_idx`` are accepted: :data:`SUPPORTED_MODEL_TYPES`.
 """
 
 from __future__ import annotations

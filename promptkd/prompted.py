@@ -184,11 +184,11 @@ class PromptedTeacher(nn.Module):
                                f"'{ATTN_IMPLEMENTATION}'")
         prompted = self.use_prompt if use_prompt is None else use_prompt
         offset = self.num_prompt_tokens if prompted else 0
-        n = input_ids.shape[1]
         if attention_mask is None:
-            positions = (torch.arange(n, device=input_ids.device) + offset)[None].expand(input_ids.shape[0], n)
-        else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+            # An explicit mask of ones: without one, transformers inspects input_ids and position ids on
+            # the host (padding warnings, packed-sequence detection), which waits for the device.
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
         prefix = self.prompt_kv() if prompted else None
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                                     use_cache=False, promptkd_prefix=prefix)
