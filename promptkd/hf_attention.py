@@ -73,8 +73,9 @@ def _cached_decode(query, key, value, padding, scaling):
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             promptkd_prefix=None, sliding_window=None, **kwargs):
-    """The attention-interface function: returns ([B, N, Hq, D], None)."""
+                             promptkd_prefix=None, promptkd_impl="auto", sliding_window=None, **kwargs):
+    """The attention-interface function: returns ([B, N, Hq, D], None). ``promptkd_impl`` picks the
+    prefix_attention implementation (default ``auto``: the Triton kernels on CUDA)."""
     if dropout:
         raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention has no attention dropout (got p={dropout}): "
                          "run the model in eval mode")
@@ -104,7 +105,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         pk, pv = pk.to(key.dtype), pv.to(value.dtype)
         lengths, group = promptkd_prefix.lengths, promptkd_prefix.group_index
     out = prefix_attention(query, key, value, pk, pv, prefix_lengths=lengths, group_index=group,
-                           key_padding_mask=padding, scale=scaling)
+                           key_padding_mask=padding, scale=scaling, impl=promptkd_impl)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -72,6 +72,8 @@ class PromptedTeacher(nn.Module):
     which still computes plain causal attention for callers that pass no prefix.
     ``gradient_checkpointing=True`` recomputes each decoder layer in backward (non-reentrant
     checkpoints; the prefix is read-only, so the recomputation reads what the forward read).
+    ``attention_impl`` is the :func:`promptkd.prefix_attention` implementation its layers use
+    (``auto``: the Triton kernels on CUDA, ``torch`` elsewhere).
 
     ``forward(input_ids, attention_mask)`` returns a :class:`TeacherOutput`. Positions continue after
     the prompt (P, P + 1, ...), as with concatenation; with an ``attention_mask`` each sample's
@@ -82,8 +84,13 @@ class PromptedTeacher(nn.Module):
 
     def __init__(self, model: nn.Module, num_prompt_tokens: int = 7, *, init: str = "text",
                  init_text: str = DEFAULT_INIT_TEXT, tokenizer=None, init_embeddings: torch.Tensor | None = None,
-                 gradient_checkpointing: bool = False):
+                 gradient_checkpointing: bool = False, attention_impl: str = "auto"):
         super().__init__()
+        from .attention.api import IMPLS
+
+        if attention_impl not in IMPLS:
+            raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
+        self.attention_impl = attention_impl
         self.model_type = check_supported(model)
         if isinstance(num_prompt_tokens, bool) or not isinstance(num_prompt_tokens, int) or num_prompt_tokens < 1:
             raise ValueError(f"num_prompt_tokens must be an int >= 1, got {num_prompt_tokens!r}")
@@ -168,7 +175,8 @@ class PromptedTeacher(nn.Module):
         embeds = self.soft_prompt.to(self.model.get_input_embeddings().weight.dtype)[None]
         recorder = PrefixRecorder()
         positions = torch.arange(self.num_prompt_tokens, device=embeds.device)[None]
-        base(inputs_embeds=embeds, position_ids=positions, use_cache=False, promptkd_prefix=recorder)
+        base(inputs_embeds=embeds, position_ids=positions, use_cache=False, promptkd_prefix=recorder,
+             promptkd_impl=self.attention_impl)
         return recorder.freeze(_layer_count(self.model))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
@@ -191,7 +199,7 @@ class PromptedTeacher(nn.Module):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
         prefix = self.prompt_kv() if prompted else None
         out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                    use_cache=False, promptkd_prefix=prefix)
+                                    use_cache=False, promptkd_prefix=prefix, promptkd_impl=self.attention_impl)
         head = self.model.get_output_embeddings()
         hidden = out.last_hidden_state
         bias = getattr(head, "bias", None)

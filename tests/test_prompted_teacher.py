@@ -88,6 +88,22 @@ def test_matches_peft_prompt_tuning(family, padding):
     assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-4
 
 
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_triton_kernels_inside_the_model_match_peft(family):
+    """The fused kernels (Triton's interpreter here) behind the transformers attention interface:
+    strided q/k/v views, GQA, the padding mask and the shared prefix, against PEFT's concatenation."""
+    twin, twin_prompt = peft_twin(family)
+    teacher = PromptedTeacher(build(family), P, init_embeddings=twin_prompt.detach(), attention_impl="triton")
+    ids, mask = batch("right")
+    real = mask.bool()
+    out = teacher(ids, mask, return_logits=True).logits
+    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
+    assert rel(out[real], ref[real]) < 1e-5
+    out[real].logsumexp(-1).sum().backward()
+    ref[real].logsumexp(-1).sum().backward()
+    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-4
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_left_padding_gives_each_sample_its_unpadded_result(family):
     teacher = PromptedTeacher(build(family), P, init="random")
@@ -222,6 +238,8 @@ def test_bad_arguments():
         PromptedTeacher(build("gpt2"), P)
     with pytest.raises(ValueError, match="init_embeddings"):
         PromptedTeacher(build("gpt2"), P, init_embeddings=torch.zeros(P, 31))
+    with pytest.raises(ValueError, match="attention_impl"):
+        PromptedTeacher(build("gpt2"), P, init="random", attention_impl="flash")
     teacher = PromptedTeacher(build("gpt2"), P, init="random")
     ids, mask = batch("right")
     with pytest.raises(ValueError, match="attention_mask"):
