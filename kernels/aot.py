@@ -204,14 +204,14 @@ def _attention_case(fn, dtype: str, head_dim: int, archs, precision="ieee", **sw
 def attention_variants():
     """Prefix attention: every kernel x tile table entry (head dims 64 and 80/96: BLOCK_D 64 and 128, the
     latter with masked columns; 80 and 96 compile identically, D being a runtime size) x bfloat16 and
-    float32 in the heaviest switches, for every arch; head dim 128 (EVEN_D), float16, tf32 and the other
-    switch variants once (sm_90)."""
+    float32 in the heaviest switches, for every arch, and bfloat16 at head dim 128 (EVEN_D) for every arch;
+    float16, tf32 and the other switch variants once (sm_90)."""
     every = (80, 90)
     for fn in _ATTENTION:
         for dtype, head_dim in itertools.product(("bf16", "fp32"), (64, 80)):
             yield _attention_case(fn, dtype, head_dim, every)
     for fn in _ATTENTION:
-        yield _attention_case(fn, "bf16", 128, (90,))
+        yield _attention_case(fn, "bf16", 128, every)  # the most common head dim: unmasked columns
         yield _attention_case(fn, "fp16", 96, (90,))
     for fn, switches in _ATTENTION_OTHER_VARIANTS:
         yield _attention_case(fn, "bf16", 96, (90,), **switches)
