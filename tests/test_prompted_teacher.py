@@ -67,6 +67,24 @@ def rel(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def compare_with_peft(family, padding, loss, logits_tol, grad_tol, device="cpu", **teacher_kwargs):
+    """Our teacher and PEFT's prompt tuning on identical models and prompts: logits at the real input
+    positions within ``logits_tol``, the soft prompt's gradient of ``loss(real logits)`` within ``grad_tol``."""
+    twin, twin_prompt = peft_twin(family)
+    twin = twin.to(device)
+    teacher = PromptedTeacher(build(family).to(device), P, init_embeddings=twin_prompt.detach(), **teacher_kwargs)
+    ids, mask = batch(padding)
+    ids, mask = ids.to(device), None if mask is None else mask.to(device)
+    out = teacher(ids, mask, return_logits=True).logits
+    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert rel(out[real], ref[real]) < logits_tol
+    loss(out[real]).backward()
+    loss(ref[real]).backward()
+    assert teacher.soft_prompt.grad is not None and twin_prompt.grad is not None
+    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < grad_tol
+
+
 # PEFT runs Llama-style models and GPT-2 at positions 0..P+N-1 whatever the mask, OPT from the mask:
 # with right padding both agree with ours; left padding is compared with PEFT only where PEFT uses the mask.
 PEFT_CASES = [(f, pad) for f in FAMILIES for pad in ("none", "right")] + [("opt", "left")]
@@ -74,34 +92,15 @@ PEFT_CASES = [(f, pad) for f in FAMILIES for pad in ("none", "right")] + [("opt"
 
 @pytest.mark.parametrize("family,padding", PEFT_CASES, ids=[f"{f}-{p}" for f, p in PEFT_CASES])
 def test_matches_peft_prompt_tuning(family, padding):
-    twin, twin_prompt = peft_twin(family)
-    teacher = PromptedTeacher(build(family), P, init_embeddings=twin_prompt.detach())
-    ids, mask = batch(padding)
-    out = teacher(ids, mask, return_logits=True)
-    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
-    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
-    assert rel(out.logits[real], ref[real]) < 1e-5
     weights = torch.linspace(0.5, 1.5, VOCAB)  # a loss that is not symmetric in the logits
-    (out.logits[real].log_softmax(-1) * weights).sum().backward()
-    (ref[real].log_softmax(-1) * weights).sum().backward()
-    assert teacher.soft_prompt.grad is not None and twin_prompt.grad is not None
-    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-4
+    compare_with_peft(family, padding, lambda logits: (logits.log_softmax(-1) * weights).sum(), 1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_triton_kernels_inside_the_model_match_peft(family):
     """The fused kernels (Triton's interpreter here) behind the transformers attention interface:
     strided q/k/v views, GQA, the padding mask and the shared prefix, against PEFT's concatenation."""
-    twin, twin_prompt = peft_twin(family)
-    teacher = PromptedTeacher(build(family), P, init_embeddings=twin_prompt.detach(), attention_impl="triton")
-    ids, mask = batch("right")
-    real = mask.bool()
-    out = teacher(ids, mask, return_logits=True).logits
-    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
-    assert rel(out[real], ref[real]) < 1e-5
-    out[real].logsumexp(-1).sum().backward()
-    ref[real].logsumexp(-1).sum().backward()
-    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-4
+    compare_with_peft(family, "right", lambda logits: logits.logsumexp(-1).sum(), 1e-5, 1e-4, attention_impl="triton")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -253,15 +252,4 @@ def test_bad_arguments():
 def test_gpu_matches_peft_through_the_triton_kernels(family):
     """On CUDA the teacher's attention runs the Triton kernels (impl='auto'); float32 without tf32."""
     torch.backends.cuda.matmul.allow_tf32 = False
-    twin, twin_prompt = peft_twin(family)
-    twin = twin.cuda()
-    teacher = PromptedTeacher(build(family).cuda(), P, init_embeddings=twin_prompt.detach())
-    ids, mask = batch("right")
-    ids, mask = ids.cuda(), mask.cuda()
-    real = mask.bool()
-    out = teacher(ids, mask, return_logits=True).logits
-    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
-    assert rel(out[real], ref[real]) < 1e-4
-    out[real].logsumexp(-1).sum().backward()
-    ref[real].logsumexp(-1).sum().backward()
-    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-3
+    compare_with_peft(family, "right", lambda logits: logits.logsumexp(-1).sum(), 1e-4, 1e-3, device="cuda")
