@@ -1,0 +1,194 @@
+"""``promptkd demo``: the whole method on an embedded task family, with nothing to download.
+
+1. Generate the bundled instruction tasks (:mod:`promptkd.tasks`) and train a byte-level BPE
+   tokenizer on them (:mod:`promptkd.tokenizer`).
+2. Build a small Llama-style teacher and a smaller student from configs (random weights).
+3. Fine-tune the teacher (SFT), give the student an SFT initialisation.
+4. Distil the SFT student with every method (kd, rkl, gkd, distillm, promptkd), each from the same
+   initialisation and for the same number of steps; model selection by validation ROUGE-L.
+5. Evaluate the teacher, the SFT student and every distilled student on the test split and on the
+   held-out instruction templates (sampled generation, several seeds), print the table, write
+   ``results.md`` / ``results.json`` and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from .config import TrainConfig
+
+METHODS = ("kd", "rkl", "gkd", "distillm", "promptkd")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    n_train: int = 6000
+    n_valid: int = 60
+    n_test: int = 300
+    vocab_size: int = 1024
+    teacher: tuple = (256, 4, 4, 704)     # hidden, layers, heads, MLP width
+    student: tuple = (96, 2, 2, 256)
+    teacher_steps: int = 900
+    sft_steps: int = 300
+    distill_steps: int = 150
+    batch_size: int = 32
+    lr: float = 1e-3
+    distill_lr: float = 3e-4
+    prompt_lr: float = 3e-3
+    eval_seeds: tuple = (10, 20, 30)
+    eval_examples: int = 300
+
+
+QUICK = DemoSettings(n_train=1200, n_valid=24, n_test=48, vocab_size=512, teacher=(96, 2, 2, 256),
+                     student=(48, 1, 2, 128), teacher_steps=60, sft_steps=30, distill_steps=8, batch_size=16,
+                     eval_seeds=(10,), eval_examples=48)
+
+
+def _llama(tokenizer, size: tuple, max_positions: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, layers, heads, mlp = size
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=mlp,
+                         max_position_embeddings=max_positions, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def _texts(path: str) -> list[str]:
+    from .data import parse_record, read_jsonl
+
+    texts = []
+    for number, record in read_jsonl(path):
+        prompt, references = parse_record(record, f"{path}:{number}")
+        texts.append(prompt + references[0])
+    return texts
+
+
+def prepare(out: str, settings: DemoSettings, seed: int, log=print) -> dict:
+    """Task files, tokenizer and the two randomly initialised models; returns their paths."""
+    import torch
+
+    from .tasks import write_task_files
+    from .tokenizer import train_tokenizer
+
+    data_dir = os.path.join(out, "data")
+    files = write_task_files(data_dir, seed=seed, n_train=settings.n_train, n_valid=settings.n_valid,
+                             n_test=settings.n_test)
+    tokenizer = train_tokenizer(_texts(files["train"]), vocab_size=settings.vocab_size)
+    torch.manual_seed(seed)
+    paths = dict(files)
+    for name, size in (("teacher", settings.teacher), ("student", settings.student)):
+        model = _llama(tokenizer, size, max_positions=256)
+        path = os.path.join(out, "init", name)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[f"{name}_init"] = path
+        log(f"{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters "
+            f"(hidden {size[0]}, {size[1]} layers), vocabulary {len(tokenizer)}")
+    return paths
+
+
+def _config(settings: DemoSettings, paths: dict, out: str, seed: int, **changes) -> TrainConfig:
+    base = dict(train_file=paths["train"], valid_file=paths["valid"], max_length=160, max_prompt_length=128,
+                batch_size=settings.batch_size, seed=seed, warmup_steps=0, weight_decay=0.01, clip_grad_norm=1.0,
+                eval_seeds=(seed,), eval_max_new_tokens=24, eval_batch_size=64, max_new_tokens=24,
+                keep_checkpoints=1, progress=False, tensorboard=False, output_dir=out)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def _best_model(run_dir: str) -> str:
+    best = os.path.join(run_dir, "best", "model")
+    return best if os.path.isdir(best) else os.path.join(run_dir, "final", "model")
+
+
+def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
+    import torch
+
+    from .data import load_examples
+    from .evaluate import evaluate
+    from .models import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer("model", model_dir)
+    model = load_model("model", model_dir, torch.float32, torch.device("cpu"))
+    scores = {}
+    for split in ("test", "test_heldout"):
+        examples, _ = load_examples(paths[split], tokenizer, 128, 160, limit=settings.eval_examples)
+        items = [{"prompt": e.prompt, "references": e.references} for e in examples]
+        scores[split] = evaluate(model, tokenizer, items, seeds=settings.eval_seeds, max_new_tokens=24, batch_size=100)
+        scores[split].pop("generations")
+    return scores
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=print) -> dict:
+    """Runs the demo into ``out`` and returns the results table as a dict (see the module docstring)."""
+    from .plot import bar_chart, plot_comparison
+    from .trainer import train
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading / saving bars for every stage drown the demo's own lines
+    settings = QUICK if quick else DemoSettings()
+    started = time.perf_counter()
+    os.makedirs(out, exist_ok=True)
+    if any(n.startswith(("teacher", "sft", *METHODS)) for n in os.listdir(out)):
+        raise ValueError(f"--out {out!r} already holds a demo run; choose another directory or remove it")
+    paths = prepare(out, settings, seed, log)
+
+    def stage(name: str, **changes) -> str:
+        t0 = time.perf_counter()
+        run_dir = train(_config(settings, paths, os.path.join(out, name), seed, **changes), log=lambda _: None)
+        log(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
+        return run_dir
+
+    runs = {}
+    runs["teacher"] = stage("teacher", method="sft", student=paths["teacher_init"], lr=settings.lr,
+                            max_steps=settings.teacher_steps, eval_interval=max(1, settings.teacher_steps // 6))
+    runs["sft"] = stage("sft", method="sft", student=paths["student_init"], lr=settings.lr,
+                        max_steps=settings.sft_steps, eval_interval=max(1, settings.sft_steps // 6))
+    teacher, student = _best_model(runs["teacher"]), _best_model(runs["sft"])
+    for method in METHODS:
+        runs[method] = stage(method, method=method, student=student, teacher=teacher, lr=settings.distill_lr,
+                             prompt_lr=settings.prompt_lr, max_steps=settings.distill_steps,
+                             eval_interval=max(1, settings.distill_steps // 5))
+
+    rows = {}
+    for name, run_dir in runs.items():
+        rows[name] = _evaluate(_best_model(run_dir), paths, settings)
+    table = _table(rows, settings)
+    log(table)
+    results = {"settings": asdict(settings), "seed": seed, "scores": rows,
+               "seconds": round(time.perf_counter() - started, 1)}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(table + "\n")
+
+    plots = os.path.join(out, "plots")
+    bar_chart({k: v["test"]["rougeL"] for k, v in rows.items()}, os.path.join(plots, "test_rougeL.png"),
+              "Test ROUGE-L (sampled, mean over seeds)", "ROUGE-L",
+              errors={k: v["test"]["rougeL_std"] for k, v in rows.items()})
+    distilled = {k: runs[k] for k in ("sft", *METHODS)}
+    plot_comparison(distilled, "valid/rougeL", os.path.join(plots, "valid_rougeL.png"), "Validation ROUGE-L")
+    plot_comparison({k: runs[k] for k in METHODS}, "train/loss", os.path.join(plots, "train_loss.png"),
+                    "Training loss (each method's own objective)")
+    log(f"demo finished in {results['seconds']:.0f} s; results in {out}/results.md, plots in {plots}")
+    return results
+
+
+def _table(rows: dict, settings: DemoSettings) -> str:
+    seeds = len(settings.eval_seeds)
+    lines = ["| model | test ROUGE-L | test exact match | held-out templates ROUGE-L | held-out exact match |",
+             "|---|---|---|---|---|"]
+    for name, scores in rows.items():
+        t, h = scores["test"], scores["test_heldout"]
+        lines.append(f"| {name} | {t['rougeL']:.1f} ± {t['rougeL_std']:.1f} | {t['exact_match']:.1f} | "
+                     f"{h['rougeL']:.1f} ± {h['rougeL_std']:.1f} | {h['exact_match']:.1f} |")
+    lines.append(f"\nSampled generation (temperature 1), mean ± std over {seeds} seed(s), "
+                 f"{rows['teacher']['test']['num_examples']} test examples.")
+    return "\n".join(lines)

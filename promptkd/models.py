@@ -1,0 +1,126 @@
+"""Loading the model pair and reading what the fused losses need from a causal LM.
+
+The trainer never asks a model for logits: :func:`lm_hidden` returns the final hidden states and
+the output embedding, and the losses (:func:`promptkd.fused_linear_kd_loss`,
+:func:`linear_cross_entropy`) work from those.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .data import IGNORE_INDEX
+
+
+@dataclass
+class LMOutput:
+    """Final hidden states [B, N, H], output weight [V, H] and bias [V] or None (logits = h @ W.T + b)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def detach(self) -> LMOutput:
+        bias = None if self.bias is None else self.bias.detach()
+        return LMOutput(self.hidden.detach(), self.weight.detach(), bias)
+
+
+def _hub_like(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) <= 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def check_model_path(name: str, path: str) -> None:
+    """A local directory must exist and hold a config; anything else must look like a hub name."""
+    if not path:
+        raise ValueError(f"{name} is not set")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ValueError(f"{name}: {path!r} is a directory without config.json (not a saved model)")
+        return
+    if not _hub_like(path) or os.path.exists(path):
+        raise ValueError(f"{name}: model path {path!r} does not exist")
+
+
+def load_model(name: str, path: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM
+
+    check_model_path(name, path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: could not load {path!r} as a local directory or hub model: {e}") from None
+    return model.to(device)
+
+
+def load_tokenizer(name: str, path: str):
+    from transformers import AutoTokenizer
+
+    check_model_path(name, path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{name}: could not load a tokenizer from {path!r}: {e}") from None
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{name}: the tokenizer at {path!r} has no eos token")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def has_tokenizer(path: str) -> bool:
+    if not os.path.isdir(path):
+        return True  # a hub name: assume it ships one
+    names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    return any(os.path.isfile(os.path.join(path, n)) for n in names)
+
+
+def check_same_tokens(student_tok, teacher_tok, student_path: str, teacher_path: str) -> None:
+    """Distillation compares distributions id by id: both tokenizers must give every token one id."""
+    vs, vt = student_tok.get_vocab(), teacher_tok.get_vocab()
+    if vs != vt:
+        differing = sorted(t for t in set(vs) | set(vt) if vs.get(t) != vt.get(t))
+        sample = ", ".join(f"{t!r}: {vs.get(t)} vs {vt.get(t)}" for t in differing[:3])
+        raise ValueError(f"the student tokenizer ({student_path}) and the teacher tokenizer ({teacher_path}) "
+                         f"disagree on {len(differing)} token id(s), e.g. {sample}")
+    for attr in ("eos_token_id", "pad_token_id"):
+        if getattr(student_tok, attr) != getattr(teacher_tok, attr):
+            raise ValueError(f"the student and teacher tokenizers disagree on {attr}: "
+                             f"{getattr(student_tok, attr)} vs {getattr(teacher_tok, attr)}")
+
+
+def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMOutput:
+    """Final hidden states of a Hugging Face causal LM and its output embedding, without logits."""
+    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    head = model.get_output_embeddings()
+    return LMOutput(out.last_hidden_state, head.weight, getattr(head, "bias", None))
+
+
+def _ce_chunk(hidden, weight, bias, labels):
+    logits = hidden.float() @ weight.float().T
+    if bias is not None:
+        logits = logits + bias.float()
+    return torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def linear_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Mean cross-entropy over tokens whose label is not -100, from hidden states and the output weight.
+
+    Logits exist one chunk of tokens at a time (``chunk_elements`` logits, 64 MB in float32) and are
+    recomputed in backward (activation checkpointing), so memory stays bounded by a chunk.
+    """
+    hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
+    labels = labels.reshape(-1)
+    rows = max(1, chunk_elements // out.weight.shape[0])
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], rows):
+        part = (hidden[start:start + rows], out.weight, out.bias, labels[start:start + rows])
+        if torch.is_grad_enabled() and (hidden.requires_grad or out.weight.requires_grad):
+            total = total + checkpoint(_ce_chunk, *part, use_reentrant=False)
+        else:
+            total = total + _ce_chunk(*part)
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)

@@ -1,0 +1,591 @@
+"""A thin trainer for PromptKD and its baselines: config in, run directory out.
+
+    from promptkd.config import TrainConfig
+    from promptkd.trainer import train
+    run_dir = train(TrainConfig(method="promptkd", student=..., teacher=..., train_file=...))
+
+Every loss is computed from hidden states and output-embedding weights with
+:func:`promptkd.fused_linear_kd_loss` (or the chunked :func:`promptkd.models.linear_cross_entropy`):
+no [tokens, vocab] logits tensor is made. One step (``method``):
+
+- ``sft``      cross-entropy on the ground-truth responses.
+- ``kd``       kd_ratio * KL(p || q) + (1 - kd_ratio) * CE on the ground-truth responses.
+- ``rkl``      KL(q || p) on responses the student samples.
+- ``gkd``      JSD(gkd_beta) on student samples with probability gkd_lambda, else on ground truth.
+- ``distillm`` skew forward KL(p || a p + (1-a) q) or skew reverse KL(q || (1-a) p + a q), a = distillm_alpha,
+               on ground truth (student samples with probability distillm_student_ratio).
+- ``promptkd`` (1) the student samples a response per instruction (temperature 1, no truncation);
+               (2) prompt step, gradient to the soft prompt only:
+                   KL(p_TP || q_S) + prompt_reg * (1 - step / total) * KL(p_TP || p_T);
+               (3) student step with the updated prompt (no gradient to it): KL(q_S || p_TP).
+where p is the teacher, q the student, TP the teacher with the soft prompt. Losses are token means
+over response tokens, averaged over micro-batches and processes.
+
+The run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per logged step), TensorBoard
+events when tensorboard is installed, ``checkpoint-<step>/`` (the last ``keep_checkpoints``),
+``best/`` (the best validation ROUGE-L) and ``final/``. Checkpoints are directories renamed into
+place once complete, so a crash or SIGKILL never leaves a partial one; ``resume=True`` continues from
+the newest and reaches the same weights as an uninterrupted run (bit-identical on the CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+
+import torch
+
+from .api import fused_linear_kd_loss
+from .config import TrainConfig
+from .data import DataOrder, Example, collate, load_examples
+from .models import (
+    LMOutput,
+    check_model_path,
+    check_same_tokens,
+    has_tokenizer,
+    linear_cross_entropy,
+    lm_hidden,
+    load_model,
+    load_tokenizer,
+)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+STATE_FILE = "trainer_state.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss was NaN or infinite; the run stopped before applying that step."""
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Processes:
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+
+    def __init__(self, device: str):
+        import torch.distributed as dist
+
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.distributed = self.world_size > 1
+        if self.distributed and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.distributed:
+            torch.distributed.barrier()
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            values = values.clone()
+            torch.distributed.all_reduce(values)
+            values /= self.world_size
+        return values
+
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """All-reduce the gradients as one flat buffer per dtype (deterministic: a fixed order)."""
+        if not self.distributed:
+            return
+        from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            flat = _flatten_dense_tensors(grads)
+            torch.distributed.all_reduce(flat)
+            flat /= self.world_size
+            for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+                g.copy_(synced)
+
+
+# ---------------------------------------------------------------- run directory
+
+
+def checkpoints(output_dir: str) -> list[str]:
+    """Complete checkpoints of a run, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    names = [n for n in os.listdir(output_dir)
+             if n.startswith(CHECKPOINT_PREFIX) and n[len(CHECKPOINT_PREFIX):].isdigit()]
+    names.sort(key=lambda n: int(n[len(CHECKPOINT_PREFIX):]))
+    return [os.path.join(output_dir, n) for n in names if os.path.isfile(os.path.join(output_dir, n, STATE_FILE))]
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Puts a finished directory in place; an old one is moved aside first and removed after."""
+    old = None
+    if os.path.exists(final):
+        old = final.rstrip(os.sep) + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_text(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsLog:
+    """metrics.jsonl (+ TensorBoard when installed), written by the main process."""
+
+    def __init__(self, run_dir: str, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.writer = None
+        if not enabled:
+            return
+        if resume_step is not None and os.path.exists(self.path):
+            # Drop what was logged after the checkpoint we resume from (those steps run again).
+            kept = []
+            with open(self.path) as f:
+                for line in f:
+                    try:
+                        if json.loads(line).get("step", 0) <= resume_step:
+                            kept.append(line if line.endswith("\n") else line + "\n")
+                    except json.JSONDecodeError:
+                        pass  # a line cut by a kill
+            _write_text(self.path, "".join(kept))
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except ImportError:
+                self.writer = None
+
+    def log(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.writer is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.writer.add_scalar(key, value, step)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, name)
+
+
+def _warmup_then_constant(warmup: int):
+    # As transformers' get_constant_schedule_with_warmup, which the reference code uses.
+    return lambda step: step / warmup if step < warmup else 1.0
+
+
+class Trainer:
+    """Runs one configuration. Construction checks everything (paths, data, tokenizers) and loads
+    the models; :meth:`train` runs the steps and returns the run directory."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, log=print):
+        config.validate()
+        config.check_ready()
+        self.cfg = config
+        self.log_fn = log
+        self.procs = Processes(config.device)
+        self.device = self.procs.device
+        self.dtype = _dtype(config.dtype, self.device)
+        if self.dtype != torch.float32 and self.device.type == "cpu":
+            raise ValueError(f"dtype={config.dtype} needs a CUDA device; on the CPU use float32")
+        self.run_dir = config.output_dir
+
+        # Everything that can be wrong with the inputs is found before any model is loaded.
+        check_model_path("student", config.student)
+        if config.method != "sft":
+            check_model_path("teacher", config.teacher)
+        tokenizer_path = config.tokenizer or config.student
+        self.tokenizer = load_tokenizer("tokenizer", tokenizer_path)
+        if config.method != "sft" and not config.tokenizer and has_tokenizer(config.teacher):
+            check_same_tokens(self.tokenizer, load_tokenizer("teacher", config.teacher), tokenizer_path,
+                              config.teacher)
+        self.train_examples, stats = load_examples(config.train_file, self.tokenizer, config.max_prompt_length,
+                                                   config.max_length)
+        self.valid_examples = []
+        if config.valid_file:
+            self.valid_examples, _ = load_examples(config.valid_file, self.tokenizer, config.max_prompt_length,
+                                                   config.max_length, limit=config.max_valid_examples)
+        self._say(f"data: {stats.kept} training examples from {stats.path} ({stats.dropped_long_prompt} dropped for "
+                  f"prompts over {config.max_prompt_length} tokens, {stats.truncated_response} responses cut)")
+        self.order = DataOrder(len(self.train_examples), config.batch_size, config.gradient_accumulation,
+                               self.procs.world_size, config.seed)
+        if config.max_steps:
+            self.total_steps = config.max_steps
+        else:
+            self.total_steps = config.epochs * self.order.steps_per_epoch
+
+        self.start_step, self.best = 0, {"rougeL": None, "step": None}
+        found = checkpoints(self.run_dir)
+        if found and not resume:
+            raise ValueError(f"output_dir {self.run_dir!r} already holds checkpoints; pass resume (--resume) to "
+                             "continue that run, or choose another output_dir")
+        self.resume_from = found[-1] if (resume and found) else None
+        if self.resume_from:
+            with open(os.path.join(self.resume_from, STATE_FILE)) as f:
+                state = json.load(f)
+            if state["world_size"] != self.procs.world_size:
+                raise ValueError(f"{self.resume_from} was written by {state['world_size']} process(es); resume it "
+                                 f"with as many (this run has {self.procs.world_size})")
+            self.start_step, self.best = state["step"], state["best"]
+
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self._load_models()
+
+    def _say(self, text: str) -> None:
+        if self.procs.main:
+            self.log_fn(text)
+
+    # ---- models and optimizers ----
+
+    def _load_models(self):
+        cfg = self.cfg
+        student_path = os.path.join(self.resume_from, "model") if self.resume_from else cfg.student
+        # The student's weights stay float32 (AdamW master copy); bfloat16/float16 runs compute under autocast.
+        self.student = load_model("student", student_path, torch.float32, self.device)
+        self.student.train()
+        if cfg.gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.teacher, self.prompted = None, None
+        if cfg.method != "sft":
+            self.teacher = load_model("teacher", cfg.teacher, self.dtype, self.device)
+            self.teacher.requires_grad_(False).eval()
+            vs = self.student.get_output_embeddings().weight.shape[0]
+            vt = self.teacher.get_output_embeddings().weight.shape[0]
+            self.vocab_size = None if vs == vt else min(vs, vt)
+        if cfg.method == "promptkd":
+            from .prompted import PromptedTeacher
+
+            self.prompted = PromptedTeacher(self.teacher, cfg.prompt_length, init="text",
+                                            init_text=cfg.prompt_init_text, tokenizer=self.tokenizer,
+                                            gradient_checkpointing=cfg.gradient_checkpointing,
+                                            attention_impl=cfg.attention_impl)
+            if self.resume_from:
+                self.prompted.load_prompt(os.path.join(self.resume_from, "prompt"))
+
+        def adamw(params, lr):
+            return torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+                                     weight_decay=cfg.weight_decay)
+
+        schedule = _warmup_then_constant(cfg.warmup_steps)
+        self.student_params = [p for p in self.student.parameters() if p.requires_grad]
+        self.optimizer = adamw(self.student_params, cfg.lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.prompt_optimizer = self.prompt_scheduler = None
+        if self.prompted is not None:
+            self.prompt_optimizer = adamw([self.prompted.soft_prompt], cfg.prompt_lr or cfg.lr)
+            self.prompt_scheduler = torch.optim.lr_scheduler.LambdaLR(self.prompt_optimizer, schedule)
+        if self.resume_from:
+            state = torch.load(os.path.join(self.resume_from, "optimizer.pt"), map_location=self.device,
+                               weights_only=True)
+            self.optimizer.load_state_dict(state["student"])
+            self.scheduler.load_state_dict(state["student_scheduler"])
+            if self.prompt_optimizer is not None:
+                self.prompt_optimizer.load_state_dict(state["prompt"])
+                self.prompt_scheduler.load_state_dict(state["prompt_scheduler"])
+            rng = torch.load(os.path.join(self.resume_from, f"rng-rank{self.procs.rank}.pt"), weights_only=False)
+            random.setstate(rng["python"])
+            torch.set_rng_state(rng["torch"])
+            if rng.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], self.device)
+
+    # ---- forward pieces ----
+
+    def _autocast(self):
+        enabled = self.dtype != torch.float32
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
+
+    def _student(self, batch) -> LMOutput:
+        with self._autocast():
+            return lm_hidden(self.student, batch["input_ids"], batch["attention_mask"])
+
+    def _teacher(self, batch, prompted: bool | None = None) -> LMOutput:
+        if prompted is None:
+            return lm_hidden(self.teacher, batch["input_ids"], batch["attention_mask"])
+        out = self.prompted(batch["input_ids"], batch["attention_mask"], use_prompt=prompted)
+        return LMOutput(out.hidden_states, out.output_weight, out.output_bias)
+
+    def _kd(self, student: LMOutput, teacher: LMOutput, labels, divergence: str, **kwargs) -> torch.Tensor:
+        dt = self.dtype
+
+        def cast(x):
+            return None if x is None else x.to(dt)
+
+        return fused_linear_kd_loss(cast(student.hidden), cast(student.weight), cast(teacher.hidden),
+                                    cast(teacher.weight), labels, divergence=divergence,
+                                    student_bias=cast(student.bias), teacher_bias=cast(teacher.bias),
+                                    vocab_size=self.vocab_size, impl=self.cfg.loss_impl, **kwargs)
+
+    def _batch(self, prompts, responses, closed=None):
+        batch = collate(prompts, responses, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, closed)
+        tokens = int(batch["attention_mask"].sum())
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens
+
+    def _sample_seed(self, step: int, micro: int) -> int:
+        return (self.cfg.seed * 1_000_003 + step * 8191 + self.procs.rank * 131 + micro) % (2**31 - 1)
+
+    def _on_policy(self, examples: list[Example], step: int, micro: int):
+        """The student's samples for each instruction (num_samples each): prompts, responses, closed."""
+        from .evaluate import sample
+
+        cfg = self.cfg
+        prompts = [e.prompt_ids for e in examples for _ in range(cfg.num_samples)]
+        room = cfg.max_new_tokens or cfg.max_length - max(len(p) for p in prompts)
+        room = max(1, min(room, cfg.max_length - max(len(p) for p in prompts)))
+        responses = sample(self.student, prompts, pad_token_id=self.tokenizer.pad_token_id,
+                           eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=room,
+                           seed=self._sample_seed(step, micro), batch_size=len(prompts),
+                           temperature=cfg.sample_temperature)
+        # A response shorter than the room ended with eos (which sample() strips): it is closed by eos again.
+        return prompts, responses, [len(r) < room for r in responses]
+
+    def _coin(self, step: int, micro: int, probability: float) -> bool:
+        """A reproducible draw per (step, micro-batch, rank)."""
+        if probability <= 0.0:
+            return False
+        generator = torch.Generator().manual_seed(self._sample_seed(step, micro) + 7)
+        return bool(torch.rand((), generator=generator) < probability)
+
+    def _ground_truth(self, examples: list[Example]):
+        return [e.prompt_ids for e in examples], [e.response_ids for e in examples], None
+
+    # ---- one micro-batch of the baselines ----
+
+    def _micro_loss(self, examples: list[Example], step: int, micro: int):
+        cfg, method = self.cfg, self.cfg.method
+        if method == "rkl" or (method == "gkd" and self._coin(step, micro, cfg.gkd_lambda)) or (
+                method == "distillm" and self._coin(step, micro, cfg.distillm_student_ratio)):
+            batch, tokens = self._batch(*self._on_policy(examples, step, micro))
+        else:
+            batch, tokens = self._batch(*self._ground_truth(examples))
+        labels = batch["labels"]
+        student = self._student(batch)
+        if method == "sft":
+            return linear_cross_entropy(student, labels), tokens
+        with torch.no_grad():
+            teacher = self._teacher(batch)
+        if method == "kd":
+            loss = self._kd(student, teacher, labels, "forward_kl", soft_weight=cfg.kd_ratio,
+                            hard_weight=1.0 - cfg.kd_ratio)
+        elif method == "rkl":
+            loss = self._kd(student, teacher, labels, "reverse_kl")
+        elif method == "gkd":
+            loss = self._kd(student, teacher, labels, "jsd", beta=cfg.gkd_beta)
+        else:
+            loss = self._kd(student, teacher, labels, f"skew_{cfg.distillm_skew}_kl", alpha=cfg.distillm_alpha)
+        return loss, tokens
+
+    # ---- the step ----
+
+    def _optimizer_step(self, optimizer, scheduler, params, loss_sum: torch.Tensor, step: int, what: str) -> float:
+        loss = self.procs.mean(loss_sum.detach().float().reshape(1))
+        value = float(loss)  # one host read per optimizer step: logging and the NaN guard need it
+        if not math.isfinite(value):
+            last = checkpoints(self.run_dir)
+            raise TrainingDiverged(f"step {step + 1}: the {what} loss is {value}; the run stopped without applying "
+                                   f"this step. Last good checkpoint: {last[-1] if last else 'none'}")
+        self.procs.average_gradients(params)
+        if self.cfg.clip_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return value
+
+    def _step(self, step: int) -> dict:
+        cfg = self.cfg
+        micro_batches = [[self.train_examples[i] for i in idx]
+                         for idx in self.order.micro_batches(step, self.procs.rank)]
+        scale = 1.0 / len(micro_batches)
+        tokens = 0
+        if cfg.method != "promptkd":
+            total = torch.zeros((), device=self.device)
+            for m, examples in enumerate(micro_batches):
+                loss, n = self._micro_loss(examples, step, m)
+                (loss * scale).backward()
+                total += loss.detach() * scale
+                tokens += n
+            lr = self.scheduler.get_last_lr()[0]
+            value = self._optimizer_step(self.optimizer, self.scheduler, self.student_params, total, step, "training")
+            return {"train/loss": value, "train/lr": lr, "tokens": tokens}
+
+        # PromptKD: (1) sample, (2) prompt step, (3) student step, over the same micro-batches.
+        samples = []
+        for m, examples in enumerate(micro_batches):
+            batch, n = self._batch(*self._on_policy(examples, step, m))
+            samples.append(batch)
+            tokens += n
+        reg = cfg.prompt_reg * (1.0 - step / self.total_steps)
+        prompt_total = torch.zeros((), device=self.device)
+        for batch in samples:
+            with torch.no_grad():
+                student = self._student(batch).detach()
+                plain = self._teacher(batch, prompted=False)
+            prompted = self._teacher(batch, prompted=True)
+            # The prompted teacher sits on the teacher side: its gradient is the fused loss's teacher gradient.
+            loss = self._kd(student, prompted, batch["labels"], "forward_kl")  # KL(p_TP || q_S)
+            if reg > 0:
+                loss = loss + reg * self._kd(plain, prompted, batch["labels"], "forward_kl")  # KL(p_TP || p_T)
+            (loss * scale).backward()
+            prompt_total += loss.detach() * scale
+        prompt_lr = self.prompt_scheduler.get_last_lr()[0]
+        prompt_value = self._optimizer_step(self.prompt_optimizer, self.prompt_scheduler, [self.prompted.soft_prompt],
+                                            prompt_total, step, "prompt")
+        student_total = torch.zeros((), device=self.device)
+        for batch in samples:
+            with torch.no_grad():
+                prompted = self._teacher(batch, prompted=True)
+            loss = self._kd(self._student(batch), prompted, batch["labels"], "reverse_kl")  # KL(q_S || p_TP)
+            (loss * scale).backward()
+            student_total += loss.detach() * scale
+        lr = self.scheduler.get_last_lr()[0]
+        value = self._optimizer_step(self.optimizer, self.scheduler, self.student_params, student_total, step,
+                                     "student")
+        return {"train/loss": value, "train/lr": lr, "prompt/loss": prompt_value, "prompt/lr": prompt_lr,
+                "tokens": tokens}
+
+    # ---- validation, checkpoints ----
+
+    def validate(self) -> dict:
+        from .evaluate import evaluate
+
+        examples = [{"prompt": e.prompt, "references": e.references} for e in self.valid_examples]
+        result = evaluate(self.student, self.tokenizer, examples, seeds=self.cfg.eval_seeds,
+                          max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=self.cfg.eval_batch_size)
+        return {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"]}
+
+    def _save_model_dir(self, directory: str) -> None:
+        self.student.save_pretrained(os.path.join(directory, "model"), safe_serialization=True)
+        self.tokenizer.save_pretrained(os.path.join(directory, "model"))
+        if self.prompted is not None:
+            self.prompted.save_prompt(os.path.join(directory, "prompt"), base_model_name_or_path=self.cfg.teacher)
+
+    def save_checkpoint(self, step: int) -> str:
+        final = os.path.join(self.run_dir, f"{CHECKPOINT_PREFIX}{step:07d}")
+        tmp = os.path.join(self.run_dir, f".tmp-{CHECKPOINT_PREFIX}{step:07d}")
+        if self.procs.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            self._save_model_dir(tmp)
+            optim = {"student": self.optimizer.state_dict(), "student_scheduler": self.scheduler.state_dict()}
+            if self.prompt_optimizer is not None:
+                optim.update(prompt=self.prompt_optimizer.state_dict(),
+                             prompt_scheduler=self.prompt_scheduler.state_dict())
+            torch.save(optim, os.path.join(tmp, "optimizer.pt"))
+        self.procs.barrier()
+        rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        torch.save(rng, os.path.join(tmp, f"rng-rank{self.procs.rank}.pt"))
+        self.procs.barrier()
+        if self.procs.main:
+            epoch, within = divmod(step, self.order.steps_per_epoch)
+            state = {"step": step, "epoch": epoch, "step_in_epoch": within,
+                     "examples_seen": step * self.order.global_batch, "world_size": self.procs.world_size,
+                     "best": self.best, "config": self.cfg.to_dict()}
+            _write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
+            os.replace(tmp, final)
+            for old in checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.procs.barrier()
+        return final
+
+    def _save_best(self, step: int) -> None:
+        tmp = os.path.join(self.run_dir, ".tmp-best")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self._save_model_dir(tmp)
+        _write_text(os.path.join(tmp, "best.json"), json.dumps({"step": step, **self.best}, indent=2))
+        _replace_dir(tmp, os.path.join(self.run_dir, "best"))
+
+    # ---- the loop ----
+
+    def train(self) -> str:
+        import yaml
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        if self.procs.main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            _write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.procs.barrier()
+        metrics = MetricsLog(self.run_dir, self.procs.main, cfg.tensorboard,
+                             self.start_step if self.resume_from else None)
+        if self.resume_from:
+            self._say(f"resuming from {self.resume_from} (step {self.start_step} of {self.total_steps})")
+        eval_every = cfg.eval_interval or self.order.steps_per_epoch
+        save_every = cfg.save_interval or self.order.steps_per_epoch
+        bar = tqdm(total=self.total_steps, initial=self.start_step, desc=cfg.method, dynamic_ncols=True,
+                   disable=not (self.procs.main and cfg.progress), file=sys.stderr)
+        try:
+            for step in range(self.start_step, self.total_steps):
+                started = time.perf_counter()
+                values = self._step(step)
+                tokens = values.pop("tokens") * self.procs.world_size  # an estimate: rank 0's count
+                values["train/tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+                done = step + 1
+                if self.valid_examples and (done % eval_every == 0 or done == self.total_steps):
+                    if self.procs.main:
+                        values.update(self.validate())
+                        score = values["valid/rougeL"]
+                        if self.best["rougeL"] is None or score > self.best["rougeL"]:
+                            self.best = {"rougeL": score, "step": done}
+                            self._save_best(done)
+                    self.procs.barrier()
+                if done % cfg.log_interval == 0 or "valid/rougeL" in values or done == self.total_steps:
+                    metrics.log(done, values)
+                bar.set_postfix(loss=f"{values['train/loss']:.4f}", tok_s=f"{values['train/tokens_per_s']:.0f}")
+                bar.update(1)
+                if done % save_every == 0 or done == self.total_steps:
+                    self.save_checkpoint(done)
+        finally:
+            bar.close()
+            metrics.close()
+        if self.procs.main:
+            tmp = os.path.join(self.run_dir, ".tmp-final")
+            shutil.rmtree(tmp, ignore_errors=True)
+            self._save_model_dir(tmp)
+            _replace_dir(tmp, os.path.join(self.run_dir, "final"))
+            best = f", best validation ROUGE-L {self.best['rougeL']:.2f} at step {self.best['step']}" \
+                if self.best["rougeL"] is not None else ""
+            self._say(f"done: {self.total_steps} steps{best}; run directory {self.run_dir}")
+        self.procs.barrier()
+        return self.run_dir
+
+
+def train(config: TrainConfig, resume: bool = False, log=print) -> str:
+    """Trains ``config`` and returns its run directory (see the module docstring)."""
+    return Trainer(config, resume=resume, log=log).train()
