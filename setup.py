@@ -18,10 +18,14 @@ setup(
     package_dir={"promptkd": "promptkd", "promptkd.attention": "promptkd/attention", "promptkd.kernels": "kernels"},
     # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
     # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.
+    # The trainer adds tokenizers (the demo's BPE), PyYAML (configs), tqdm, rouge-score (evaluation) and
+    # matplotlib (plots); TensorBoard logging switches on when the optional extra is installed.
     install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy", "transformers>=5.0",
-                      "safetensors"],
+                      "safetensors", "tokenizers", "pyyaml", "tqdm", "rouge-score", "matplotlib"],
     # The benchmarks need nothing beyond the package and the test extra (PEFT: the prompt-tuning baseline);
     # liger-kernel, if installed, adds a GPU baseline.
-    extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff", "peft>=0.17"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff", "peft>=0.17"], "tensorboard": ["tensorboard"]},
+    package_data={"promptkd": ["configs/*.yaml"]},
+    entry_points={"console_scripts": ["promptkd = promptkd.cli:main"]},
     license="Apache-2.0",
 )
