@@ -127,10 +127,10 @@ def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
 
 def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=print) -> dict:
     """Runs the demo into ``out`` and returns the results table as a dict (see the module docstring)."""
+    from transformers.utils import logging as hf_logging
+
     from .plot import bar_chart, plot_comparison
     from .trainer import train
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # loading / saving bars for every stage drown the demo's own lines
     settings = QUICK if quick else DemoSettings()

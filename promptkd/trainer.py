@@ -280,7 +280,11 @@ class Trainer:
         self.student = load_model("student", student_path, torch.float32, self.device)
         self.student.train()
         if cfg.gradient_checkpointing:
-            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable = getattr(self.student, "activation_checkpointing_enable", None)  # the newer name
+            if enable is not None:
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.teacher, self.prompted = None, None
         if cfg.method != "sft":
             self.teacher = load_model("teacher", cfg.teacher, self.dtype, self.device)

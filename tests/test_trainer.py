@@ -1,0 +1,304 @@
+"""The trainer: every method runs, the PromptKD step equals its eager formula, resume is bit-identical
+(also after SIGKILL), a NaN loss stops the run, bad inputs fail before training, shipped configs load.
+
+Models are tiny Llama-style configs on the bundled tasks and a locally trained tokenizer (see
+``promptkd.demo.prepare``); the losses run the ``torch`` implementations on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from promptkd.config import METHODS, TrainConfig, shipped_configs
+from promptkd.demo import DemoSettings, prepare
+from promptkd.trainer import Trainer, TrainingDiverged, checkpoints, train
+
+TINY = DemoSettings(n_train=48, n_valid=6, n_test=6, vocab_size=300, teacher=(32, 2, 2, 64), student=(16, 1, 2, 32))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer")
+    return prepare(str(root / "assets"), TINY, seed=3, log=lambda _: None)
+
+
+def config(paths, out, **changes) -> TrainConfig:
+    values = dict(method="kd", student=paths["student_init"], teacher=paths["teacher_init"],
+                  train_file=paths["train"], valid_file="", output_dir=str(out), max_length=200, max_prompt_length=180,
+                  batch_size=4, max_steps=3, lr=1e-3, warmup_steps=1, max_new_tokens=6, progress=False,
+                  tensorboard=False, loss_impl="torch", attention_impl="torch")
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def weights(run_dir, which="final") -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(run_dir, which, "model", "model.safetensors"))
+
+
+def assert_same(a: dict, b: dict, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains(setup, tmp_path, method):
+    cfg = config(setup, tmp_path / method, method=method, valid_file=setup["valid"], eval_interval=2,
+                 eval_max_new_tokens=4, max_valid_examples=3)
+    run_dir = train(cfg, log=lambda _: None)
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(x["train/loss"])) for x in lines)
+    assert "valid/rougeL" in lines[1] and "valid/rougeL" in lines[2]
+    start = load_file(os.path.join(setup["student_init"], "model.safetensors"))
+    end = weights(run_dir)
+    assert any(not torch.equal(start[k], end[k]) for k in start), "the student did not change"
+    assert os.path.isdir(os.path.join(run_dir, "best", "model"))
+    assert [os.path.basename(c) for c in checkpoints(run_dir)] == ["checkpoint-0000003"]
+    if method == "promptkd":
+        assert os.path.isfile(os.path.join(run_dir, "final", "prompt", "adapter_model.safetensors"))
+        assert "prompt/loss" in lines[0]
+
+
+def test_promptkd_step_equals_eager_formula(setup, tmp_path):
+    """One PromptKD step's prompt gradient and student loss against HF logits + eager KL in float64."""
+    cfg = config(setup, tmp_path / "run", method="promptkd", batch_size=3, max_steps=5, prompt_reg=0.7)
+    trainer = Trainer(cfg, log=lambda _: None)
+    step = 2
+    examples = [trainer.train_examples[i] for i in trainer.order.micro_batches(step, 0)[0]]
+    batch, _ = trainer._batch(*trainer._on_policy(examples, step, 0))
+    labels = batch["labels"]
+    counted = labels != -100
+    prompted = trainer.prompted
+
+    def log_probs(logits):
+        return torch.log_softmax(logits.double(), -1)[counted]
+
+    def kl(log_p, log_q):  # KL(p || q) per token, mean over counted tokens
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    with torch.no_grad():
+        student = log_probs(trainer.student(**{k: batch[k] for k in ("input_ids", "attention_mask")}).logits)
+        plain = log_probs(prompted(batch["input_ids"], batch["attention_mask"], use_prompt=False,
+                                   return_logits=True).logits)
+    teacher = log_probs(prompted(batch["input_ids"], batch["attention_mask"], return_logits=True).logits)
+    reg = 0.7 * (1 - step / 5)
+    eager = kl(teacher, student) + reg * kl(teacher, plain)
+    (expected,) = torch.autograd.grad(eager, prompted.soft_prompt)
+
+    # The trainer's prompt loss for the same batch (the body of Trainer._step, one micro-batch).
+    with torch.no_grad():
+        s = trainer._student(batch).detach()
+        p = trainer._teacher(batch, prompted=False)
+    tp = trainer._teacher(batch, prompted=True)
+    fused = trainer._kd(s, tp, labels, "forward_kl") + reg * trainer._kd(p, tp, labels, "forward_kl")
+    (got,) = torch.autograd.grad(fused, prompted.soft_prompt)
+    torch.testing.assert_close(fused.double(), eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-7)
+
+    # Student step: KL(q_S || p_TP), gradient to the student only.
+    with torch.no_grad():
+        tp = trainer._teacher(batch, prompted=True)
+    loss = trainer._kd(trainer._student(batch), tp, labels, "reverse_kl")
+    eager_student = kl(log_probs(trainer.student(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"]).logits), teacher.detach())
+    torch.testing.assert_close(loss.double(), eager_student, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_step_touches_only_the_prompt(setup, tmp_path):
+    cfg = config(setup, tmp_path / "run", method="promptkd", max_steps=2)
+    trainer = Trainer(cfg, log=lambda _: None)
+    teacher_before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    prompt_before = trainer.prompted.soft_prompt.detach().clone()
+    trainer.train()
+    assert all(torch.equal(teacher_before[k], v) for k, v in trainer.teacher.state_dict().items())
+    assert not torch.equal(prompt_before, trainer.prompted.soft_prompt.detach())
+
+
+def test_resume_is_bit_identical(setup, tmp_path, monkeypatch):
+    base = dict(method="gkd", gkd_lambda=0.5, max_steps=5, save_interval=2, batch_size=2, gradient_accumulation=2)
+    full = train(config(setup, tmp_path / "full", **base), log=lambda _: None)
+
+    crash_at = 3
+    original = Trainer._step
+
+    def crashing(self, step):
+        if step == crash_at:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(Trainer, "_step", crashing)
+    cut = config(setup, tmp_path / "cut", **base)
+    with pytest.raises(KeyboardInterrupt):
+        train(cut, log=lambda _: None)
+    assert [os.path.basename(c) for c in checkpoints(cut.output_dir)] == ["checkpoint-0000002"]
+    monkeypatch.setattr(Trainer, "_step", original)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        Trainer(cut, log=lambda _: None)
+    train(cut, resume=True, log=lambda _: None)
+    assert_same(weights(full), weights(cut.output_dir))
+    steps = [json.loads(x)["step"] for x in open(os.path.join(cut.output_dir, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4, 5]
+
+
+def test_resume_after_sigkill(setup, tmp_path):
+    """``promptkd train`` killed with SIGKILL mid-run, then ``--resume``: the same weights as a run
+    that was never interrupted."""
+    import yaml
+
+    base = dict(method="promptkd", max_steps=6, save_interval=1, batch_size=2)
+    full = train(config(setup, tmp_path / "full", **base), log=lambda _: None)
+    cfg = config(setup, tmp_path / "killed", **base)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    command = [sys.executable, "-m", "promptkd.cli", "train", str(path)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(c.endswith("0000003") for c in checkpoints(cfg.output_dir)):
+        assert proc.poll() is None, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = checkpoints(cfg.output_dir)
+    assert done and not done[-1].endswith("0000006"), "the run finished before it could be killed"
+    result = subprocess.run(command + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert_same(weights(full), weights(cfg.output_dir))
+    a = load_file(os.path.join(full, "final", "prompt", "adapter_model.safetensors"))
+    b = load_file(os.path.join(cfg.output_dir, "final", "prompt", "adapter_model.safetensors"))
+    assert_same(a, b)
+
+
+def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
+    original = Trainer._micro_loss
+
+    def poisoned(self, examples, step, micro):
+        loss, tokens = original(self, examples, step, micro)
+        return (loss * float("nan") if step == 2 else loss), tokens
+
+    monkeypatch.setattr(Trainer, "_micro_loss", poisoned)
+    cfg = config(setup, tmp_path / "run", max_steps=4, save_interval=1)
+    with pytest.raises(TrainingDiverged, match=r"step 3: the training loss is nan.*checkpoint-0000002"):
+        train(cfg, log=lambda _: None)
+    assert [os.path.basename(c) for c in checkpoints(cfg.output_dir)] == ["checkpoint-0000001", "checkpoint-0000002"]
+
+
+def write(path, lines):
+    path.write_text("".join(lines))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["malformed", "missing_field", "empty", "not_object"])
+def test_bad_data_names_file_and_line(setup, tmp_path, case):
+    good = '{"instruction": "Say hi.", "response": "hi"}\n'
+    lines = {"malformed": [good, '{"instruction": "x", \n'], "missing_field": [good, good, '{"instruction": "x"}\n'],
+             "empty": ["\n"], "not_object": [good, "[1, 2]\n"]}[case]
+    path = write(tmp_path / "data.jsonl", lines)
+    expected = {"malformed": r"data.jsonl:2: not valid JSON",
+                "missing_field": r"data.jsonl:3: missing field 'response'", "empty": "holds no records",
+                "not_object": r"data.jsonl:2: expected a JSON object"}[case]
+    with pytest.raises(ValueError, match=expected):
+        Trainer(config(setup, tmp_path / "run", train_file=path), log=lambda _: None)
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_bad_paths_and_tokenizers(setup, tmp_path):
+    with pytest.raises(ValueError, match="student: model path .* does not exist"):
+        Trainer(config(setup, tmp_path / "a", student=str(tmp_path / "nowhere")), log=lambda _: None)
+    with pytest.raises(ValueError, match="teacher: model path"):
+        Trainer(config(setup, tmp_path / "b", teacher="./no/such/teacher"), log=lambda _: None)
+    with pytest.raises(ValueError, match="needs teacher"):
+        Trainer(config(setup, tmp_path / "c", teacher=""), log=lambda _: None)
+    # A teacher whose tokenizer numbers tokens differently.
+    from transformers import AutoModelForCausalLM
+
+    from promptkd.tokenizer import train_tokenizer
+
+    other = str(tmp_path / "other_teacher")
+    AutoModelForCausalLM.from_pretrained(setup["teacher_init"]).save_pretrained(other)
+    train_tokenizer(["completely different text " * 20, "zebra quartz"], vocab_size=300).save_pretrained(other)
+    with pytest.raises(ValueError, match="disagree on .* token id"):
+        Trainer(config(setup, tmp_path / "d", teacher=other), log=lambda _: None)
+
+
+def test_config_errors_and_overrides(tmp_path):
+    with pytest.raises(ValueError, match="unknown key"):
+        TrainConfig.from_dict({"learning_rate": 1e-3})
+    with pytest.raises(ValueError, match="method must be one of"):
+        TrainConfig(method="dpo")
+    with pytest.raises(ValueError, match="gkd_beta"):
+        TrainConfig(gkd_beta=1.0)
+    with pytest.raises(TypeError, match="batch_size must be an integer"):
+        TrainConfig(batch_size=2.5)
+    with pytest.raises(ValueError, match="num_samples > 1"):
+        TrainConfig(method="kd", num_samples=2)
+    with pytest.raises(ValueError, match="key=value"):
+        TrainConfig.load("gpt2-xl_to_gpt2-base", ["lr"])
+    cfg = TrainConfig.load("gpt2-xl_to_gpt2-base", ["lr=2e-5", "eval_seeds=[1,2]", "method=kd"])
+    assert (cfg.lr, cfg.eval_seeds, cfg.method) == (2e-5, (1, 2), "kd")
+
+
+@pytest.mark.parametrize("name", shipped_configs())
+def test_shipped_configs_parse(name):
+    cfg = TrainConfig.load(name)
+    assert cfg.method == "promptkd" and cfg.seed == 10 and cfg.max_length == 512 and cfg.max_prompt_length == 256
+    assert cfg.weight_decay == 0.01 and cfg.clip_grad_norm == 1.0 and cfg.warmup_steps == 100
+    effective = cfg.batch_size * cfg.gradient_accumulation
+    assert effective == (256 if name.endswith("gpt2-base") else 64)
+    expected_lr = {"gpt2-base": 5e-5, "gpt2-medium": 1e-5, "gpt2-large": 5e-6}
+    assert cfg.lr == expected_lr.get(name.split("_to_")[1], 5e-6)
+
+
+def test_shipped_config_runs_with_small_models(setup, tmp_path):
+    overrides = [f"student={setup['student_init']}", f"teacher={setup['teacher_init']}", f"train_file={setup['train']}",
+                 "valid_file=", f"output_dir={tmp_path / 'run'}", "max_steps=1", "batch_size=2",
+                 "gradient_accumulation=2", "warmup_steps=1", "gradient_checkpointing=true", "progress=false",
+                 "max_new_tokens=4"]
+    cfg = TrainConfig.load("gpt2-xl_to_gpt2-base", overrides)
+    run_dir = train(cfg, log=lambda _: None)
+    assert os.path.isfile(os.path.join(run_dir, "final", "prompt", "adapter_config.json"))
+
+
+def test_distributed_matches_single_process(setup, tmp_path):
+    """torchrun, 2 processes (gloo): kd with the same global batch as one process with accumulation 2;
+    rkl (sampling) twice: the same weights both times."""
+    import yaml
+
+    single = train(config(setup, tmp_path / "single", batch_size=2, gradient_accumulation=2, max_steps=3),
+                   log=lambda _: None)
+
+    def torchrun(name, **changes):
+        cfg = config(setup, tmp_path / name, batch_size=2, gradient_accumulation=1, max_steps=3, **changes)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg.to_dict()))
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "promptkd.cli", "train", str(path)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-4000:]
+        return cfg.output_dir
+
+    assert_same(weights(single), weights(torchrun("ddp")), exact=False)
+    first, second = torchrun("rkl1", method="rkl"), torchrun("rkl2", method="rkl")
+    assert_same(weights(first), weights(second))
+
+
+def test_sampling_streams_differ_per_rank(setup, tmp_path):
+    trainer = Trainer(config(setup, tmp_path / "run", method="rkl"), log=lambda _: None)
+    seeds = set()
+    for rank in (0, 1):
+        trainer.procs.rank = rank
+        seeds |= {trainer._sample_seed(step, micro) for step in range(4) for micro in range(2)}
+    assert len(seeds) == 16
