@@ -22,7 +22,7 @@ def demo(tmp_path_factory):
 
 def test_quick_demo_writes_table_and_plots(demo):
     results = json.load(open(os.path.join(demo, "results.json")))
-    assert list(results["scores"]) == ["teacher", "sft", *METHODS]
+    assert list(results["scores"]) == ["teacher", "sft_init", "sft", *METHODS]
     for scores in results["scores"].values():
         for split in ("test", "test_heldout"):
             assert 0.0 <= scores[split]["rougeL"] <= 100.0
