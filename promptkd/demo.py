@@ -88,7 +88,8 @@ def prepare(out: str, settings: DemoSettings, seed: int, log=print) -> dict:
     """Task files, tokenizer and the two randomly initialised models; returns their paths."""
     import torch
 
-    from .tasks import generate_tasks, write_jsonl
+    from .files import write_jsonl
+    from .tasks import generate_tasks
     from .tokenizer import train_tokenizer
 
     data_dir = os.path.join(out, "data")

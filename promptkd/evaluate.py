@@ -12,14 +12,13 @@ Exact match is computed the same way on normalized strings (see :func:`exact_mat
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 
 import torch
 from rouge_score import rouge_scorer
+
+from .files import write_jsonl
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 
@@ -295,14 +294,5 @@ def write_generations(path: str, examples: list[dict], result: dict) -> None:
     generations = result.get("generations") if isinstance(result, dict) else None
     if not isinstance(generations, list) or len(generations) != len(checked):
         raise ValueError("result must be evaluate()'s dict for these examples (one generation per example)")
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for (prompt, refs), prediction in zip(checked, generations, strict=True):
-                f.write(json.dumps({"prompt": prompt, "prediction": prediction, "references": refs}) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    write_jsonl([{"prompt": prompt, "prediction": prediction, "references": refs}
+                 for (prompt, refs), prediction in zip(checked, generations, strict=True)], path)

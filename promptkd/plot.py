@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import warnings
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from .files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -76,16 +77,8 @@ def _save(fig: Figure, path: str) -> str:
     """Write the figure as PNG through a temporary file, so a reader never sees half a file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-    os.close(fd)
-    try:
-        FigureCanvasAgg(fig)
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    FigureCanvasAgg(fig)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")
     return path
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .files import write_atomic
 from .hf_attention import ATTN_IMPLEMENTATION, PrefixRecorder, check_supported, register
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
@@ -44,19 +44,6 @@ class TeacherOutput:
 
 def _layer_count(model) -> int:
     return model.config.get_text_config().num_hidden_layers
-
-
-def _write_atomic(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 class PromptedTeacher(nn.Module):
@@ -224,14 +211,14 @@ class PromptedTeacher(nn.Module):
             "revision": None, "modules_to_save": None, "auto_mapping": None,
         }
         weights = {"prompt_embeddings": self.soft_prompt.detach().to("cpu").contiguous()}
-        _write_atomic(os.path.join(directory, ADAPTER_WEIGHTS),
+        write_atomic(os.path.join(directory, ADAPTER_WEIGHTS),
                       lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
 
         def write_config(tmp):
             with open(tmp, "w") as f:
                 json.dump(config, f, indent=2)
 
-        _write_atomic(os.path.join(directory, ADAPTER_CONFIG), write_config)
+        write_atomic(os.path.join(directory, ADAPTER_CONFIG), write_config)
 
     def load_prompt(self, directory: str) -> None:
         """Loads the soft prompt of a PEFT prompt-tuning adapter directory (ours or PEFT's)."""

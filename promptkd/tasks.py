@@ -32,10 +32,8 @@ split, to measure how the models generalize to an instruction worded in a new wa
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -316,28 +314,13 @@ def generate_tasks(seed: int = 10, n_train: int = 4000, n_valid: int = 200, n_te
 
 
 def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> str:
-    """Write one JSON object per line (UTF-8) to ``path`` atomically; return the path as a string.
+    """Writes one JSON object per line (UTF-8) atomically; see :func:`promptkd.files.write_jsonl`.
 
-    The lines go to a temporary file in the same directory, which then replaces ``path`` (``os.replace``),
-    so a reader never sees a half-written file.
+    Imported on call, so this module stays importable on its own (standard library only).
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for i, record in enumerate(records):
-                if not isinstance(record, dict):
-                    raise TypeError(f"records must hold dicts, got {type(record).__name__} at index {i}")
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    from .files import write_jsonl as write
+
+    return write(records, path)
 
 
 def write_task_files(directory: str | os.PathLike, seed: int = 10, **sizes) -> dict[str, str]:

@@ -43,6 +43,7 @@ import torch
 from .api import fused_linear_kd_loss
 from .config import TrainConfig
 from .data import DataOrder, Example, collate, load_examples
+from .files import write_text
 from .models import (
     LMOutput,
     check_model_path,
@@ -141,15 +142,6 @@ def _replace_dir(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """metrics.jsonl (+ TensorBoard when installed), written by the main process."""
 
@@ -169,7 +161,7 @@ class MetricsLog:
                             kept.append(line if line.endswith("\n") else line + "\n")
                     except json.JSONDecodeError:
                         pass  # a line cut by a kill
-            _write_text(self.path, "".join(kept))
+            write_text(self.path, "".join(kept))
         elif resume_step is None and os.path.exists(self.path):
             os.remove(self.path)
         if tensorboard:
@@ -369,8 +361,8 @@ class Trainer:
 
         cfg = self.cfg
         prompts = [e.prompt_ids for e in examples for _ in range(cfg.num_samples)]
-        room = cfg.max_new_tokens or cfg.max_length - max(len(p) for p in prompts)
-        room = max(1, min(room, cfg.max_length - max(len(p) for p in prompts)))
+        left = cfg.max_length - max(len(p) for p in prompts)  # >= 1: prompts fit max_prompt_length < max_length
+        room = min(cfg.max_new_tokens, left) if cfg.max_new_tokens else left
         responses = sample(self.student, prompts, pad_token_id=self.tokenizer.pad_token_id,
                            eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=room,
                            seed=self._sample_seed(step, micro), batch_size=len(prompts),
@@ -521,7 +513,7 @@ class Trainer:
             state = {"step": step, "epoch": epoch, "step_in_epoch": within,
                      "examples_seen": step * self.order.global_batch, "world_size": self.procs.world_size,
                      "best": self.best, "config": self.cfg.to_dict()}
-            _write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
+            write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
             os.replace(tmp, final)
             for old in checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
@@ -532,7 +524,7 @@ class Trainer:
         tmp = os.path.join(self.run_dir, ".tmp-best")
         shutil.rmtree(tmp, ignore_errors=True)
         self._save_model_dir(tmp)
-        _write_text(os.path.join(tmp, "best.json"), json.dumps({"step": step, **self.best}, indent=2))
+        write_text(os.path.join(tmp, "best.json"), json.dumps({"step": step, **self.best}, indent=2))
         _replace_dir(tmp, os.path.join(self.run_dir, "best"))
 
     # ---- the loop ----
@@ -544,7 +536,7 @@ class Trainer:
         cfg = self.cfg
         if self.procs.main:
             os.makedirs(self.run_dir, exist_ok=True)
-            _write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.procs.barrier()
         metrics = MetricsLog(self.run_dir, self.procs.main, cfg.tensorboard,
                              self.start_step if self.resume_from else None)
