@@ -1,11 +1,12 @@
 """Benchmark: fused KD loss forward+backward against eager full-logits torch (and Liger on GPU).
 
 Every implementation runs in one invocation on the same inputs. Time is the median of repeated
-forward+backward passes; memory is the peak beyond inputs (CPU: a fresh process per measurement,
-peak RSS over the RSS after the inputs were made; CUDA: max_memory_allocated over the inputs).
-Gradients (here: student hidden and weight, as in training a student) are part of that peak
-and are also reported separately. Also reported: the time of the GEMMs the loss needs (logits for
-both sides, then the student's two gradient GEMMs), measured on the same device, as a floor.
+forward+backward passes; memory is the peak of one pass beyond the inputs, in a fresh process per
+measurement (CPU: the RSS high-water mark, reset once the inputs were made, over the RSS then; CUDA:
+max_memory_allocated over the inputs, after a warm-up pass). Gradients (here: student hidden and
+weight, as in training a student) are part of that peak and are also reported separately. Also
+reported: the time of the GEMMs the loss needs (logits for both sides, then the student's two
+gradient GEMMs), measured on the same device, as a floor.
 
     python bench/bench_kd_loss.py                 # CPU: N=4096, D=512, V=32000, forward_kl
     python bench/bench_kd_loss.py --quick         # small, a few seconds
@@ -22,7 +23,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -64,30 +64,72 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def measure(impl, divergence, n, d, v, dtype, device, reps) -> dict:
-    """One implementation: peak extra memory of the first pass, then the median time of `reps` passes."""
-    hs, ws, ht, wt = make_inputs(n, d, v, dtype, device)
-    labels = torch.randint(0, v, (n,), device=device)
-    fn = loss_fn(impl, divergence)
-    grad_bytes = (hs.numel() + ws.numel()) * hs.element_size()
+_cannot_reset = False  # warned once
 
-    def step():
-        hs.grad = ws.grad = None
-        fn(hs, ws, ht, wt, labels).backward()
 
+def reset_peak_rss() -> bool:
+    """Resets this process's RSS high-water mark (Linux >= 4.0); warns on stderr, once, where it cannot."""
+    global _cannot_reset
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        if not _cannot_reset:
+            print("cannot reset the peak RSS (/proc/self/clear_refs): building the inputs may dominate it",
+                  file=sys.stderr)
+            _cannot_reset = True
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """This process's RSS high-water mark, VmHWM: the mark reset_peak_rss resets. (getrusage's ru_maxrss
+    is not that: Linux raises it at exec to the parent's peak, which the reset leaves in place.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def peak_extra_bytes(step, device, after_warmup=None) -> int:
+    """Peak memory of one call of ``step`` beyond the memory held before it, the peak mark reset first.
+
+    CUDA: a warm-up call first (compilation, autotuning, the allocator's caches: then the allocator reports
+    the peak exactly), then ``after_warmup`` if given (e.g. dropping gradients, so that they count in the
+    peak); max_memory_allocated over memory_allocated. CPU: no warm-up, the measured call is the first;
+    the RSS high-water mark over the RSS."""
     if device == "cuda":
-        step()  # compile and warm up first: on the GPU the allocator reports the peak exactly
-        hs.grad = ws.grad = None
+        step()
+        if after_warmup is not None:
+            after_warmup()
         sync(device)
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         step()
         sync(device)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = rss_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        return torch.cuda.max_memory_allocated() - base
+    base = rss_bytes()
+    reset_peak_rss()
+    step()
+    return peak_rss_bytes() - base
+
+
+def measure(impl, divergence, n, d, v, dtype, device, reps) -> dict:
+    """One implementation: peak extra memory of one pass, then the median time of `reps` passes."""
+    hs, ws, ht, wt = make_inputs(n, d, v, dtype, device)
+    labels = torch.randint(0, v, (n,), device=device)
+    fn = loss_fn(impl, divergence)
+    grad_bytes = (hs.numel() + ws.numel()) * hs.element_size()
+
+    def drop_grads():
+        hs.grad = ws.grad = None
+
+    def step():
+        drop_grads()
+        fn(hs, ws, ht, wt, labels).backward()
+
+    peak = peak_extra_bytes(step, device, after_warmup=drop_grads)  # the gradients count in the peak
     times = timed(step, reps, device)
     return dict(impl=impl, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
                 peak_extra_mb=peak / 2**20, grads_mb=grad_bytes / 2**20)

@@ -11,8 +11,9 @@ Three measurements, every implementation on the same inputs in one invocation:
   keys (the prefix expanded per sample; bottom-right causal), timed without and with that expansion,
   and against FlexAttention with a prefix mask. bf16, H=32, D=128.
 
-Time is the median of repeated passes; CPU memory is the peak RSS of a fresh process over its RSS
-after the inputs were made, CUDA memory max_memory_allocated over the inputs.
+Time is the median of repeated passes. Memory is the peak of one pass in a fresh process: on the CPU
+the RSS high-water mark, reset once model and inputs exist, over the RSS then; on CUDA max_memory_allocated
+over the memory allocated after a warm-up pass.
 
     python bench/bench_prefix_attention.py                # CPU: teacher + shared
     python bench/bench_prefix_attention.py --quick        # small, seconds
@@ -27,7 +28,6 @@ import argparse
 import datetime
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kd_loss import append_rows, rss_bytes, sync, timed, versions  # noqa: E402
+from bench_kd_loss import append_rows, peak_extra_bytes, timed, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = dict(num_hidden_layers=4, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
@@ -188,18 +188,7 @@ def child(args):
         step = shared_step(args.impl, spec, args.groups, args.per_group, args.p, args.n, dtype, args.device)
     else:
         step = kernel_step(args.impl, args.b, args.heads, args.p, args.n, args.head_dim, dtype, args.device)
-    if args.device == "cuda":
-        step()
-        sync(args.device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        sync(args.device)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = rss_bytes()
-        step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_extra_bytes(step, args.device)
     if args.device == "cuda":
         import triton.testing
 

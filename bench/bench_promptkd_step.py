@@ -36,7 +36,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -46,7 +45,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kd_loss import append_rows, rss_bytes, sync, timed, versions  # noqa: E402
+from bench_kd_loss import append_rows, peak_extra_bytes, timed, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TEACHER = dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
@@ -230,16 +229,6 @@ def model_flops(teacher: dict, student: dict, b: int, n: int, v: int) -> dict:
 # ---------------------------------------------------------------- processes
 
 
-def reset_peak_rss() -> bool:
-    """Resets this process's RSS high-water mark (Linux >= 4.0), so the peak excludes building the models."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().flatten(), b.double().flatten()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
@@ -274,20 +263,7 @@ def measure(args) -> dict:
         step = reference_step(trainer, sample)
     else:
         step = promptkd_step(trainer, sample)
-    if args.device == "cuda":
-        step()  # compile and warm up first: on the GPU the allocator reports the peak exactly
-        sync(args.device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        sync(args.device)
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = rss_bytes()
-        if not reset_peak_rss():
-            print("cannot reset the peak RSS: building the models may dominate it", file=sys.stderr)
-        step()  # also the warm-up
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_extra_bytes(step, args.device)  # on the CPU its step is also the warm-up
     times = timed(step, args.reps, args.device)
     return dict(way=args.way, median_s=statistics.median(times), min_s=min(times), max_s=max(times),
                 peak_extra_mb=peak / 2**20)
