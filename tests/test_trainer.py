@@ -117,6 +117,62 @@ def test_promptkd_step_equals_eager_formula(setup, tmp_path):
     torch.testing.assert_close(loss.double(), eager_student, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["promptkd", "rkl"])
+def test_share_prefix_equals_replicated_instructions(setup, tmp_path, method):
+    """num_samples=3 with share_prefix: the same samples, losses and gradients (prompt and student) as
+    running every sample's instruction in full, from batches a fraction of the width."""
+    results, widths = [], []
+    for share in (False, True):
+        cfg = config(setup, tmp_path / f"run{share}", method=method, batch_size=3, num_samples=3, max_steps=5,
+                     share_prefix=share)
+        trainer = Trainer(cfg, log=lambda _: None)
+        examples = [trainer.train_examples[i] for i in trainer.order.micro_batches(2, 0)[0]]
+        batch, tokens = trainer._batch(*trainer._on_policy(examples, 2, 0), shared=share)
+        widths.append(batch["input_ids"].shape[1])
+        result = {"tokens": torch.tensor(float(tokens))}
+        labels = batch["labels"]
+        if method == "promptkd":
+            with torch.no_grad():
+                student, plain = trainer._student(batch).detach(), trainer._teacher(batch, prompted=False)
+            prompted = trainer._teacher(batch, prompted=True)
+            loss = trainer._kd(student, prompted, labels, "forward_kl") + 0.6 * trainer._kd(plain, prompted, labels,
+                                                                                              "forward_kl")
+            (result["prompt_grad"],) = torch.autograd.grad(loss, trainer.prompted.soft_prompt)
+            result["prompt_loss"] = loss.detach()
+            with torch.no_grad():
+                teacher = trainer._teacher(batch, prompted=True)
+        else:
+            with torch.no_grad():
+                teacher = trainer._teacher(batch)
+        loss = trainer._kd(trainer._student(batch), teacher, labels, "reverse_kl")
+        loss.backward()
+        result["loss"] = loss.detach()
+        result.update({n: p.grad for n, p in trainer.student.named_parameters()})
+        results.append(result)
+    assert widths[1] < widths[0] / 3  # the rows hold the instruction's last token and the response only
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_share_prefix_runs_saves_and_checks_its_models(setup, tmp_path):
+    cfg = config(setup, tmp_path / "run", method="promptkd", num_samples=2, share_prefix=True, max_steps=2,
+                 gradient_checkpointing=True)
+    run_dir = train(cfg, log=lambda _: None)
+    from transformers import AutoModelForCausalLM
+
+    with open(os.path.join(run_dir, "final", "model", "config.json")) as f:
+        assert "promptkd" not in f.read()  # the saved student loads anywhere, without promptkd registered
+
+    with pytest.raises(ValueError, match="share_prefix applies to methods that sample"):
+        TrainConfig(method="kd", share_prefix=True)
+    student = AutoModelForCausalLM.from_pretrained(setup["student_init"])
+    student.config.attention_dropout = 0.1
+    student.save_pretrained(tmp_path / "dropout")
+    with pytest.raises(ValueError, match="share_prefix: the student has attention dropout 0.1"):
+        Trainer(config(setup, tmp_path / "bad", method="rkl", share_prefix=True, student=str(tmp_path / "dropout"),
+                       tokenizer=setup["student_init"]), log=lambda _: None)
+
+
 def test_prompt_step_touches_only_the_prompt(setup, tmp_path):
     cfg = config(setup, tmp_path / "run", method="promptkd", max_steps=2)
     trainer = Trainer(cfg, log=lambda _: None)
@@ -259,6 +315,8 @@ def test_shipped_configs_parse(name):
     assert effective == (256 if name.endswith("gpt2-base") else 64)
     expected_lr = {"gpt2-base": 5e-5, "gpt2-medium": 1e-5, "gpt2-large": 5e-6}
     assert cfg.lr == expected_lr.get(name.split("_to_")[1], 5e-6)
+    expected_epochs = {"gpt2-base": 20, "gpt2-medium": 20, "gpt2-large": 15}
+    assert cfg.epochs == expected_epochs.get(name.split("_to_")[1], 10)
 
 
 def test_shipped_config_runs_with_small_models(setup, tmp_path):
