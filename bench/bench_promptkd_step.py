@@ -14,7 +14,11 @@ p_TP: the teacher with the soft prompt, p_T: without, q_S: the student. Losses a
   prompt concatenated into every sample's inputs_embeds (PEFT prompt tuning), full HF ``.logits`` for the
   three distributions, float32 ``log_softmax`` and eager KL sums per token, masked mean.
 
-A ``check`` process first runs both ways once on the same inputs and compares the losses and the prompt and
+``--samples K`` (K > 1) samples K responses per instruction (B instructions, B*K sequences) and adds a
+third way, ``shared``: the trainer with ``share_prefix``, each instruction run once as a prefix of its K
+responses (``prefix_attention`` in student and teacher) instead of once per response.
+
+A ``check`` process first runs every way once on the same inputs and compares the losses and the prompt and
 student gradients; timing starts only when they agree. Then each way runs in a fresh process: CPU memory is
 the peak RSS over the RSS once models and batch exist (the high-water mark reset there), CUDA memory
 max_memory_allocated over the memory allocated then (after a warm-up step). Time is the median of repeated
@@ -24,8 +28,10 @@ the decoder layers, without the fused loss's recomputation: the same work for bo
     python bench/bench_promptkd_step.py                # CPU: V=128256, B=4, N=512, P=7, float32
     python bench/bench_promptkd_step.py --quick        # V=8192, B=2, N=64, tiny models, under a minute
     python bench/bench_promptkd_step.py --device cuda  # B=8, bfloat16, Triton loss and attention
+    python bench/bench_promptkd_step.py --samples 4 --b 2 --v 32000  # 4 responses per instruction, shared
 
-Rows are appended to bench/results/promptkd_step.csv (device, commit, versions, timestamp).
+Rows are appended to bench/results/promptkd_step.csv, or promptkd_step_samples.csv with --samples > 1
+(device, commit, versions, timestamp).
 """
 
 from __future__ import annotations
@@ -89,25 +95,29 @@ def write_assets(root: str, teacher: dict, student: dict, vocab: int, n: int, b:
     return paths
 
 
-def random_batch(b: int, n: int, vocab: int, seed: int = 0):
-    """Prompts of about n/2 tokens and random responses filling up to n (the first sample exactly n with
-    its eos, the others shorter: right padding), as (prompts, responses, closed) like the trainer's sampler."""
+def random_batch(b: int, n: int, vocab: int, samples: int = 1, seed: int = 0):
+    """b prompts of about n/2 tokens, each with ``samples`` random responses filling up to n (the first
+    exactly n with its eos, the others shorter: right padding), as (prompts, responses, closed) like the
+    trainer's sampler: each prompt repeated ``samples`` times in a row."""
     g = torch.Generator().manual_seed(seed)
     prompts, responses = [], []
     for i in range(b):
         p = int(torch.randint(n // 2 - n // 8, n // 2 + 1, (), generator=g))
+        prompt = torch.randint(1, vocab, (p,), generator=g).tolist()
         room = n - 1 - p  # one place for the closing eos
-        r = room if i == 0 else int(torch.randint(room // 2, room + 1, (), generator=g))
-        prompts.append(torch.randint(1, vocab, (p,), generator=g).tolist())
-        responses.append(torch.randint(1, vocab, (r,), generator=g).tolist())
-    return prompts, responses, [True] * b
+        for k in range(samples):
+            r = room if i == k == 0 else int(torch.randint(room // 2, room + 1, (), generator=g))
+            prompts.append(prompt)
+            responses.append(torch.randint(1, vocab, (r,), generator=g).tolist())
+    return prompts, responses, [True] * len(prompts)
 
 
-def build_trainer(args):
+def build_trainer(args, share_prefix: bool = False):
     from promptkd.config import TrainConfig
     from promptkd.trainer import Trainer
 
-    cfg = TrainConfig(method="promptkd", student=os.path.join(args.assets, "student"),
+    cfg = TrainConfig(method="promptkd", num_samples=args.samples, share_prefix=share_prefix,
+                      student=os.path.join(args.assets, "student"),
                       teacher=os.path.join(args.assets, "teacher"), train_file=os.path.join(args.assets, "train.jsonl"),
                       output_dir=os.path.join(args.assets, "run"), max_length=args.n, max_prompt_length=args.n // 2,
                       batch_size=args.b, max_steps=1, prompt_length=args.p, prompt_reg=LAM, device=args.device,
@@ -237,27 +247,33 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def check(args) -> dict:
     """Both ways once on the same inputs: losses, prompt gradient, student gradient."""
     trainer = build_trainer(args)
-    sample = random_batch(args.b, args.n, args.v)
-    got, want = {}, {}
-    promptkd_step(trainer, sample, got)()
+    sample = random_batch(args.b, args.n, args.v, args.samples)
+    want = {}
     with hf_attention(trainer.teacher, "sdpa"):
         reference_step(trainer, sample, want)()
+    ways = {"promptkd": trainer}
+    if args.samples > 1:
+        ways["shared"] = build_trainer(args, share_prefix=True)
     out = {}
-    for what in ("prompt", "student"):
-        (loss, grads), (ref_loss, ref_grads) = got[what], want[what]
-        flat = torch.cat([g.flatten().float() for g in grads])
-        ref_flat = torch.cat([g.flatten().float() for g in ref_grads])
-        out[what] = dict(loss=float(loss), reference_loss=float(ref_loss),
-                         loss_rel=abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
-                         grad_rel=relative(flat, ref_flat),
-                         grad_max_abs=float((flat - ref_flat).abs().max()), grad_scale=float(ref_flat.abs().max()))
+    for way, t in ways.items():
+        got = {}
+        promptkd_step(t, sample, got)()
+        for what in ("prompt", "student"):
+            (loss, grads), (ref_loss, ref_grads) = got[what], want[what]
+            flat = torch.cat([g.flatten().float() for g in grads])
+            ref_flat = torch.cat([g.flatten().float() for g in ref_grads])
+            out[f"{way}/{what}"] = dict(loss=float(loss), reference_loss=float(ref_loss),
+                                        loss_rel=abs(float(loss) - float(ref_loss)) / abs(float(ref_loss)),
+                                        grad_rel=relative(flat, ref_flat),
+                                        grad_max_abs=float((flat - ref_flat).abs().max()),
+                                        grad_scale=float(ref_flat.abs().max()))
     return out
 
 
 def measure(args) -> dict:
     """One way in this (fresh) process: peak extra memory of the first step, then the median of ``reps``."""
-    trainer = build_trainer(args)
-    sample = random_batch(args.b, args.n, args.v)
+    trainer = build_trainer(args, share_prefix=args.way == "shared")
+    sample = random_batch(args.b, args.n, args.v, args.samples)
     if args.way == "reference":
         trainer.teacher.set_attn_implementation("sdpa")  # HF's default attention; the teacher runs unwrapped
         step = reference_step(trainer, sample)
@@ -269,6 +285,11 @@ def measure(args) -> dict:
                 peak_extra_mb=peak / 2**20)
 
 
+def _agreement_fields(agreement: dict, way: str) -> dict:
+    return {f"{what}_{kind}_rel": agreement[f"{way}/{what}"][f"{kind}_rel"]
+            for what in ("prompt", "student") for kind in ("loss", "grad")}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -277,6 +298,8 @@ def main():
     ap.add_argument("--n", type=int, help="sequence length, prompt + response (default 512, 64 with --quick)")
     ap.add_argument("--v", type=int, help="vocabulary (default 128256, 8192 with --quick)")
     ap.add_argument("--p", type=int, default=7, help="soft prompt tokens")
+    ap.add_argument("--samples", type=int, default=1,
+                    help="responses per instruction; > 1 adds the shared-prefix way (share_prefix)")
     ap.add_argument("--reps", type=int, help="timed steps after the first (default: 3 on the CPU, 10 on CUDA)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/results/promptkd_step.csv")
@@ -303,8 +326,9 @@ def main():
                                                             f"x{torch.get_num_threads()} threads"
     print(f"device: {device_name} | commit {info['commit']} | torch {info['torch']} | triton {info['triton']} | "
           f"transformers {info['transformers']}")
-    print(f"B={b} N={n} V={v} P={args.p} {dtype}, lam={LAM}; teacher {teacher}; student {student}; "
-          f"responses: random tokens (no sampling); median of {reps} after 1")
+    k = args.samples
+    print(f"B={b} instructions x {k} response(s), N={n} V={v} P={args.p} {dtype}, lam={LAM}; teacher {teacher}; "
+          f"student {student}; responses: random tokens (no sampling); median of {reps} after 1")
 
     with tempfile.TemporaryDirectory(prefix="bench-promptkd-step-") as root:
         write_assets(root, teacher, student, v, n, b)
@@ -312,6 +336,7 @@ def main():
         def run_child(way):
             cmd = [sys.executable, __file__, "--child", "--way", way, "--assets", root, "--device", args.device,
                    "--b", str(b), "--n", str(n), "--v", str(v), "--p", str(args.p), "--reps", str(reps),
+                   "--samples", str(k),
                    *(["--threads", str(args.threads)] if args.threads else [])]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
@@ -320,19 +345,20 @@ def main():
 
         agreement = run_child("check")
         loss_tol, grad_tol = (5e-2, 1e-1) if gpu else (1e-4, 1e-3)  # CUDA: bfloat16 HF logits
-        print(f"\ncheck, promptkd against reference (tolerance: loss {loss_tol:g}, gradient {grad_tol:g} relative)")
+        print(f"\ncheck against reference (tolerance: loss {loss_tol:g}, gradient {grad_tol:g} relative)")
         ok = True
-        for what, c in agreement.items():
+        for name, c in agreement.items():
             ok &= c["loss_rel"] <= loss_tol and c["grad_rel"] <= grad_tol
-            print(f"  {what:8s} loss {c['loss']:.6f} vs {c['reference_loss']:.6f} (rel {c['loss_rel']:.1e}); "
-                  f"{what} gradient rel L2 error {c['grad_rel']:.1e}, max |diff| {c['grad_max_abs']:.1e} "
+            print(f"  {name:16s} loss {c['loss']:.6f} vs {c['reference_loss']:.6f} (rel {c['loss_rel']:.1e}); "
+                  f"gradient rel L2 error {c['grad_rel']:.1e}, max |diff| {c['grad_max_abs']:.1e} "
                   f"of max |g| {c['grad_scale']:.1e}")
         if not ok:
-            raise SystemExit("the two ways disagree: no timing")
-        results = {way: run_child(way) for way in ("reference", "promptkd")}
+            raise SystemExit("the ways disagree: no timing")
+        ways = ("reference", "promptkd", "shared") if k > 1 else ("reference", "promptkd")
+        results = {way: run_child(way) for way in ways}
 
-    flops = model_flops(teacher, student, b, n, v)
-    bnv_mb = b * n * v * 4 / 2**20
+    flops = model_flops(teacher, student, b * k, n, v)  # the replicated problem, the same for every way
+    bnv_mb = b * k * n * v * 4 / 2**20
     ref = results["reference"]
     print(f"\nmodel FLOPs per step {flops['total'] / 1e12:.3f} T (logits GEMMs {flops['logits'] / 1e12:.3f} T, "
           f"layers {flops['layers'] / 1e12:.3f} T); promptkd's fused loss executes "
@@ -348,15 +374,13 @@ def main():
         print(f"{way:10s} {r['median_s']:9.2f} {t_ratio:6.2f} {r['peak_extra_mb']:9.0f} {m_ratio:6.3f} "
               f"{gflops:14.1f} {tensors:16.2f}")
         rows.append(dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                         device=device_name, **info, b=b, n=n, v=v, p=args.p, dtype=dtype, teacher=json.dumps(teacher),
+                         device=device_name, **info, b=b, **({"samples": k} if k > 1 else {}), n=n, v=v, p=args.p,
+                         dtype=dtype, teacher=json.dumps(teacher),
                          student=json.dumps(student), reps=reps, model_flops=flops["total"], gflops_per_s=gflops,
                          time_vs_reference=t_ratio, memory_vs_reference=m_ratio, bnv_tensors_at_peak=tensors,
-                         prompt_loss_rel=agreement["prompt"]["loss_rel"],
-                         prompt_grad_rel=agreement["prompt"]["grad_rel"],
-                         student_loss_rel=agreement["student"]["loss_rel"],
-                         student_grad_rel=agreement["student"]["grad_rel"], **r))
+                         **_agreement_fields(agreement, "shared" if way == "shared" else "promptkd"), **r))
     if not args.no_record:
-        append_rows(RESULTS / "promptkd_step.csv", rows)
+        append_rows(RESULTS / ("promptkd_step_samples.csv" if k > 1 else "promptkd_step.csv"), rows)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,7 @@ class TrainConfig:
     prompt_lr: float = 0.0            # promptkd: prompt optimizer learning rate (0: same as lr)
     prompt_reg: float = 1.0           # promptkd: lambda of the KL(p_TP || p_T) regulariser, decayed linearly
     num_samples: int = 1              # responses sampled per instruction (on-policy methods)
+    share_prefix: bool = False        # sampled batches run each instruction once, shared by its samples
     max_new_tokens: int = 0           # sampled response length (0: max_length - prompt length)
     sample_temperature: float = 1.0   # reference: temperature 1, no top-k / top-p truncation
 
@@ -127,7 +128,7 @@ class TrainConfig:
             raise ValueError("eval_seeds must name at least one seed")
         for seed in self.eval_seeds:
             _int("eval_seeds", seed, minimum=0)
-        for name in ("gradient_checkpointing", "tensorboard", "progress"):
+        for name in ("gradient_checkpointing", "tensorboard", "progress", "share_prefix"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("student", "teacher", "tokenizer", "output_dir", "train_file", "valid_file", "device",
@@ -138,6 +139,9 @@ class TrainConfig:
             raise TypeError(f"extra must be a mapping, got {type(self.extra).__name__}")
         if self.num_samples > 1 and self.method not in ON_POLICY:
             raise ValueError(f"num_samples > 1 applies to methods that sample ({', '.join(ON_POLICY)}), "
+                             f"not {self.method!r}")
+        if self.share_prefix and self.method not in ON_POLICY:
+            raise ValueError(f"share_prefix applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")
 
     def check_ready(self) -> None:

@@ -162,6 +162,31 @@ def collate(prompts: list[list[int]], responses: list[list[int]], pad_id: int, e
     return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
 
+def collate_shared(prompts: list[list[int]], responses: list[list[int]], group: list[int], pad_id: int,
+                   eos_id: int | None, closed: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    """A batch of several responses per prompt, the prompt shared as a prefix.
+
+    Prompt g minus its last token is prefix g (``prefix_ids`` / ``prefix_mask`` [G, P], right-padded,
+    P >= 1); row b is its prompt's last token + ``responses[b]`` (+ eos where ``closed``), for prompt
+    ``group[b]``. ``input_ids``, ``attention_mask`` and ``labels`` [B, L] are right-padded rows;
+    ``group_index`` [B]. Labels equal those :func:`collate` gives the full sequences, without the
+    prompt's leading columns, so losses over them are the same.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("collate_shared needs at least one prompt, each of at least one token")
+    closed = [True] * len(responses) if closed is None else closed
+    width = max(1, max(len(p) - 1 for p in prompts))
+    prefix_ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    prefix_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for g, p in enumerate(prompts):
+        prefix_ids[g, :len(p) - 1] = torch.tensor(p[:-1], dtype=torch.long)
+        prefix_mask[g, :len(p) - 1] = 1
+    rows = [prompts[g][-1:] for g in group]
+    batch = collate(rows, responses, pad_id, eos_id, closed)
+    batch.update(prefix_ids=prefix_ids, prefix_mask=prefix_mask, group_index=torch.tensor(group, dtype=torch.long))
+    return batch
+
+
 class DataOrder:
     """Which examples each process takes at each step: a deterministic, resumable order.
 

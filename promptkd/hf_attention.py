@@ -46,10 +46,13 @@ class PrefixKV:
 
 
 class PrefixRecorder:
-    """Collects the keys/values each layer computes, by layer index (the prompt pass)."""
+    """Collects the keys/values each layer computes, by layer index (a prefix pass). With ``attend``
+    (a :class:`PrefixKV`) the pass itself attends to that earlier prefix while recording its own keys:
+    the instruction pass after a soft prompt."""
 
-    def __init__(self):
+    def __init__(self, attend: PrefixKV | None = None):
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.attend = attend
 
     def freeze(self, num_layers: int) -> PrefixKV:
         missing = [i for i in range(num_layers) if i not in self.layers]
@@ -58,6 +61,43 @@ class PrefixRecorder:
                                f"attention through the '{ATTN_IMPLEMENTATION}' implementation")
         return PrefixKV(tuple(self.layers[i][0] for i in range(num_layers)),
                         tuple(self.layers[i][1] for i in range(num_layers)))
+
+
+def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
+                          input_ids: torch.Tensor, attention_mask: torch.Tensor, group_index: torch.Tensor, *,
+                          outer: PrefixKV | None = None, impl: str = "auto") -> torch.Tensor:
+    """Runs G prefixes once and B rows that continue them; returns the rows' final hidden states [B, N, H].
+
+    ``base`` is a decoder (``model.base_model``) whose attention is :data:`ATTN_IMPLEMENTATION`.
+    ``prefix_ids`` / ``prefix_mask`` [G, P] are right-padded (real tokens first, mask 1);
+    ``input_ids`` / ``attention_mask`` [B, N] are right-padded rows, row b continuing prefix
+    ``group_index[b]``. The result equals running each row's prefix + own tokens as one sequence,
+    at positions 0, 1, ... (after ``outer``'s length when given), and taking the own tokens' states.
+
+    ``outer`` (G = 1, e.g. a soft prompt's keys/values) comes before every prefix: the prefix pass
+    attends to it and the rows attend to [outer; prefix_g]. Gradients reach the prefix's and the
+    outer prefix's keys/values (summed over the rows that read them).
+    """
+    offset = outer.length if outer is not None else 0
+    prefix_lengths = prefix_mask.long().sum(-1)
+    positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+    recorder = PrefixRecorder(attend=outer)
+    base(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=False,
+         promptkd_prefix=recorder, promptkd_impl=impl)
+    recorded = recorder.freeze(num_layers)
+    keys, values = recorded.keys, recorded.values
+    if outer is not None and offset:
+        def join(first, second):  # [1, H, P0, D] before every [G, H, P, D]
+            return torch.cat([first.to(second.dtype).expand(second.shape[0], -1, -1, -1), second], 2)
+
+        keys = tuple(join(o, k) for o, k in zip(outer.keys, keys, strict=True))
+        values = tuple(join(o, v) for o, v in zip(outer.values, values, strict=True))
+    lengths = prefix_lengths + offset
+    prefix = PrefixKV(keys, values, lengths=lengths, group_index=group_index)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + lengths[group_index][:, None]
+    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+               promptkd_prefix=prefix, promptkd_impl=impl)
+    return out.last_hidden_state
 
 
 def _cached_decode(query, key, value, padding, scaling):
@@ -85,7 +125,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     layer = getattr(module, "layer_idx", None)
     if isinstance(promptkd_prefix, PrefixRecorder):
         promptkd_prefix.layers[layer] = (key, value)
-        promptkd_prefix = None
+        promptkd_prefix = promptkd_prefix.attend
     if key.shape[2] != query.shape[2]:
         if promptkd_prefix is not None:
             raise ValueError("a prefix cannot be combined with a KV cache")

@@ -93,11 +93,25 @@ def check_same_tokens(student_tok, teacher_tok, student_path: str, teacher_path:
                              f"{getattr(student_tok, attr)} vs {getattr(teacher_tok, attr)}")
 
 
-def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMOutput:
-    """Final hidden states of a Hugging Face causal LM and its output embedding, without logits."""
-    out = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shared_prefix=None,
+              attention_impl: str = "auto") -> LMOutput:
+    """Final hidden states of a Hugging Face causal LM and its output embedding, without logits.
+
+    ``shared_prefix=(prefix_ids [G, P], prefix_mask [G, P], group_index [B])``: the rows continue
+    shared right-padded prefixes, run once each through prefix attention (the model must use the
+    ``"promptkd_prefix"`` attention; see :func:`promptkd.hf_attention.shared_prefix_forward`).
+    """
+    if shared_prefix is None:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  use_cache=False).last_hidden_state
+    else:
+        from .hf_attention import shared_prefix_forward
+
+        layers = model.config.get_text_config().num_hidden_layers
+        hidden = shared_prefix_forward(model.base_model, layers, *shared_prefix[:2], input_ids, attention_mask,
+                                       shared_prefix[2], impl=attention_impl)
     head = model.get_output_embeddings()
-    return LMOutput(out.last_hidden_state, head.weight, getattr(head, "bias", None))
+    return LMOutput(hidden, head.weight, getattr(head, "bias", None))
 
 
 def _ce_chunk(hidden, weight, bias, labels):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .files import write_atomic
-from .hf_attention import ATTN_IMPLEMENTATION, PrefixRecorder, check_supported, register
+from .hf_attention import ATTN_IMPLEMENTATION, PrefixRecorder, check_supported, register, shared_prefix_forward
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
 INITS = ("text", "pad", "random")
@@ -44,6 +44,21 @@ class TeacherOutput:
 
 def _layer_count(model) -> int:
     return model.config.get_text_config().num_hidden_layers
+
+
+def _check_shared(shared_prefix, input_ids: torch.Tensor):
+    if not isinstance(shared_prefix, (tuple, list)) or len(shared_prefix) != 3:
+        raise TypeError("shared_prefix must be a tuple (prefix_ids [G, P], prefix_mask [G, P], group_index [B])")
+    prefix_ids, prefix_mask, group_index = shared_prefix
+    for name, x in (("prefix_ids", prefix_ids), ("prefix_mask", prefix_mask), ("group_index", group_index)):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"shared_prefix: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if prefix_ids.ndim != 2 or tuple(prefix_mask.shape) != tuple(prefix_ids.shape) or prefix_ids.shape[1] < 1:
+        raise ValueError(f"shared_prefix: prefix_ids and prefix_mask must both be [G, P] with P >= 1, got "
+                         f"{tuple(prefix_ids.shape)} and {tuple(prefix_mask.shape)}")
+    if tuple(group_index.shape) != (input_ids.shape[0],):
+        raise ValueError(f"shared_prefix: group_index must be [B={input_ids.shape[0]}], got {tuple(group_index.shape)}")
+    return prefix_ids, prefix_mask, group_index
 
 
 class PromptedTeacher(nn.Module):
@@ -167,7 +182,15 @@ class PromptedTeacher(nn.Module):
         return recorder.freeze(_layer_count(self.model))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                use_prompt: bool | None = None, return_logits: bool = False) -> TeacherOutput:
+                use_prompt: bool | None = None, return_logits: bool = False,
+                shared_prefix: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> TeacherOutput:
+        """The teacher's final hidden states at ``input_ids`` (after the soft prompt unless disabled).
+
+        ``shared_prefix=(prefix_ids [G, P], prefix_mask [G, P], group_index [B])``: the rows of
+        ``input_ids`` continue right-padded shared prefixes (several responses to one instruction);
+        each prefix runs once, after the soft prompt, and the rows attend to [soft prompt; prefix]
+        (:func:`promptkd.hf_attention.shared_prefix_forward`). ``attention_mask`` is then required.
+        """
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             raise ValueError(f"input_ids must be a [B, N] tensor, got {getattr(input_ids, 'shape', input_ids)}")
         if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
@@ -180,15 +203,23 @@ class PromptedTeacher(nn.Module):
         prompted = self.use_prompt if use_prompt is None else use_prompt
         offset = self.num_prompt_tokens if prompted else 0
         if attention_mask is None:
+            if shared_prefix is not None:
+                raise ValueError("shared_prefix needs the rows' attention_mask")
             # An explicit mask of ones: without one, transformers inspects input_ids and position ids on
             # the host (padding warnings, packed-sequence detection), which waits for the device.
             attention_mask = torch.ones_like(input_ids)
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
         prefix = self.prompt_kv() if prompted else None
-        out = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                                    use_cache=False, promptkd_prefix=prefix, promptkd_impl=self.attention_impl)
+        if shared_prefix is not None:
+            prefix_ids, prefix_mask, group_index = _check_shared(shared_prefix, input_ids)
+            hidden = shared_prefix_forward(self.model.base_model, _layer_count(self.model), prefix_ids, prefix_mask,
+                                           input_ids, attention_mask, group_index, outer=prefix,
+                                           impl=self.attention_impl)
+        else:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+            hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                           position_ids=positions, use_cache=False, promptkd_prefix=prefix,
+                                           promptkd_impl=self.attention_impl).last_hidden_state
         head = self.model.get_output_embeddings()
-        hidden = out.last_hidden_state
         bias = getattr(head, "bias", None)
         logits = head(hidden) if return_logits else None
         return TeacherOutput(hidden, head.weight, bias, logits)

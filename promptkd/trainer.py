@@ -42,7 +42,7 @@ import torch
 
 from .api import fused_linear_kd_loss
 from .config import TrainConfig
-from .data import DataOrder, Example, collate, load_examples
+from .data import DataOrder, Example, collate, collate_shared, load_examples
 from .files import write_text
 from .models import (
     LMOutput,
@@ -284,6 +284,8 @@ class Trainer:
             vs = self.student.get_output_embeddings().weight.shape[0]
             vt = self.teacher.get_output_embeddings().weight.shape[0]
             self.vocab_size = None if vs == vt else min(vs, vt)
+        if cfg.share_prefix:
+            self._use_prefix_attention()
         if cfg.method == "promptkd":
             from .prompted import PromptedTeacher
 
@@ -320,20 +322,46 @@ class Trainer:
             if rng.get("cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rng["cuda"], self.device)
 
+    def _use_prefix_attention(self) -> None:
+        """share_prefix: the student and the teacher run their attention through prefix_attention."""
+        from .hf_attention import check_supported, register
+
+        for name, model in (("student", self.student), ("teacher", self.teacher)):
+            try:
+                check_supported(model)
+            except ValueError as e:
+                raise ValueError(f"share_prefix: the {name}'s {e}") from None
+            text = model.config.get_text_config()
+            dropout = getattr(text, "attn_pdrop", None) or getattr(text, "attention_dropout", None) or 0.0
+            if name == "student" and dropout:
+                raise ValueError(f"share_prefix: the student has attention dropout {dropout}, which prefix "
+                                 "attention does not implement; set it to 0 in the student's config.json "
+                                 "(attn_pdrop / attention_dropout) or turn share_prefix off")
+            model.set_attn_implementation(register())
+
     # ---- forward pieces ----
 
     def _autocast(self):
         enabled = self.dtype != torch.float32
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=enabled)
 
+    @staticmethod
+    def _shared(batch):
+        if "group_index" not in batch:
+            return None
+        return batch["prefix_ids"], batch["prefix_mask"], batch["group_index"]
+
     def _student(self, batch) -> LMOutput:
         with self._autocast():
-            return lm_hidden(self.student, batch["input_ids"], batch["attention_mask"])
+            return lm_hidden(self.student, batch["input_ids"], batch["attention_mask"], self._shared(batch),
+                             self.cfg.attention_impl)
 
     def _teacher(self, batch, prompted: bool | None = None) -> LMOutput:
         if prompted is None:
-            return lm_hidden(self.teacher, batch["input_ids"], batch["attention_mask"])
-        out = self.prompted(batch["input_ids"], batch["attention_mask"], use_prompt=prompted)
+            return lm_hidden(self.teacher, batch["input_ids"], batch["attention_mask"], self._shared(batch),
+                             self.cfg.attention_impl)
+        out = self.prompted(batch["input_ids"], batch["attention_mask"], use_prompt=prompted,
+                            shared_prefix=self._shared(batch))
         return LMOutput(out.hidden_states, out.output_weight, out.output_bias)
 
     def _kd(self, student: LMOutput, teacher: LMOutput, labels, divergence: str, **kwargs) -> torch.Tensor:
@@ -347,9 +375,19 @@ class Trainer:
                                     student_bias=cast(student.bias), teacher_bias=cast(teacher.bias),
                                     vocab_size=self.vocab_size, impl=self.cfg.loss_impl, **kwargs)
 
-    def _batch(self, prompts, responses, closed=None):
-        batch = collate(prompts, responses, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, closed)
-        tokens = int(batch["attention_mask"].sum())
+    def _batch(self, prompts, responses, closed=None, shared: bool = False):
+        """A training batch and its token count (prompt + response, every sample counted in full).
+
+        ``shared``: ``prompts`` holds each instruction ``num_samples`` times in a row (as
+        :meth:`_on_policy` returns them); each instruction becomes one shared prefix for its samples."""
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        if shared:
+            k = self.cfg.num_samples
+            batch = collate_shared(prompts[::k], responses, [i // k for i in range(len(responses))], pad, eos, closed)
+            tokens = int(batch["attention_mask"].sum()) + sum(len(p) - 1 for p in prompts)
+        else:
+            batch = collate(prompts, responses, pad, eos, closed)
+            tokens = int(batch["attention_mask"].sum())
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens
 
     def _sample_seed(self, step: int, micro: int) -> int:
@@ -386,7 +424,7 @@ class Trainer:
         cfg, method = self.cfg, self.cfg.method
         if method == "rkl" or (method == "gkd" and self._coin(step, micro, cfg.gkd_lambda)) or (
                 method == "distillm" and self._coin(step, micro, cfg.distillm_student_ratio)):
-            batch, tokens = self._batch(*self._on_policy(examples, step, micro))
+            batch, tokens = self._batch(*self._on_policy(examples, step, micro), shared=cfg.share_prefix)
         else:
             batch, tokens = self._batch(*self._ground_truth(examples))
         labels = batch["labels"]
@@ -443,7 +481,7 @@ class Trainer:
         # PromptKD: (1) sample, (2) prompt step, (3) student step, over the same micro-batches.
         samples = []
         for m, examples in enumerate(micro_batches):
-            batch, n = self._batch(*self._on_policy(examples, step, m))
+            batch, n = self._batch(*self._on_policy(examples, step, m), shared=cfg.share_prefix)
             samples.append(batch)
             tokens += n
         reg = cfg.prompt_reg * (1.0 - step / self.total_steps)

@@ -173,6 +173,81 @@ def test_gradient_checkpointing_recomputes_identically(family):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
+SHARED_CASES = [(f, "torch", False) for f in FAMILIES] + [("llama", "torch", True), ("gpt2", "torch", True),
+                                                           ("llama", "triton", False)]
+
+
+@pytest.mark.parametrize("family,impl,checkpointing", SHARED_CASES,
+                         ids=[f"{f}-{i}{'-ckpt' if c else ''}" for f, i, c in SHARED_CASES])
+def test_shared_prefix_equals_full_sequences(family, impl, checkpointing):
+    """Several responses per instruction with the instruction run once as a shared prefix (after the
+    soft prompt, or alone): hidden states and every gradient equal running each full sequence."""
+    from promptkd.data import collate, collate_shared
+    from promptkd.hf_attention import register
+    from promptkd.models import lm_hidden
+
+    g = torch.Generator().manual_seed(11)
+
+    def tokens(n):
+        return torch.randint(3, VOCAB, (n,), generator=g).tolist()
+
+    prompts = [tokens(1), tokens(6), tokens(13)]  # the first has an empty shared part
+    group = [0, 0, 1, 1, 1, 2]
+    responses = [tokens(n) for n in (3, 0, 5, 1, 8, 4)]
+    closed = [True, True, False, True, False, True]
+    full = collate([prompts[i] for i in group], responses, 0, 2, closed)
+    shared = collate_shared(prompts, responses, group, 0, 2, closed)
+    assert torch.equal(full["labels"][full["labels"] != -100], shared["labels"][shared["labels"] != -100])
+    prefix = (shared["prefix_ids"], shared["prefix_mask"], shared["group_index"])
+    weights = torch.randn(8, 32, 32, generator=g)
+
+    def loss(hidden, labels):  # a fixed, non-symmetric function of the states at the labelled positions
+        picked = hidden[labels != -100]
+        return (picked @ weights[: picked.shape[0]].sum(0)).tanh().sum() + (picked ** 2).sum()
+
+    init = torch.randn(P, 32, generator=g)
+    results = []
+    for share in (False, True):
+        teacher = PromptedTeacher(build(family), P, init_embeddings=init, gradient_checkpointing=checkpointing,
+                                  attention_impl=impl)
+        teacher.train()
+        rows = shared if share else full
+        out = teacher(rows["input_ids"], rows["attention_mask"], shared_prefix=prefix if share else None)
+        plain = teacher(rows["input_ids"], rows["attention_mask"], use_prompt=False,
+                        shared_prefix=prefix if share else None).hidden_states
+        (prompt_grad,) = torch.autograd.grad(loss(out.hidden_states, rows["labels"]), teacher.soft_prompt)
+        student = build(family)  # the student's path: a plain model, gradients to its weights
+        student.set_attn_implementation(register())
+        hidden = lm_hidden(student, rows["input_ids"], rows["attention_mask"], prefix if share else None,
+                           attention_impl=impl).hidden
+        loss(hidden, rows["labels"]).backward()
+        results.append(dict(prompted=out.hidden_states[rows["labels"] != -100],
+                            plain=plain[rows["labels"] != -100], prompt_grad=prompt_grad,
+                            student=hidden[rows["labels"] != -100].detach(),
+                            **{n: p.grad for n, p in student.named_parameters() if p.grad is not None}))
+    assert results[0].keys() == results[1].keys() and len(results[0]) > 6
+    largest = max(float(v.abs().max()) for v in results[0].values())
+    for name, expected in results[0].items():
+        # Relative to the tensor's largest entry; a key bias's gradient is zero up to rounding (softmax
+        # ignores a shift shared by all keys), so that floor is a thousandth of the largest gradient.
+        error = float((results[1][name] - expected).abs().max())
+        assert error <= 2e-5 * max(float(expected.abs().max()), 1e-3 * largest), (name, error)
+
+
+def test_shared_prefix_arguments():
+    teacher = PromptedTeacher(build("llama"), P, init="random")
+    ids, mask = batch("right")
+    prefix = (torch.ones(2, 4, dtype=torch.long), torch.ones(2, 4, dtype=torch.long), torch.tensor([0, 1, 1]))
+    with pytest.raises(ValueError, match="attention_mask"):
+        teacher(ids, None, shared_prefix=prefix)
+    with pytest.raises(TypeError, match="shared_prefix must be a tuple"):
+        teacher(ids, mask, shared_prefix=prefix[:2])
+    with pytest.raises(ValueError, match="group_index must be"):
+        teacher(ids, mask, shared_prefix=(*prefix[:2], torch.tensor([0, 1])))
+    with pytest.raises(ValueError, match="prefix_ids and prefix_mask"):
+        teacher(ids, mask, shared_prefix=(prefix[0], prefix[1][:, :2], prefix[2]))
+
+
 def test_cached_generation_still_works_on_the_wrapped_model():
     plain = build("llama")
     teacher = PromptedTeacher(copy.deepcopy(plain), P, init="random")
