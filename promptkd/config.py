@@ -69,6 +69,7 @@ class TrainConfig:
     dtype: str = "auto"               # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"              # auto: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
     gradient_checkpointing: bool = False
+    fsdp: bool = False                # shard student and teacher over the torchrun processes (FSDP2)
     loss_impl: str = "auto"           # promptkd.fused_linear_kd_loss implementation
     attention_impl: str = "auto"      # promptkd.prefix_attention implementation (prompted teacher)
 
@@ -128,7 +129,7 @@ class TrainConfig:
             raise ValueError("eval_seeds must name at least one seed")
         for seed in self.eval_seeds:
             _int("eval_seeds", seed, minimum=0)
-        for name in ("gradient_checkpointing", "tensorboard", "progress", "share_prefix"):
+        for name in ("gradient_checkpointing", "tensorboard", "progress", "share_prefix", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("student", "teacher", "tokenizer", "output_dir", "train_file", "valid_file", "device",
@@ -140,6 +141,10 @@ class TrainConfig:
         if self.num_samples > 1 and self.method not in ON_POLICY:
             raise ValueError(f"num_samples > 1 applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")
+        if self.fsdp and (self.method == "promptkd" or self.share_prefix):
+            raise ValueError("fsdp does not yet support method 'promptkd' or share_prefix: their prefix passes "
+                             "feed keys/values to later passes, and FSDP unshards a layer for backward only when "
+                             "its outputs get a gradient; run them data-parallel (fsdp: false)")
         if self.share_prefix and self.method not in ON_POLICY:
             raise ValueError(f"share_prefix applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")

@@ -126,6 +126,7 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    synced_gpus: bool = False,
 ) -> list[list[int]]:
     """Generate a continuation of each prompt with a Hugging Face causal LM; return new token ids per prompt.
 
@@ -133,6 +134,8 @@ def sample(
     stable), cut into batches of ``batch_size``, left-padded with ``pad_token_id`` and masked. Each
     result stops before its first eos (``eos_token_id``, an id or a list of ids); results come back
     in input order. ``top_k=0`` means no top-k filter; ``do_sample=False`` decodes greedily.
+    ``synced_gpus=True`` (a model sharded over processes, e.g. with FSDP) keeps every process running
+    forward passes until all of them have finished (transformers' ``synced_gpus``).
     Sampling settings, lengths, eos/pad and ``repetition_penalty=1.0`` are passed explicitly, so a
     checkpoint's ``generation_config`` (e.g. its own temperature) does not change them.
 
@@ -164,6 +167,8 @@ def sample(
     device = _model_device(model)
     settings = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_token_id,
                     eos_token_id=eos if len(eos) > 1 else eos[0], repetition_penalty=1.0, num_beams=1)
+    if synced_gpus:  # a sharded (FSDP) model: every process runs the same number of forward passes
+        settings["synced_gpus"] = True
     if do_sample:
         settings.update(temperature=float(temperature), top_k=top_k, top_p=float(top_p))
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
@@ -231,6 +236,7 @@ def evaluate(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    synced_gpus: bool = False,
 ) -> dict:
     """Sample a response per example and seed; score ROUGE-L and exact match against the references.
 
@@ -271,7 +277,8 @@ def evaluate(
     for seed in (seeds if do_sample else [None]):
         outputs = sample(model, prompts, pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                          max_new_tokens=max_new_tokens, seed=seed or 0, batch_size=batch_size,
-                         temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample)
+                         temperature=temperature, top_k=top_k, top_p=top_p, do_sample=do_sample,
+                         synced_gpus=synced_gpus)
         predictions = [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in outputs]
         if generations is None:
             generations = predictions

@@ -110,8 +110,39 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
         layers = model.config.get_text_config().num_hidden_layers
         hidden = shared_prefix_forward(model.base_model, layers, *shared_prefix[:2], input_ids, attention_mask,
                                        shared_prefix[2], impl=attention_impl)
+    return LMOutput(hidden, *output_head(model))
+
+
+def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output embedding's weight [V, H] and bias (or None). For a model sharded by :func:`shard`
+    whose head is tied to the input embedding, the weight is read where FSDP keeps it (the input
+    embedding, gathered while the decoder's forward and backward need it)."""
     head = model.get_output_embeddings()
-    return LMOutput(hidden, head.weight, getattr(head, "bias", None))
+    bias = getattr(head, "bias", None)
+    if getattr(model, "_promptkd_tied_head", False):
+        return model.get_input_embeddings().weight, bias
+    return head.weight, bias
+
+
+def shard(model, param_dtype: torch.dtype | None = None) -> None:
+    """FSDP (``torch.distributed.fsdp.fully_shard``) over the processes: each decoder layer is one
+    unit, the decoder (input embedding, final norm) the root unit; an output head that is not tied to
+    the input embedding stays whole on every process (its gradient is averaged like the soft
+    prompt's). ``param_dtype`` computes in that dtype while the sharded weights keep theirs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    base = model.base_model
+    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise ValueError(f"fsdp: found no decoder layers in {type(model).__name__} to shard")
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
+    kwargs = {"mp_policy": policy} if policy is not None else {}
+    for layer in layers:
+        fully_shard(layer, **kwargs)
+    fully_shard(base, **kwargs)
+    model._promptkd_tied_head = tied
 
 
 def _ce_chunk(hidden, weight, bias, labels):

@@ -20,6 +20,7 @@ from torch import nn
 
 from .files import write_atomic
 from .hf_attention import ATTN_IMPLEMENTATION, PrefixRecorder, check_supported, register, shared_prefix_forward
+from .models import output_head
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
 INITS = ("text", "pad", "random")
@@ -219,10 +220,9 @@ class PromptedTeacher(nn.Module):
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions, use_cache=False, promptkd_prefix=prefix,
                                            promptkd_impl=self.attention_impl).last_hidden_state
-        head = self.model.get_output_embeddings()
-        bias = getattr(head, "bias", None)
-        logits = head(hidden) if return_logits else None
-        return TeacherOutput(hidden, head.weight, bias, logits)
+        weight, bias = output_head(self.model)
+        logits = torch.nn.functional.linear(hidden, weight, bias) if return_logits else None
+        return TeacherOutput(hidden, weight, bias, logits)
 
     # ---- saving and loading as a PEFT prompt-tuning adapter ----
 

@@ -21,6 +21,10 @@ no [tokens, vocab] logits tensor is made. One step (``method``):
 where p is the teacher, q the student, TP the teacher with the soft prompt. Losses are token means
 over response tokens, averaged over micro-batches and processes.
 
+``num_samples`` K samples K responses per instruction; ``share_prefix`` runs each instruction once
+as a prefix shared by its K responses (prefix attention in both models). Under torchrun the run is
+data-parallel, or with ``fsdp`` sharded (FSDP2; not yet for promptkd or share_prefix).
+
 The run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per logged step), TensorBoard
 events when tensorboard is installed, ``checkpoint-<step>/`` (the last ``keep_checkpoints``),
 ``best/`` (the best validation ROUGE-L) and ``final/``. Checkpoints are directories renamed into
@@ -53,6 +57,7 @@ from .models import (
     lm_hidden,
     load_model,
     load_tokenizer,
+    shard,
 )
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -81,12 +86,18 @@ class Processes:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.distributed = self.world_size > 1
-        if self.distributed and not dist.is_initialized():
+        self._owns_group = self.distributed and not dist.is_initialized()
+        if self._owns_group:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+    def close(self) -> None:
+        """Leaves the process group this object started (an exiting process must not leave it open)."""
+        if self._owns_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def barrier(self):
         if self.distributed:
@@ -115,6 +126,52 @@ class Processes:
             flat /= self.world_size
             for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
                 g.copy_(synced)
+
+
+def _is_sharded(t) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _clip_grad_norm(params: list[torch.Tensor], max_norm: float, procs: Processes) -> None:
+    """Clip to a total L2 norm over sharded (FSDP, summed over the processes) and whole gradients."""
+    grads = [p.grad for p in params if p.grad is not None]
+    sharded = [g for g in grads if _is_sharded(g)]
+    if not sharded:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    device = sharded[0].to_local().device
+    local = torch.zeros((), device=device, dtype=torch.float32)
+    for g in sharded:
+        local += g.to_local().float().square().sum()
+    torch.distributed.all_reduce(local)
+    for g in grads:
+        if not _is_sharded(g):
+            local += g.float().square().sum()
+    scale = (max_norm / (local.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        (g.to_local() if _is_sharded(g) else g).mul_(scale.to(g.dtype))
+
+
+def _local_state(optimizer_state: dict) -> dict:
+    """An optimizer state dict with FSDP-sharded tensors replaced by this process's shards."""
+    state = {k: {n: v.to_local() if _is_sharded(v) else v for n, v in s.items()}
+             for k, s in optimizer_state["state"].items()}
+    return {"state": state, "param_groups": optimizer_state["param_groups"]}
+
+
+def _shard_state(local: dict, optimizer) -> dict:
+    """The inverse of :func:`_local_state` for ``optimizer``'s parameters."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    state = {}
+    for k, s in local["state"].items():
+        p = params[int(k)]
+        state[k] = {n: DTensor.from_local(v, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+                    if _is_sharded(p) and n != "step" and v.ndim else v for n, v in s.items()}
+    return {"state": state, "param_groups": local["param_groups"]}
 
 
 # ---------------------------------------------------------------- run directory
@@ -215,6 +272,9 @@ class Trainer:
         self.dtype = _dtype(config.dtype, self.device)
         if self.dtype != torch.float32 and self.device.type == "cpu":
             raise ValueError(f"dtype={config.dtype} needs a CUDA device; on the CPU use float32")
+        if config.fsdp and not self.procs.distributed:
+            raise ValueError("fsdp: true shards the models over several processes: launch with torchrun "
+                             "--nproc_per_node N (N > 1), or turn fsdp off")
         self.run_dir = config.output_dir
 
         # Everything that can be wrong with the inputs is found before any model is loaded.
@@ -295,6 +355,10 @@ class Trainer:
                                             attention_impl=cfg.attention_impl)
             if self.resume_from:
                 self.prompted.load_prompt(os.path.join(self.resume_from, "prompt"))
+        if cfg.fsdp:
+            shard(self.student, param_dtype=self.dtype if self.dtype != torch.float32 else None)
+            if self.teacher is not None:
+                shard(self.teacher)
 
         def adamw(params, lr):
             return torch.optim.AdamW(params, lr=lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
@@ -302,7 +366,11 @@ class Trainer:
 
         schedule = _warmup_then_constant(cfg.warmup_steps)
         self.student_params = [p for p in self.student.parameters() if p.requires_grad]
-        self.optimizer = adamw(self.student_params, cfg.lr)
+        # FSDP's sharded parameters and the whole ones (an untied head) in separate groups: AdamW's
+        # batched updates take one kind at a time.
+        sharded = [p for p in self.student_params if _is_sharded(p)]
+        whole = [p for p in self.student_params if not _is_sharded(p)]
+        self.optimizer = adamw([{"params": group} for group in (sharded, whole) if group], cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.prompt_optimizer = self.prompt_scheduler = None
         if self.prompted is not None:
@@ -311,6 +379,10 @@ class Trainer:
         if self.resume_from:
             state = torch.load(os.path.join(self.resume_from, "optimizer.pt"), map_location=self.device,
                                weights_only=True)
+            if cfg.fsdp:
+                local = torch.load(os.path.join(self.resume_from, f"optimizer-rank{self.procs.rank}.pt"),
+                                   map_location=self.device, weights_only=True)
+                state["student"] = _shard_state(local, self.optimizer)
             self.optimizer.load_state_dict(state["student"])
             self.scheduler.load_state_dict(state["student_scheduler"])
             if self.prompt_optimizer is not None:
@@ -404,7 +476,7 @@ class Trainer:
         responses = sample(self.student, prompts, pad_token_id=self.tokenizer.pad_token_id,
                            eos_token_id=self.tokenizer.eos_token_id, max_new_tokens=room,
                            seed=self._sample_seed(step, micro), batch_size=len(prompts),
-                           temperature=cfg.sample_temperature)
+                           temperature=cfg.sample_temperature, synced_gpus=cfg.fsdp)
         # A response shorter than the room ended with eos (which sample() strips): it is closed by eos again.
         return prompts, responses, [len(r) < room for r in responses]
 
@@ -412,7 +484,10 @@ class Trainer:
         """A reproducible draw per (step, micro-batch, rank)."""
         if probability <= 0.0:
             return False
-        generator = torch.Generator().manual_seed(self._sample_seed(step, micro) + 7)
+        seed = self._sample_seed(step, micro) + 7
+        if self.cfg.fsdp:  # sharded models: every process must take the same branch (generate or not)
+            seed -= self.procs.rank * 131
+        generator = torch.Generator().manual_seed(seed)
         return bool(torch.rand((), generator=generator) < probability)
 
     def _ground_truth(self, examples: list[Example]):
@@ -453,9 +528,9 @@ class Trainer:
             last = checkpoints(self.run_dir)
             raise TrainingDiverged(f"step {step + 1}: the {what} loss is {value}; the run stopped without applying "
                                    f"this step. Last good checkpoint: {last[-1] if last else 'none'}")
-        self.procs.average_gradients(params)
+        self.procs.average_gradients([p for p in params if not _is_sharded(p)])  # FSDP averaged the others
         if self.cfg.clip_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
+            _clip_grad_norm(params, self.cfg.clip_grad_norm, self.procs)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -520,11 +595,26 @@ class Trainer:
 
         examples = [{"prompt": e.prompt, "references": e.references} for e in self.valid_examples]
         result = evaluate(self.student, self.tokenizer, examples, seeds=self.cfg.eval_seeds,
-                          max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=self.cfg.eval_batch_size)
+                          max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=self.cfg.eval_batch_size,
+                          synced_gpus=self.cfg.fsdp)
         return {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"]}
 
-    def _save_model_dir(self, directory: str) -> None:
-        self.student.save_pretrained(os.path.join(directory, "model"), safe_serialization=True)
+    def _student_state(self) -> dict | None:
+        """FSDP: the student's whole weights, gathered by every process (collective), kept on rank 0."""
+        if not self.cfg.fsdp:
+            return None
+        head = self.student.get_output_embeddings()
+        tied = {f"{n}.weight" for n, m in self.student.named_modules() if m is head} \
+            if getattr(self.student, "_promptkd_tied_head", False) else set()
+        state = {}
+        for name, value in self.student.state_dict().items():
+            value = value.full_tensor() if _is_sharded(value) else value
+            if self.procs.main and name not in tied:  # a tied head is saved once, as the input embedding
+                state[name] = value.detach().to("cpu", copy=True)
+        return state
+
+    def _save_model_dir(self, directory: str, state: dict | None = None) -> None:
+        self.student.save_pretrained(os.path.join(directory, "model"), safe_serialization=True, state_dict=state)
         self.tokenizer.save_pretrained(os.path.join(directory, "model"))
         if self.prompted is not None:
             self.prompted.save_prompt(os.path.join(directory, "prompt"), base_model_name_or_path=self.cfg.teacher)
@@ -532,11 +622,14 @@ class Trainer:
     def save_checkpoint(self, step: int) -> str:
         final = os.path.join(self.run_dir, f"{CHECKPOINT_PREFIX}{step:07d}")
         tmp = os.path.join(self.run_dir, f".tmp-{CHECKPOINT_PREFIX}{step:07d}")
+        state = self._student_state()
         if self.procs.main:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            self._save_model_dir(tmp)
-            optim = {"student": self.optimizer.state_dict(), "student_scheduler": self.scheduler.state_dict()}
+            self._save_model_dir(tmp, state)
+            # FSDP: the student's optimizer state is sharded; each process writes its part below.
+            student_state = None if self.cfg.fsdp else self.optimizer.state_dict()
+            optim = {"student": student_state, "student_scheduler": self.scheduler.state_dict()}
             if self.prompt_optimizer is not None:
                 optim.update(prompt=self.prompt_optimizer.state_dict(),
                              prompt_scheduler=self.prompt_scheduler.state_dict())
@@ -545,6 +638,9 @@ class Trainer:
         rng = {"python": random.getstate(), "torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         torch.save(rng, os.path.join(tmp, f"rng-rank{self.procs.rank}.pt"))
+        if self.cfg.fsdp:  # each process's shard of the student's optimizer state
+            torch.save(_local_state(self.optimizer.state_dict()),
+                       os.path.join(tmp, f"optimizer-rank{self.procs.rank}.pt"))
         self.procs.barrier()
         if self.procs.main:
             epoch, within = divmod(step, self.order.steps_per_epoch)
@@ -559,9 +655,12 @@ class Trainer:
         return final
 
     def _save_best(self, step: int) -> None:
+        state = self._student_state()
+        if not self.procs.main:
+            return
         tmp = os.path.join(self.run_dir, ".tmp-best")
         shutil.rmtree(tmp, ignore_errors=True)
-        self._save_model_dir(tmp)
+        self._save_model_dir(tmp, state)
         write_text(os.path.join(tmp, "best.json"), json.dumps({"step": step, **self.best}, indent=2))
         _replace_dir(tmp, os.path.join(self.run_dir, "best"))
 
@@ -592,7 +691,7 @@ class Trainer:
                 values["train/tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
                 done = step + 1
                 if self.valid_examples and (done % eval_every == 0 or done == self.total_steps):
-                    if self.procs.main:
+                    if self.procs.main or cfg.fsdp:  # a sharded student generates on every process
                         values.update(self.validate())
                         score = values["valid/rougeL"]
                         if self.best["rougeL"] is None or score > self.best["rougeL"]:
@@ -608,10 +707,11 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
+        state = self._student_state()
         if self.procs.main:
             tmp = os.path.join(self.run_dir, ".tmp-final")
             shutil.rmtree(tmp, ignore_errors=True)
-            self._save_model_dir(tmp)
+            self._save_model_dir(tmp, state)
             _replace_dir(tmp, os.path.join(self.run_dir, "final"))
             best = f", best validation ROUGE-L {self.best['rougeL']:.2f} at step {self.best['step']}" \
                 if self.best["rougeL"] is not None else ""
@@ -622,4 +722,8 @@ class Trainer:
 
 def train(config: TrainConfig, resume: bool = False, log=print) -> str:
     """Trains ``config`` and returns its run directory (see the module docstring)."""
-    return Trainer(config, resume=resume, log=log).train()
+    trainer = Trainer(config, resume=resume, log=log)
+    try:
+        return trainer.train()
+    finally:
+        trainer.procs.close()
