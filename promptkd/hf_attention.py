@@ -63,6 +63,12 @@ class PrefixRecorder:
                         tuple(self.layers[i][1] for i in range(num_layers)))
 
 
+def positions_from_mask(mask: torch.Tensor, offset) -> torch.Tensor:
+    """Position ids [B, N] that count each row's real tokens from ``offset`` (a number or a [B, 1]
+    tensor): left or right padding gives every real token its unpadded position."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+
+
 def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
                           input_ids: torch.Tensor, attention_mask: torch.Tensor, group_index: torch.Tensor, *,
                           outer: PrefixKV | None = None, impl: str = "auto") -> torch.Tensor:
@@ -80,7 +86,7 @@ def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefi
     """
     offset = outer.length if outer is not None else 0
     prefix_lengths = prefix_mask.long().sum(-1)
-    positions = (prefix_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+    positions = positions_from_mask(prefix_mask, offset)
     recorder = PrefixRecorder(attend=outer)
     base(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=False,
          promptkd_prefix=recorder, promptkd_impl=impl)
@@ -94,7 +100,7 @@ def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefi
         values = tuple(join(o, v) for o, v in zip(outer.values, values, strict=True))
     lengths = prefix_lengths + offset
     prefix = PrefixKV(keys, values, lengths=lengths, group_index=group_index)
-    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + lengths[group_index][:, None]
+    positions = positions_from_mask(attention_mask, lengths[group_index][:, None])
     out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                promptkd_prefix=prefix, promptkd_impl=impl)
     return out.last_hidden_state

@@ -107,9 +107,10 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
     else:
         from .hf_attention import shared_prefix_forward
 
+        prefix_ids, prefix_mask, group_index = shared_prefix
         layers = model.config.get_text_config().num_hidden_layers
-        hidden = shared_prefix_forward(model.base_model, layers, *shared_prefix[:2], input_ids, attention_mask,
-                                       shared_prefix[2], impl=attention_impl)
+        hidden = shared_prefix_forward(model.base_model, layers, prefix_ids, prefix_mask, input_ids, attention_mask,
+                                       group_index, impl=attention_impl)
     return LMOutput(hidden, *output_head(model))
 
 

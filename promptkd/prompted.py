@@ -19,7 +19,14 @@ import torch
 from torch import nn
 
 from .files import write_atomic
-from .hf_attention import ATTN_IMPLEMENTATION, PrefixRecorder, check_supported, register, shared_prefix_forward
+from .hf_attention import (
+    ATTN_IMPLEMENTATION,
+    PrefixRecorder,
+    check_supported,
+    positions_from_mask,
+    register,
+    shared_prefix_forward,
+)
 from .models import output_head
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
@@ -202,7 +209,6 @@ class PromptedTeacher(nn.Module):
                                f"{self.model.config._attn_implementation!r}; PromptedTeacher needs "
                                f"'{ATTN_IMPLEMENTATION}'")
         prompted = self.use_prompt if use_prompt is None else use_prompt
-        offset = self.num_prompt_tokens if prompted else 0
         if attention_mask is None:
             if shared_prefix is not None:
                 raise ValueError("shared_prefix needs the rows' attention_mask")
@@ -216,7 +222,7 @@ class PromptedTeacher(nn.Module):
                                            input_ids, attention_mask, group_index, outer=prefix,
                                            impl=self.attention_impl)
         else:
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) + offset
+            positions = positions_from_mask(attention_mask, self.num_prompt_tokens if prompted else 0)
             hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions, use_cache=False, promptkd_prefix=prefix,
                                            promptkd_impl=self.attention_impl).last_hidden_state

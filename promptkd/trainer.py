@@ -462,8 +462,9 @@ class Trainer:
             tokens = int(batch["attention_mask"].sum())
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}, tokens
 
-    def _sample_seed(self, step: int, micro: int) -> int:
-        return (self.cfg.seed * 1_000_003 + step * 8191 + self.procs.rank * 131 + micro) % (2**31 - 1)
+    def _sample_seed(self, step: int, micro: int, rank: int | None = None) -> int:
+        rank = self.procs.rank if rank is None else rank
+        return (self.cfg.seed * 1_000_003 + step * 8191 + rank * 131 + micro) % (2**31 - 1)
 
     def _on_policy(self, examples: list[Example], step: int, micro: int):
         """The student's samples for each instruction (num_samples each): prompts, responses, closed."""
@@ -484,9 +485,8 @@ class Trainer:
         """A reproducible draw per (step, micro-batch, rank)."""
         if probability <= 0.0:
             return False
-        seed = self._sample_seed(step, micro) + 7
-        if self.cfg.fsdp:  # sharded models: every process must take the same branch (generate or not)
-            seed -= self.procs.rank * 131
+        # Sharded models: every process must take the same branch (generate or not), so rank 0's draw.
+        seed = self._sample_seed(step, micro, rank=0 if self.cfg.fsdp else None) + 7
         generator = torch.Generator().manual_seed(seed)
         return bool(torch.rand((), generator=generator) < probability)
 
