@@ -141,10 +141,6 @@ class TrainConfig:
         if self.num_samples > 1 and self.method not in ON_POLICY:
             raise ValueError(f"num_samples > 1 applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")
-        if self.fsdp and (self.method == "promptkd" or self.share_prefix):
-            raise ValueError("fsdp does not yet support method 'promptkd' or share_prefix: their prefix passes "
-                             "feed keys/values to later passes, and FSDP unshards a layer for backward only when "
-                             "its outputs get a gradient; run them data-parallel (fsdp: false)")
         if self.share_prefix and self.method not in ON_POLICY:
             raise ValueError(f"share_prefix applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")

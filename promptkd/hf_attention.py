@@ -54,13 +54,48 @@ class PrefixRecorder:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.attend = attend
 
-    def freeze(self, num_layers: int) -> PrefixKV:
+    def freeze(self, num_layers: int, after: torch.Tensor | None = None) -> PrefixKV:
+        """The recorded keys/values as a :class:`PrefixKV`. ``after`` (the pass's output) makes their
+        gradients wait for that output's backward; see :class:`_AfterOutput`."""
         missing = [i for i in range(num_layers) if i not in self.layers]
         if missing:
             raise RuntimeError(f"the prompt pass recorded no keys for layers {missing}: the model does not route "
                                f"attention through the '{ATTN_IMPLEMENTATION}' implementation")
-        return PrefixKV(tuple(self.layers[i][0] for i in range(num_layers)),
-                        tuple(self.layers[i][1] for i in range(num_layers)))
+        keys = tuple(self.layers[i][0] for i in range(num_layers))
+        values = tuple(self.layers[i][1] for i in range(num_layers))
+        if after is not None and torch.is_grad_enabled() and after.requires_grad:
+            tied = _AfterOutput.apply(after, *keys, *values)
+            keys, values = tied[:num_layers], tied[num_layers:]
+        return PrefixKV(keys, values)
+
+
+class _AfterOutput(torch.autograd.Function):
+    """Identity on recorded keys/values whose backward also hands the pass's output a zero gradient.
+
+    A prefix pass reaches the loss only through the keys/values its layers recorded; its last layer's
+    output gets no gradient. FSDP gathers a sharded layer's weights for backward when that layer's
+    output gets its gradient, so without this the last layer's key/value projections would run
+    backward on freed weights. With it, every layer's backward waits for its output's (zero) gradient,
+    which fires FSDP's gathering first; the cost is one layer's backward on a zero gradient."""
+
+    @staticmethod
+    def forward(ctx, after, *tensors):
+        ctx.after = (after.shape, after.dtype, after.device)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        shape, dtype, device = ctx.after
+        return (torch.zeros((), dtype=dtype, device=device).expand(shape), *grads)
+
+
+def is_sharded(module) -> bool:
+    """Whether FSDP (``fully_shard``) manages the parameters of ``module`` or of any module inside it."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def positions_from_mask(mask: torch.Tensor, offset) -> torch.Tensor:
@@ -88,9 +123,9 @@ def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefi
     prefix_lengths = prefix_mask.long().sum(-1)
     positions = positions_from_mask(prefix_mask, offset)
     recorder = PrefixRecorder(attend=outer)
-    base(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=False,
-         promptkd_prefix=recorder, promptkd_impl=impl)
-    recorded = recorder.freeze(num_layers)
+    passed = base(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=False,
+                  promptkd_prefix=recorder, promptkd_impl=impl).last_hidden_state
+    recorded = recorder.freeze(num_layers, after=passed if is_sharded(base) else None)
     keys, values = recorded.keys, recorded.values
     if outer is not None and offset:
         def join(first, second):  # [1, H, P0, D] before every [G, H, P, D]

@@ -23,6 +23,7 @@ from .hf_attention import (
     ATTN_IMPLEMENTATION,
     PrefixRecorder,
     check_supported,
+    is_sharded,
     positions_from_mask,
     register,
     shared_prefix_forward,
@@ -185,9 +186,9 @@ class PromptedTeacher(nn.Module):
         embeds = self.soft_prompt.to(self.model.get_input_embeddings().weight.dtype)[None]
         recorder = PrefixRecorder()
         positions = torch.arange(self.num_prompt_tokens, device=embeds.device)[None]
-        base(inputs_embeds=embeds, position_ids=positions, use_cache=False, promptkd_prefix=recorder,
-             promptkd_impl=self.attention_impl)
-        return recorder.freeze(_layer_count(self.model))
+        passed = base(inputs_embeds=embeds, position_ids=positions, use_cache=False, promptkd_prefix=recorder,
+                      promptkd_impl=self.attention_impl).last_hidden_state
+        return recorder.freeze(_layer_count(self.model), after=passed if is_sharded(base) else None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 use_prompt: bool | None = None, return_logits: bool = False,

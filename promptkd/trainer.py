@@ -23,7 +23,7 @@ over response tokens, averaged over micro-batches and processes.
 
 ``num_samples`` K samples K responses per instruction; ``share_prefix`` runs each instruction once
 as a prefix shared by its K responses (prefix attention in both models). Under torchrun the run is
-data-parallel, or with ``fsdp`` sharded (FSDP2; not yet for promptkd or share_prefix).
+data-parallel, or with ``fsdp`` sharded (FSDP2).
 
 The run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per logged step), TensorBoard
 events when tensorboard is installed, ``checkpoint-<step>/`` (the last ``keep_checkpoints``),

@@ -374,10 +374,26 @@ def test_fsdp_matches_data_parallel_and_resumes(setup, tmp_path):
     resumed = torchrun(setup, tmp_path, "resumed", "--resume", fsdp=True, **common)
     assert_same(weights(sharded), weights(resumed))
 
-    with pytest.raises(ValueError, match="fsdp does not yet support method 'promptkd'"):
-        TrainConfig(method="promptkd", fsdp=True)
     with pytest.raises(ValueError, match="launch with torchrun"):
         Trainer(config(setup, tmp_path / "one", fsdp=True), log=lambda _: None)
+
+
+def test_fsdp_prefix_passes_match_data_parallel(setup, tmp_path):
+    """promptkd with share_prefix and gradient checkpointing under fsdp: the soft prompt's pass and the
+    shared instructions' passes feed later passes only through recorded keys/values, and still reach
+    the data-parallel run's student weights and prompt (without their zero-gradient tie to the pass
+    output, FSDP runs the last layer's backward on freed weights and the run fails)."""
+    common = dict(method="promptkd", share_prefix=True, num_samples=2, gradient_checkpointing=True)
+    data_parallel = torchrun(setup, tmp_path, "ddp", **common)
+    sharded = torchrun(setup, tmp_path, "fsdp", fsdp=True, **common)
+    assert_same(weights(data_parallel), weights(sharded), exact=False)
+    prompts = [load_file(os.path.join(run, "final", "prompt", "adapter_model.safetensors"))["prompt_embeddings"]
+               for run in (data_parallel, sharded)]
+    torch.testing.assert_close(prompts[0], prompts[1], rtol=1e-5, atol=1e-6)
+    initial = load_file(os.path.join(setup["student_init"], "model.safetensors"))  # the runs did train
+    assert any(not torch.equal(initial[k], v) for k, v in weights(sharded).items())
+    lines = [json.loads(x) for x in open(os.path.join(sharded, "metrics.jsonl"))]
+    assert lines[-1]["prompt/lr"] > 0
 
 
 def test_sampling_streams_differ_per_rank(setup, tmp_path):
