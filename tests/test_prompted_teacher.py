@@ -154,6 +154,37 @@ def test_only_the_prompt_trains_and_the_model_stays_frozen_in_eval():
     assert teacher.soft_prompt.dtype == torch.float32 and teacher.soft_prompt.shape == (P, 32)
 
 
+def test_prefix_keys_wait_for_the_pass_output(monkeypatch):
+    """For a sharded model the prompt pass's recorded keys/values hand the pass's output a zero
+    gradient (FSDP gathers a layer for backward from its output's gradient): the prompt pass's last
+    layer then gets a gradient, which it otherwise never does, and the prompt's gradient is unchanged."""
+    import promptkd.prompted
+
+    init = torch.randn(P, 32)
+    ids, mask = batch("right")
+    grads, fired = [], []
+    for sharded in (False, True):
+        monkeypatch.setattr(promptkd.prompted, "is_sharded", lambda module, sharded=sharded: sharded)
+        teacher = PromptedTeacher(build("llama"), P, init_embeddings=init)
+        outputs, calls = [], []
+        fired.append(calls)
+
+        def keep(module, args, out, outputs=outputs):
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+
+        handle = teacher.model.model.layers[-1].register_forward_hook(keep)
+        out = teacher(ids, mask, return_logits=True)
+        handle.remove()
+        prompt_pass = outputs[0]  # [1, P, H]: the first call is the prompt's
+        assert prompt_pass.shape[:2] == (1, P)
+        prompt_pass.register_hook(calls.append)
+        out.logits.float().logsumexp(-1)[mask.bool()].sum().backward()
+        grads.append(teacher.soft_prompt.grad.clone())
+    assert fired[0] == []
+    assert len(fired[1]) == 1 and not fired[1][0].any()
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
 def test_gradient_checkpointing_recomputes_identically(family):
     init = torch.randn(P, 32)
