@@ -98,6 +98,14 @@ def is_sharded(module) -> bool:
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
+def record_prefix(base, num_layers: int, recorder: PrefixRecorder, **inputs) -> PrefixKV:
+    """Runs the decoder ``base`` as a prefix pass (``inputs``: its forward arguments) and returns the
+    keys/values its layers recorded; for a sharded decoder they are tied to the pass's output
+    (:class:`_AfterOutput`), so FSDP gathers every layer before its backward."""
+    out = base(**inputs, use_cache=False, promptkd_prefix=recorder).last_hidden_state
+    return recorder.freeze(num_layers, after=out if is_sharded(base) else None)
+
+
 def positions_from_mask(mask: torch.Tensor, offset) -> torch.Tensor:
     """Position ids [B, N] that count each row's real tokens from ``offset`` (a number or a [B, 1]
     tensor): left or right padding gives every real token its unpadded position."""
@@ -122,10 +130,8 @@ def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefi
     offset = outer.length if outer is not None else 0
     prefix_lengths = prefix_mask.long().sum(-1)
     positions = positions_from_mask(prefix_mask, offset)
-    recorder = PrefixRecorder(attend=outer)
-    passed = base(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=positions, use_cache=False,
-                  promptkd_prefix=recorder, promptkd_impl=impl).last_hidden_state
-    recorded = recorder.freeze(num_layers, after=passed if is_sharded(base) else None)
+    recorded = record_prefix(base, num_layers, PrefixRecorder(attend=outer), input_ids=prefix_ids,
+                             attention_mask=prefix_mask, position_ids=positions, promptkd_impl=impl)
     keys, values = recorded.keys, recorded.values
     if outer is not None and offset:
         def join(first, second):  # [1, H, P0, D] before every [G, H, P, D]

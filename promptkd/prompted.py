@@ -23,8 +23,8 @@ from .hf_attention import (
     ATTN_IMPLEMENTATION,
     PrefixRecorder,
     check_supported,
-    is_sharded,
     positions_from_mask,
+    record_prefix,
     register,
     shared_prefix_forward,
 )
@@ -184,11 +184,9 @@ class PromptedTeacher(nn.Module):
         """Per-layer keys/values of the prompt, computed at batch size 1 (a :class:`PrefixKV`)."""
         base = self.model.base_model
         embeds = self.soft_prompt.to(self.model.get_input_embeddings().weight.dtype)[None]
-        recorder = PrefixRecorder()
         positions = torch.arange(self.num_prompt_tokens, device=embeds.device)[None]
-        passed = base(inputs_embeds=embeds, position_ids=positions, use_cache=False, promptkd_prefix=recorder,
-                      promptkd_impl=self.attention_impl).last_hidden_state
-        return recorder.freeze(_layer_count(self.model), after=passed if is_sharded(base) else None)
+        return record_prefix(base, _layer_count(self.model), PrefixRecorder(), inputs_embeds=embeds,
+                             position_ids=positions, promptkd_impl=self.attention_impl)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 use_prompt: bool | None = None, return_logits: bool = False,
