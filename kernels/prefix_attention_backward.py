@@ -9,6 +9,9 @@ _prefix_attention_dkdv_kernel        (own key block, sample x key head): dK, dV 
 _prefix_attention_prefix_dkdv_kernel (prefix key block, group x key head, split): float32 partial
     dK, dV of a prefix over one fixed slice of its group's samples; the launcher sums the splits in a
     fixed order, so the prefix gradients are deterministic (no atomics).
+
+Masked keys and values are loaded as 0 and the queries of rows that see nothing (lse = +inf) read as 0
+in the dK sums: p = 0 times a NaN or infinite value would be NaN.
 """
 
 import triton
@@ -39,17 +42,20 @@ def _dq_block(b_dq, b_q, b_do, b_lse, b_delta, K, V, o_n, m_n, o_m, o_d, m_d, st
 def _dkdv_block(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, m0, o_n, m_n, o_d, m_d, N, stride_qn, stride_on,
                 qk_scale, MASK_COLS: tl.constexpr, CAUSAL: tl.constexpr, NEED_DK: tl.constexpr,
                 NEED_DV: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_M: tl.constexpr):
+                BLOCK_M: tl.constexpr, DEAD_ROWS: tl.constexpr):
     """Add query block m0's share to the key block's dk, dv (transposed scores: keys are rows).
 
     Q, DO, LSE, DELTA point at one (sample, query head); query rows >= N read as q = dO = 0 with
     lse = +inf (p = 0). MASK_COLS: keys outside m_n get no weight; CAUSAL: key j only for queries i >= j.
+    DEAD_ROWS: rows that see nothing (lse = +inf) may hold anything in q; they read as q = 0.
     """
     o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < N
     b_q = load_rows(Q, o_m, m_m, o_d, m_d, stride_qn, True, EVEN_D, UPCAST)  # [BLOCK_M, BLOCK_D]
     b_do = load_rows(DO, o_m, m_m, o_d, m_d, stride_on, True, EVEN_D, UPCAST)  # [BLOCK_M, BLOCK_D]
     b_lse = tl.load(LSE + o_m, mask=m_m, other=float("inf"))  # [BLOCK_M]
+    if DEAD_ROWS:
+        b_q = tl.where((b_lse < float("inf"))[:, None], b_q, 0.0).to(b_q.dtype)
     b_st = tl.dot(b_k, tl.trans(b_q), input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
     if MASK_COLS:
         b_st = tl.where(m_n[:, None], b_st, float("-inf"))
@@ -122,7 +128,7 @@ def _prefix_attention_dq_kernel(
             if HAS_PADDING:
                 m_n = tl.load(KEEP + i_b * N + o_n) != 0
             b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
-                             qk_scale, False, HAS_PADDING, False, EVEN_D, UPCAST, PRECISION)
+                             qk_scale, HAS_PADDING, HAS_PADDING, False, EVEN_D, UPCAST, PRECISION)
         for j0 in range(off_end, tl.minimum(m0 + BLOCK_M, N), BLOCK_N):
             o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             m_n = o_n < N
@@ -174,11 +180,11 @@ def _prefix_attention_dkdv_kernel(
         for m0 in range(diag_start, diag_end, BLOCK_M):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0, o_n,
                                      m_n, o_d, m_d, N, stride_qn, stride_on, qk_scale, HAS_PADDING, True,
-                                     NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M)
+                                     NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M, HAS_PADDING)
         for m0 in range(below_start, N, BLOCK_M):
             b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0, o_n,
                                      m_n, o_d, m_d, N, stride_qn, stride_on, qk_scale, HAS_PADDING, False,
-                                     NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M)
+                                     NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M, HAS_PADDING)
 
     m_out = (o_n < N)[:, None] & m_d[None, :]
     p_out = i_b * stride_gb + i_hk * stride_gh + o_n[:, None] * stride_gn + o_d[None, :]
@@ -241,7 +247,7 @@ def _prefix_attention_prefix_dkdv_kernel(
             for m0 in range(0, N, BLOCK_M):
                 b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0,
                                          o_n, m_n, o_d, m_d, N, stride_qn, stride_on, qk_scale, True, False,
-                                         NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M)
+                                         NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M, False)
 
     m_out = (o_n < P)[:, None] & m_d[None, :]
     p_out = i_s.to(tl.int64) * stride_ws + i_g * stride_wg + i_hk * stride_wh + o_n[:, None] * stride_wn + o_d[None, :]

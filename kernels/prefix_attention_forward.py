@@ -2,7 +2,8 @@
 
 A query block walks its group's prefix keys (full blocks unmasked, the last partial one masked by
 column), then its own keys left of the diagonal (unmasked; a key-padding column mask behind
-HAS_PADDING) and the diagonal block(s) (causal mask), with an online softmax in base 2.
+HAS_PADDING) and the diagonal block(s) (causal mask), with an online softmax in base 2. Masked keys
+(padding, prefix positions >= L) are loaded as 0: a zero weight times a NaN or infinite value is NaN.
 """
 
 import triton
@@ -91,7 +92,8 @@ def _prefix_attention_forward_kernel(
         b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn,
                                         qk_scale, True, True, False, EVEN_D, UPCAST, PRECISION)
 
-    # Own keys: blocks left of the diagonal (all j < m0 <= i), then the diagonal block(s).
+    # Own keys: blocks left of the diagonal (all j < m0 <= i), then the diagonal block(s). Padded keys
+    # are loaded as 0 (whatever they hold must not reach the output).
     K += i_b * stride_kb + i_hk * stride_kh
     V += i_b * stride_kb + i_hk * stride_kh
     off_end = (m0 // BLOCK_N) * BLOCK_N
@@ -101,7 +103,7 @@ def _prefix_attention_forward_kernel(
         if HAS_PADDING:
             m_n = tl.load(KEEP + i_b * N + o_n) != 0
         b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
-                                        qk_scale, False, HAS_PADDING, False, EVEN_D, UPCAST, PRECISION)
+                                        qk_scale, HAS_PADDING, HAS_PADDING, False, EVEN_D, UPCAST, PRECISION)
     for j0 in range(off_end, tl.minimum(m0 + BLOCK_M, N), BLOCK_N):
         o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < N

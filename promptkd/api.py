@@ -7,6 +7,8 @@ Formulas (p = softmax(teacher_logits / T), q = softmax(student_logits / T)):
     skew_forward_kl  KL(p || alpha p + (1 - alpha) q),  0 <= alpha < 1
     skew_reverse_kl  KL(q || (1 - alpha) p + alpha q),  0 <= alpha < 1
 Per token: soft_weight * divergence + hard_weight * CE(student logits at T = 1, label).
+
+Autocast and double backward follow the rules of ``promptkd.autograd``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import replace
 
 import torch
 
+from .autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
 from .reference import fused_linear_kd_loss_reference, kd_loss_reference
 from .settings import IMPLS, KDSettings
 from .torch_impl import TorchKDFunction
@@ -31,6 +34,12 @@ def _is_tensor(name: str, x, optional: bool = False):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 
 
+def _labels_checked_on_host(device: torch.device) -> bool:
+    """Whether labels on ``device`` are range-checked here, with a ValueError: only where that costs no
+    device synchronisation (CPU). Elsewhere the implementations make a bad counted label loud (NaN)."""
+    return device.type == "cpu"
+
+
 def _check_labels(labels, lead: torch.Size, vocab: int, settings: KDSettings, device):
     if labels is None:
         if settings.has_hard:
@@ -44,9 +53,8 @@ def _check_labels(labels, lead: torch.Size, vocab: int, settings: KDSettings, de
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device}, the inputs on {device}")
     labels = labels.reshape(-1).long()
-    # Range check where it costs no device synchronisation; on CUDA an out-of-range counted
-    # label makes that token's loss NaN instead (see the docstring of fused_linear_kd_loss).
-    if labels.device.type == "cpu" and labels.numel():
+    # Elsewhere an out-of-range counted label makes that token's loss NaN (see fused_linear_kd_loss).
+    if _labels_checked_on_host(labels.device) and labels.numel():
         bad = (labels != settings.ignore_index) & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
@@ -83,11 +91,13 @@ def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
     return impl
 
 
-def _check_float(name: str, x: torch.Tensor, dtype, device, ndim=None):
+def _check_float(name: str, x: torch.Tensor, dtype, device, ndim=None, cast=None):
+    """``cast``: the autocast dtype (None: autocast off); x's dtype is compared as autocast_target makes it."""
     if x.dtype not in _FLOATS:
         raise ValueError(f"{name} must be a floating tensor (float32, float16, bfloat16, float64), got {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
-        raise ValueError(f"{name} has dtype {x.dtype}, expected {dtype} like student_hidden / student_logits")
+    if dtype is not None and autocast_target(x.dtype, cast) != dtype:
+        under = "" if cast is None else f" (under autocast to {cast})"
+        raise ValueError(f"{name} has dtype {x.dtype}, expected {dtype} like student_hidden / student_logits{under}")
     if device is not None and x.device != device:
         raise ValueError(f"{name} is on {x.device}, expected {device} like student_hidden / student_logits")
     if ndim is not None and x.ndim != ndim:
@@ -126,7 +136,7 @@ def fused_linear_kd_loss(
 
     Shapes: student_hidden [..., Ds], student_weight [Vs, Ds], teacher_hidden [..., Dt] with the
     same leading shape, teacher_weight [Vt, Dt]; biases [Vs] / [Vt]; labels [...] integer.
-    Ds may differ from Dt. All floating inputs share one dtype and device.
+    Ds may differ from Dt. All floating inputs share one dtype and device (after the autocast rule below).
 
     With p = softmax(teacher_logits / T) and q = softmax(student_logits / T), per token:
         soft_weight * D(p, q) + hard_weight * cross_entropy(student_logits, label)
@@ -147,9 +157,22 @@ def fused_linear_kd_loss(
     also trim padding when Vs == Vt.
 
     Gradients flow to every input that requires grad (student hidden, weight, bias; teacher
-    hidden, weight, bias), and only to those. Labels of counted tokens must lie in
-    [0, vocab_size): checked with a ValueError for CPU tensors; on CUDA (to avoid a host sync) an
-    out-of-range label gives that token a NaN loss when hard_weight > 0 and is otherwise only a mask.
+    hidden, weight, bias), and only to those: no work is spent on the others.
+
+    Labels: with ``hard_weight == 0`` a label only says whether the token counts (!= ignore_index).
+    With ``hard_weight > 0``, labels of counted tokens must lie in [0, vocab_size): on CPU tensors this is
+    checked with a ValueError; elsewhere (a check would synchronise with the device) such a token gets
+    a NaN loss, so the reduced loss is NaN too, and NaN gradient rows: never a finite, wrong value.
+
+    Autocast: when autocast is enabled for the inputs' device type, the floating inputs other than
+    float64 are first cast to ``torch.get_autocast_dtype(device_type)`` (as autocast casts a matmul's
+    inputs; the dtype checks apply to the cast dtypes), then the op runs with autocast disabled, forward
+    and backward (also when ``.backward()`` is called inside the autocast block). The result equals
+    the same call outside autocast on inputs cast explicitly; gradients reach the leaves in their dtype.
+
+    Double backward: ``impl="reference"`` (plain autograd) supports it. ``torch`` and ``triton`` give
+    first-order gradients, also under ``create_graph=True``, but differentiating those gradients again
+    raises a RuntimeError (never a silently wrong or zero second derivative).
 
     ``impl``: ``reference`` (full logits, plain torch), ``torch`` (chunked, CPU and fallback),
     ``triton`` (fused kernels, CUDA), ``auto`` (triton on CUDA, torch otherwise).
@@ -161,13 +184,15 @@ def fused_linear_kd_loss(
         _is_tensor(name, x)
     _is_tensor("student_bias", student_bias, optional=True)
     _is_tensor("teacher_bias", teacher_bias, optional=True)
-    dtype, device = student_hidden.dtype, student_hidden.device
+    device = student_hidden.device
+    cast = autocast_dtype(device)  # checks see the dtypes after the autocast rule; casting waits for them
     _check_float("student_hidden", student_hidden, None, None)
+    dtype = autocast_target(student_hidden.dtype, cast)
     if student_hidden.ndim < 1:
         raise ValueError("student_hidden must have at least one dimension [..., Ds]")
-    _check_float("student_weight", student_weight, dtype, device, ndim=2)
-    _check_float("teacher_hidden", teacher_hidden, dtype, device)
-    _check_float("teacher_weight", teacher_weight, dtype, device, ndim=2)
+    _check_float("student_weight", student_weight, dtype, device, ndim=2, cast=cast)
+    _check_float("teacher_hidden", teacher_hidden, dtype, device, cast=cast)
+    _check_float("teacher_weight", teacher_weight, dtype, device, ndim=2, cast=cast)
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} differs from "
@@ -182,20 +207,23 @@ def fused_linear_kd_loss(
     vs, vt = student_weight.shape[0], teacher_weight.shape[0]
     for name, bias, v in (("student_bias", student_bias, vs), ("teacher_bias", teacher_bias, vt)):
         if bias is not None:
-            _check_float(name, bias, dtype, device, ndim=1)
+            _check_float(name, bias, dtype, device, ndim=1, cast=cast)
             if bias.shape[0] != v:
                 raise ValueError(f"{name} must have shape [{v}], got {tuple(bias.shape)}")
     settings = _resolve_vocab(vs, vt, settings)
     labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
     impl = _pick_impl(impl, device, dtype)
 
-    if impl == "reference":
-        return fused_linear_kd_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight,
-                                              None if labels is None else labels.reshape(lead), settings,
-                                              student_bias, teacher_bias)
-    xs, xt = student_hidden.reshape(-1, ds), teacher_hidden.reshape(-1, dt)
-    args = (xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, labels, settings)
-    return _finish(_apply(impl, args), lead, settings)
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
+        cast, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
+    with autocast_off(device.type):
+        if impl == "reference":
+            return fused_linear_kd_loss_reference(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                  None if labels is None else labels.reshape(lead), settings,
+                                                  student_bias, teacher_bias)
+        xs, xt = student_hidden.reshape(-1, ds), teacher_hidden.reshape(-1, dt)
+        args = (xs, student_weight, student_bias, xt, teacher_weight, teacher_bias, labels, settings)
+        return _finish(_apply(impl, args), lead, settings)
 
 
 def kd_loss(
@@ -216,9 +244,14 @@ def kd_loss(
 ) -> torch.Tensor:
     """The loss of :func:`fused_linear_kd_loss` on logits you already have: [..., Vs] and [..., Vt].
 
-    Same formulas, keywords and gradient rules; gradients go to both logits tensors when they
-    require grad. The ``torch`` and ``triton`` implementations keep no [tokens, vocab]
+    Same formulas, keywords, label, double-backward and gradient rules; gradients go to both logits
+    tensors when they require grad. The ``torch`` and ``triton`` implementations keep no [tokens, vocab]
     intermediate beyond the gradient itself.
+
+    Autocast: the logits are not cast to the autocast dtype (the loss is computed in float32 anyway);
+    when autocast is enabled for their device type, logits of two different floating dtypes are both
+    cast to ``torch.promote_types`` of the two (outside autocast that is a ValueError), and the op runs
+    with autocast disabled, forward and backward.
     """
     settings = KDSettings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index,
                           reduction, vocab_size)
@@ -228,7 +261,10 @@ def kd_loss(
     _check_float("student_logits", student_logits, None, None)
     if student_logits.ndim < 1:
         raise ValueError("student_logits must have at least one dimension [..., Vs]")
-    _check_float("teacher_logits", teacher_logits, dtype, device)
+    promote = autocast_dtype(device) is not None
+    if promote and teacher_logits.dtype in _FLOATS:  # under autocast: the narrower logits go to the wider dtype
+        dtype = torch.promote_types(dtype, teacher_logits.dtype)
+    _check_float("teacher_logits", teacher_logits, None if promote else dtype, device)
     lead = student_logits.shape[:-1]
     if teacher_logits.shape[:-1] != lead:
         raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} differs from "
@@ -236,17 +272,20 @@ def kd_loss(
     settings = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], settings)
     labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
     impl = _pick_impl(impl, device, dtype)
-    if impl == "reference":
-        return kd_loss_reference(student_logits, teacher_logits,
-                                 None if labels is None else labels.reshape(lead), settings)
-    xs = student_logits.reshape(-1, student_logits.shape[-1])
-    xt = teacher_logits.reshape(-1, teacher_logits.shape[-1])
-    return _finish(_apply(impl, (xs, None, None, xt, None, None, labels, settings)), lead, settings)
+
+    student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)  # no-ops but under autocast
+    with autocast_off(device.type):
+        if impl == "reference":
+            return kd_loss_reference(student_logits, teacher_logits,
+                                     None if labels is None else labels.reshape(lead), settings)
+        xs = student_logits.reshape(-1, student_logits.shape[-1])
+        xt = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        return _finish(_apply(impl, (xs, None, None, xt, None, None, labels, settings)), lead, settings)
 
 
 def _apply(impl: str, args) -> torch.Tensor:
     if impl == "torch":
         return TorchKDFunction.apply(*args)
-    from .triton_impl import TritonKDFunction  # imports triton only when asked for
+    from .triton_impl import triton_kd_loss  # imports triton only when asked for
 
-    return TritonKDFunction.apply(*args)
+    return triton_kd_loss(*args)

@@ -12,9 +12,12 @@ weight and bias gradients with GEMMs, for the inputs that require them only.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from .autograd import first_order_only
 from .math import logit_grads, row_stats
 from .settings import KDSettings
 
@@ -86,7 +89,9 @@ class TorchKDFunction(torch.autograd.Function):
 
     Inputs are flattened: x [N, D] (or logits [N, V']), labels [N] or None; ``settings.vocab_size``
     is resolved. Returns the loss reduced per ``settings.reduction`` ([N] for ``none``), in float32
-    (float64 for float64 inputs).
+    (float64 for float64 inputs). With hard_weight > 0, a counted token whose label lies outside
+    [0, vocab_size) gets a NaN loss and NaN gradient rows (``_bad_labels``). First-order only: double
+    backward raises (``promptkd.autograd.first_order_only``).
     """
 
     @staticmethod
@@ -109,6 +114,9 @@ class TorchKDFunction(torch.autograd.Function):
                 log_probs = _log_softmax_(s, m_c[rows], ll_c[rows])
                 target = labels[rows].clamp(0, vocab - 1)[:, None]
                 per_token[rows] -= settings.hard_weight * log_probs.gather(1, target)[:, 0]
+        bad = _bad_labels(labels, settings)
+        if bad is not None:
+            per_token = torch.where(bad, torch.full_like(per_token, math.nan), per_token)
         counted = None if labels is None else labels != settings.ignore_index
         if counted is not None:
             per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
@@ -117,6 +125,7 @@ class TorchKDFunction(torch.autograd.Function):
         return _reduce(per_token, counted, settings.reduction)
 
     @staticmethod
+    @first_order_only("fused_linear_kd_loss / kd_loss (impl='torch')")
     def backward(ctx, grad_out):
         xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
         settings: KDSettings = ctx.settings
@@ -163,10 +172,22 @@ def _reduce(per_token: torch.Tensor, counted: torch.Tensor | None, reduction: st
     return total / counted.sum().clamp_min(1).to(total.dtype)
 
 
+def _bad_labels(labels: torch.Tensor | None, settings: KDSettings) -> torch.Tensor | None:
+    """[N] bool: counted tokens whose label lies outside [0, vocab_size), or None when labels cannot matter
+    (no labels, or hard_weight == 0: the label is then only a mask). Such a token's loss is NaN and so are
+    its gradient rows (``_row_scale``): no finite but wrong value comes out where no host check ran."""
+    if labels is None or not settings.has_hard:
+        return None
+    return (labels != settings.ignore_index) & ((labels < 0) | (labels >= settings.vocab_size))
+
+
 def _row_scale(grad_out: torch.Tensor, labels, settings: KDSettings, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """d(loss)/d(per-token loss) as an [N] device vector of ``dtype``: no host synchronisation."""
+    """d(loss)/d(per-token loss) as an [N] device vector of ``dtype`` (NaN for a bad label, see
+    ``_bad_labels``): no host synchronisation."""
     counted = torch.ones(n, dtype=dtype, device=grad_out.device) if labels is None else \
         (labels != settings.ignore_index).to(dtype)
     if settings.reduction == "mean":
         counted = counted / counted.sum().clamp_min(1)
-    return counted * grad_out.to(dtype)
+    scale = counted * grad_out.to(dtype)
+    bad = _bad_labels(labels, settings)
+    return scale if bad is None else torch.where(bad, torch.full_like(scale, math.nan), scale)

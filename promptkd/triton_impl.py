@@ -17,14 +17,17 @@ import math
 import torch
 
 from . import launch
+from .autograd import first_order_only
 from .kernels import configs
 from .kernels.kd_backward import _kd_backward_kernel
 from .kernels.kd_forward import _kd_online_kernel, _kd_terms_kernel
 from .settings import DIVERGENCE_CODES, KDSettings
-from .torch_impl import _reduce, _row_scale
+from .torch_impl import _bad_labels, _reduce, _row_scale
 
 #: Bytes of one side's logit-gradient chunk [N, chunk of V] in backward.
 BACKWARD_CHUNK_BYTES = 64 << 20
+
+
 def _target_programs(device: torch.device) -> int:
     if device.type != "cuda":
         return 4  # the interpreter: still exercise several vocabulary splits
@@ -116,9 +119,8 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
         mc, lc = _combine_lse(m_c, l_c)
         llc = lc.log()
         ce = (mc - target.sum(1)) + llc
-        if labels.is_cuda:  # out-of-range labels were not checked on the host: make them loud
-            bad = (labels != settings.ignore_index) & ((labels < 0) | (labels >= vocab))
-            ce = torch.where(bad, torch.full_like(ce, math.nan), ce)
+        # A label outside [0, V) matches no column (target 0): make the token loud instead (NaN).
+        ce = torch.where(_bad_labels(labels, settings), torch.full_like(ce, math.nan), ce)
         per_token = per_token + settings.hard_weight * ce
     counted = None if labels is None else labels != settings.ignore_index
     if counted is not None:
@@ -202,12 +204,12 @@ def _backward(ctx, grad_out):
 class TritonKDFunction(torch.autograd.Function):
     """Fused KD loss on (hidden, weight, bias) pairs, or on logits when the weights are None.
 
-    Inputs as for ``promptkd.torch_impl.TorchKDFunction``: flattened, vocab_size resolved.
+    Inputs as for ``promptkd.torch_impl.TorchKDFunction`` (flattened, vocab_size resolved), with unit
+    stride along the last dimension (``triton_kd_loss``). First-order only: double backward raises.
     """
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
-        xs, ws, bs, xt, wt, bt = (_unit_stride(t) for t in (xs, ws, bs, xt, wt, bt))
         if xs.shape[0] == 0:
             per_token, counted = xs.new_zeros(0, dtype=torch.float32), None
             rows = xs.new_zeros(8, 0, dtype=torch.float32)
@@ -218,5 +220,13 @@ class TritonKDFunction(torch.autograd.Function):
         return _reduce(per_token, counted, settings.reduction)
 
     @staticmethod
+    @first_order_only("fused_linear_kd_loss / kd_loss (impl='triton')")
     def backward(ctx, grad_out):
         return _backward(ctx, grad_out)
+
+
+def triton_kd_loss(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings) -> torch.Tensor:
+    """``TritonKDFunction`` on inputs made unit-stride along the last dimension (outside the Function, so
+    that the tensors it saves are its inputs, linked to the caller's graph)."""
+    xs, ws, bs, xt, wt, bt = (_unit_stride(t) for t in (xs, ws, bs, xt, wt, bt))
+    return TritonKDFunction.apply(xs, ws, bs, xt, wt, bt, labels, settings)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import promptkd
 
@@ -185,3 +188,43 @@ def exact_truth(tensors: dict, labels, grad_out_seed=2, digits=50, **kwargs) -> 
         out["student_bias"], out["teacher_bias"] = dzs.sum(0), dzt.sum(0)
         scales["student_bias"], scales["teacher_bias"] = terms_s.sum(0).max(), terms_t.sum(0).max()
     return out, {k: float(v) for k, v in scales.items()}
+
+
+# Work counters of the "gradients only where asked" tests.
+MATMULS = frozenset({"mm", "addmm", "addmm_", "bmm", "baddbmm", "matmul", "linear", "mv", "addmv", "dot"})
+
+
+class CountOps(TorchDispatchMode):
+    """Counts the aten ops that run while active (``with CountOps() as ops``): ``matmuls`` (MATMULS),
+    ``dim0_sums`` (sums over dimension 0 of a 2-D tensor: a bias gradient), and every op by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+        self.dim0_sums = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] += 1
+        if name == "sum" and len(args) > 1 and list(args[1]) == [0] and args[0].ndim == 2:
+            self.dim0_sums += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def matmuls(self) -> int:
+        return sum(n for name, n in self.ops.items() if name in MATMULS)
+
+
+class KernelLaunches:
+    """Stands in for a ``@triton.jit`` kernel (monkeypatch it into the launcher's module): records each
+    launch's grid, positional and keyword (constexpr) arguments, then launches the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch

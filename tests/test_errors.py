@@ -84,6 +84,7 @@ def test_bias_checks():
         promptkd.fused_linear_kd_loss(*a.values(), teacher_bias=torch.randn(11, dtype=torch.float64))
 
 
+@pytest.mark.interpret  # the dtype message of impl='triton' on CPU tensors
 def test_kd_loss_checks():
     with pytest.raises(ValueError, match="teacher_logits"):
         promptkd.kd_loss(torch.randn(4, 10), torch.randn(5, 10))
@@ -109,3 +110,30 @@ def test_checks_come_before_work(monkeypatch):
     monkeypatch.setattr(promptkd.api, "_apply", boom)
     with pytest.raises(ValueError, match="labels"):
         call(labels=torch.tensor([0, 1, 2, 3, 4, 99]))
+
+
+def test_checks_come_before_autocast_casts(monkeypatch):
+    """Under autocast the checks see the cast dtypes, but the casts (copies) wait until every check passed."""
+    import promptkd.api
+    import promptkd.attention.api
+
+    def boom(*args):
+        raise AssertionError("work started")
+
+    monkeypatch.setattr(promptkd.api, "autocast_inputs", boom)
+    monkeypatch.setattr(promptkd.attention.api, "autocast_inputs", boom)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="labels"):
+            call(labels=torch.tensor([0, 1, 2, 3, 4, 99]))
+        q = torch.randn(1, 2, 3, 8)
+        with pytest.raises(ValueError, match="scale"):
+            promptkd.prefix_attention(q, q, q, q[:, :, :1], q[:, :, :1], scale=-1.0)
+
+
+def test_labels_are_range_checked_on_the_host_only_for_cpu():
+    """On CUDA a check would synchronise; there an out-of-range counted label makes the loss NaN instead
+    (tests/test_kd_loss.py::test_out_of_range_labels_without_host_check)."""
+    import promptkd.api
+
+    assert promptkd.api._labels_checked_on_host(torch.device("cpu"))
+    assert not promptkd.api._labels_checked_on_host(torch.device("cuda"))

@@ -10,9 +10,22 @@ import pytest
 import torch
 
 import promptkd
+import promptkd.api
 import promptkd.torch_impl
 import promptkd.triton_impl
-from helpers import SIDES, assert_close_to_truth, exact_truth, linear_loss, logits_loss, make_inputs, make_labels, run
+from helpers import (
+    SIDES,
+    CountOps,
+    KernelLaunches,
+    assert_close_to_truth,
+    exact_truth,
+    linear_loss,
+    logits_loss,
+    make_inputs,
+    make_labels,
+    run,
+)
+from promptkd import launch
 from promptkd.settings import DIVERGENCES
 
 
@@ -145,30 +158,109 @@ def test_leading_shape_and_module(impl):
     assert (got[labels == -100] == 0).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert "jsd" in repr(module)
-    logits = promptkd.KDLoss(divergence="reverse_kl", impl=impl)(want[..., None].expand(3, 11, 4).float(),
-                                                                   torch.zeros(3, 11, 4))
-    assert logits.shape == ()
+    g = torch.Generator().manual_seed(4)
+    logits = {"student_logits": torch.randn(3, 11, 40, generator=g, dtype=torch.float64),
+              "teacher_logits": torch.randn(3, 11, 40, generator=g, dtype=torch.float64)}
+    labels = make_labels((3, 11), 40, "some")
+    kw = dict(divergence="reverse_kl", temperature=1.5, hard_weight=0.2)
+    module = promptkd.KDLoss(**kw, impl=impl)
+
+    def via_module(student_logits, teacher_logits, labels, impl):
+        return module(student_logits, teacher_logits, labels)
+
+    got = run(via_module, logits, torch.float32, labels, impl=impl)
+    want = run(logits_loss, logits, torch.float32, labels, impl="reference", **kw)
+    assert got["loss"].shape == ()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+# Requires-grad patterns over SIDES (student hidden, weight, bias; teacher hidden, weight, bias): all 63 for
+# the torch implementation; for Triton (interpreter: slow) each input alone, each side whole, mixes, all.
+PATTERNS = [p for p in itertools.product((False, True), repeat=6) if any(p)]
+TRITON_PATTERNS = [tuple(i in chosen for i in range(6)) for chosen in
+                   ((0,), (1,), (2,), (3,), (4,), (5,), (0, 1, 2), (3, 4, 5), (0, 4), (1, 5), (2, 3), tuple(range(6)))]
+
+
+def _pattern_id(pattern):
+    return "+".join(name for name, on in zip(("hs", "ws", "bs", "ht", "wt", "bt"), pattern, strict=True) if on)
+
+
+@pytest.fixture
+def work_setup(monkeypatch):
+    """Inputs with 3 token chunks (torch) and 3 vocabulary chunks (triton), the reference's gradients, and
+    a recorder standing in for the Triton backward kernel."""
+    monkeypatch.setattr(promptkd.torch_impl, "CHUNK_BYTES", 4 * 300 * 4)  # 4 rows per chunk
+    monkeypatch.setattr(promptkd.triton_impl, "BACKWARD_CHUNK_BYTES", 10 * 4 * 128)  # one 128-column tile
+    kernel = KernelLaunches(promptkd.triton_impl._kd_backward_kernel)
+    monkeypatch.setattr(promptkd.triton_impl, "_kd_backward_kernel", kernel)
+    x = make_inputs(n=10, ds=6, dt=4, vs=300)
+    labels = make_labels((10,), 300, "some")
+    kw = dict(divergence="reverse_kl", hard_weight=0.3)
+    leaves = {k: v.float().requires_grad_() for k, v in x.items()}
+    linear_loss(**leaves, labels=labels, impl="reference", **kw).backward()
+    return x, labels, kw, {k: v.grad for k, v in leaves.items()}, kernel
+
+
+def _check_backward_work(impl, pattern, x, labels, kw, want, kernel):
+    """Backward computes the gradients of exactly the inputs that require grad, and nothing for the others:
+    matmuls (hidden/weight gradients, and the logits recomputed per chunk), dim-0 sums (bias gradients),
+    and for Triton the backward kernel's launches and its NEED_S / NEED_T switches."""
+    need = dict(zip(SIDES, pattern, strict=True))
+    leaves = {k: v.float().requires_grad_(need[k]) for k, v in x.items()}
+    loss = linear_loss(**leaves, labels=labels, impl=impl, **kw)
+    kernel.launches.clear()
+    with CountOps() as ops:
+        loss.backward()
+    grads = int(need["student_hidden"]) + int(need["student_weight"]) + int(need["teacher_hidden"]) + \
+        int(need["teacher_weight"])
+    biases = int(need["student_bias"]) + int(need["teacher_bias"])
+    name = _pattern_id(pattern)
+    if impl == "torch":  # token chunks; each recomputes both sides' logits (2 matmuls)
+        chunks = launch.cdiv(10, promptkd.torch_impl._chunk_rows(300))
+        assert chunks == 3 and ops.matmuls == chunks * (2 + grads) and not kernel.launches, name
+    else:  # vocabulary chunks: one kernel launch each, logits recomputed inside it
+        spans = [(args[20], args[21]) for _, args, _ in kernel.launches]  # (v_start, v_end) of each launch
+        assert spans == [(0, 128), (128, 256), (256, 300)], name
+        chunks, need_s, need_t = len(spans), any(pattern[:3]), any(pattern[3:])
+        assert all(kw_["NEED_S"] == need_s and kw_["NEED_T"] == need_t for *_, kw_ in kernel.launches), name
+        assert ops.matmuls == chunks * grads, name
+    assert ops.dim0_sums == chunks * biases, name
+    for key, leaf in leaves.items():
+        assert (leaf.grad is not None) == need[key], (name, key)
+        if need[key]:
+            torch.testing.assert_close(leaf.grad, want[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=_pattern_id)
+def test_torch_gradients_only_where_asked(pattern, work_setup):
+    _check_backward_work("torch", pattern, *work_setup)
+
+
+@pytest.mark.parametrize("pattern", TRITON_PATTERNS, ids=_pattern_id)
+def test_triton_gradients_only_where_asked(pattern, work_setup):
+    _check_backward_work("triton", pattern, *work_setup)
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
-def test_gradients_only_where_asked(impl):
-    x = {k: v.float() for k, v in make_inputs(vs=257).items()}
-    x["teacher_hidden"].requires_grad_()
-    loss = promptkd.fused_linear_kd_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
-                                         x["teacher_weight"], impl=impl, divergence="reverse_kl")
-    loss.backward()
-    assert x["teacher_hidden"].grad is not None and torch.isfinite(x["teacher_hidden"].grad).all()
-    assert all(x[k].grad is None for k in SIDES if k != "teacher_hidden")
-    # Only the teacher side needs gradients: compare with the reference.
-    ref_x = {k: v.detach().clone() for k, v in x.items()}
-    ref_x["teacher_hidden"].requires_grad_()
-    promptkd.fused_linear_kd_loss(ref_x["student_hidden"], ref_x["student_weight"], ref_x["teacher_hidden"],
-                                  ref_x["teacher_weight"], impl="reference", divergence="reverse_kl").backward()
-    torch.testing.assert_close(x["teacher_hidden"].grad, ref_x["teacher_hidden"].grad, rtol=1e-4, atol=1e-6)
-    with torch.no_grad():
-        out = promptkd.fused_linear_kd_loss(x["student_hidden"].requires_grad_(), x["student_weight"],
-                                            x["teacher_hidden"], x["teacher_weight"], impl=impl)
-    assert out.grad_fn is None
+def test_no_backward_work_under_no_grad(impl, work_setup):
+    """Under no_grad: no graph, and nothing beyond the forward's own logits (no backward kernel)."""
+    x, labels, kw, _, kernel = work_setup
+    leaves = {k: v.float().requires_grad_() for k, v in x.items()}
+    with torch.no_grad(), CountOps() as ops:
+        loss = linear_loss(**leaves, labels=labels, impl=impl, **kw)
+    assert loss.grad_fn is None and not kernel.launches and ops.dim0_sums == 0
+    assert ops.matmuls == (2 * 3 if impl == "torch" else 0)
+
+
+@pytest.mark.parametrize("pattern", [(True, False), (False, True)], ids=["student", "teacher"])
+def test_triton_logits_gradients_only_where_asked(pattern, work_setup):
+    *_, kernel = work_setup
+    g = torch.Generator().manual_seed(7)
+    s, t = (torch.randn(6, 130, generator=g).requires_grad_(need) for need in pattern)
+    promptkd.kd_loss(s, t, impl="triton", divergence="jsd").backward()
+    assert [(kw_["NEED_S"], kw_["NEED_T"]) for *_, kw_ in kernel.launches] == [pattern]
+    assert (s.grad is not None, t.grad is not None) == pattern
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -180,6 +272,46 @@ def test_no_tokens(impl, red):
     assert loss.shape == ((0,) if red == "none" else ())
     loss.sum().backward()
     assert loss.sum().item() == 0.0 and (x["student_weight"].grad == 0).all()
+
+
+BAD_LABELS = {3: 299 + 5, 7: -5}  # token -> label outside [0, 299): above, and negative (not ignore_index)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("red", ["none", "sum", "mean"])
+def test_out_of_range_labels_without_host_check(impl, red, monkeypatch):
+    """Where labels are not checked on the host (CUDA; forced here), a counted token with a label outside
+    [0, vocab_size) gets a NaN loss and NaN gradients wherever it contributes, so no finite wrong value
+    comes out; with hard_weight == 0 the label is only a mask. The CPU host check still raises."""
+    x = make_inputs(n=10, ds=6, dt=4, vs=300)
+    labels = make_labels((10,), 299, "some")
+    with pytest.raises(ValueError, match="labels"):
+        run(linear_loss, x, torch.float32, labels.index_put((torch.tensor([3]),), torch.tensor(304)), impl=impl)
+    monkeypatch.setattr(promptkd.api, "_labels_checked_on_host", lambda device: False)
+    bad = labels.clone()
+    for i, label in BAD_LABELS.items():
+        bad[i] = label
+    rows = torch.zeros(10, dtype=torch.bool)
+    rows[list(BAD_LABELS)] = True
+    valid = torch.where(rows, 0, bad)  # the same tokens counted, with labels in range
+    kw = dict(divergence="jsd", reduction=red, vocab_size=299)
+    got = run(linear_loss, x, torch.float32, bad, impl=impl, hard_weight=0.3, **kw)
+    good = run(linear_loss, x, torch.float32, valid, impl=impl, hard_weight=0.3, **kw)
+    if red == "none":
+        assert got["loss"][rows].isnan().all()
+        assert torch.equal(got["loss"][~rows], good["loss"][~rows])
+    else:
+        assert got["loss"].isnan()
+    for key in ("student_hidden", "teacher_hidden"):  # the bad tokens' rows; the other rows as with good labels
+        assert got[key][rows].isnan().all(), key
+        torch.testing.assert_close(got[key][~rows], good[key][~rows], rtol=1e-5, atol=1e-7, msg=key)
+    for key in ("student_weight", "student_bias", "teacher_weight", "teacher_bias"):  # sums over all tokens
+        assert got[key][:299].isnan().all(), key
+    # hard_weight == 0: the label only says "counted"; the same as any valid label there
+    got = run(linear_loss, x, torch.float32, bad, impl=impl, **kw)
+    want = run(linear_loss, x, torch.float32, valid, impl=impl, **kw)
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
 
 
 def test_triton_is_deterministic():
@@ -202,6 +334,29 @@ def test_gpu_matches_fp64(dtype, div):
     eager = run(linear_loss, x, dtype, labels, impl="reference", **kwargs)
     fused = run(linear_loss, x, dtype, labels, impl="triton", **kwargs)
     assert_close_to_truth(fused, eager, truth, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 3, 40], ids=lambda s: f"splits_{s or 'auto'}")
+@pytest.mark.parametrize("div", DIVERGENCES)
+def test_gpu_triton_is_deterministic(div, splits, monkeypatch):
+    """Five runs on the GPU, where programs really run concurrently: identical bits for the loss and all six
+    gradients. 16 token blocks x several vocabulary splits in forward, 8 vocabulary chunks in backward."""
+    n, vocab = 1000, 32003
+    monkeypatch.setattr(promptkd.triton_impl, "BACKWARD_CHUNK_BYTES", n * 2 * 2 * 4096)  # 4096 columns per chunk
+    if splits is not None:  # programs per token block = splits (launch.cdiv(n, 64) token blocks of 64)
+        monkeypatch.setattr(promptkd.triton_impl, "_target_programs", lambda device: launch.cdiv(n, 64) * splits)
+    forward = KernelLaunches(promptkd.triton_impl._kd_online_kernel)
+    monkeypatch.setattr(promptkd.triton_impl, "_kd_online_kernel", forward)
+    x = {k: v.cuda() for k, v in make_inputs(n=n, ds=256, dt=384, vs=vocab, seed=3).items()}
+    labels = make_labels((n,), vocab, "some").cuda()
+    kwargs = dict(divergence=div, temperature=2.0, hard_weight=0.3, impl="triton")
+    runs = [run(linear_loss, x, torch.bfloat16, labels, **kwargs) for _ in range(5)]
+    grids = {grid for grid, _, _ in forward.launches}
+    assert len(grids) == 1 and next(iter(grids))[0] == launch.cdiv(n, 64) and next(iter(grids))[1] > 1, grids
+    for again in runs[1:]:
+        for key, value in runs[0].items():
+            assert torch.isfinite(value).all() and torch.equal(again[key], value), key
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])

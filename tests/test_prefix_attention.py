@@ -7,10 +7,13 @@ small shapes here walk several full, partial and diagonal blocks of every loop.
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
-from helpers import assert_close_to_truth, err
+import promptkd.attention.triton_impl as triton_impl
+from helpers import CountOps, KernelLaunches, assert_close_to_truth, err
 from promptkd import prefix_attention
 from promptkd.kernels import configs
 
@@ -144,6 +147,7 @@ def test_case_table_covers_every_value():
     assert set(values[6]) == {64, 80} and any(_sees_nothing(c).any() for c in CASES)
 
 
+@pytest.mark.interpret
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_launch_table_tiles(dtype, real_tiles):
     """The tiles of kernels/configs.py itself (64-128 rows: one partial block per loop here)."""
@@ -195,25 +199,134 @@ def test_triton_is_deterministic():
         assert torch.equal(first[key], second[key]), key
 
 
-@pytest.mark.parametrize("impl", ["triton", "torch"])
-@pytest.mark.parametrize("wanted", [("prefix_k", "prefix_v"), ("k",), ("v",), ("q",), ("q", "prefix_v")], ids="+".join)
-def test_gradients_only_where_asked(impl, wanted):
-    case = CASES[2]
-    inputs = make_inputs(*case[:7])
-    kwargs = _kwargs(case)
+# Requires-grad patterns over NAMES: all 31 for the torch implementation; for Triton (interpreter: slow) each
+# input alone, own keys and values, the prefix, a query + prefix mix, all.
+PATTERNS = [p for p in itertools.product((False, True), repeat=5) if any(p)]
+TRITON_PATTERNS = [tuple(n in chosen for n in NAMES) for chosen in
+                   (("q",), ("k",), ("v",), ("prefix_k",), ("prefix_v",), ("k", "v"), ("prefix_k", "prefix_v"),
+                    ("q", "prefix_v"), NAMES)]
+WORK_CASE = (3, 2, 5, 9, 2, 1, 16, [0, 4], [1, 0, 1], "left", "bhnd")  # G = 2: the torch path's one-hot matmul
+KERNELS = ("_prefix_attention_forward_kernel", "_prefix_attention_dq_kernel", "_prefix_attention_dkdv_kernel",
+           "_prefix_attention_prefix_dkdv_kernel")
+
+
+def _pattern_id(pattern):
+    return "+".join(name for name, on in zip(NAMES, pattern, strict=True) if on)
+
+
+@pytest.fixture
+def work_setup(monkeypatch):
+    """WORK_CASE's inputs, float64 truth and float32 reference gradients, and recorders standing in for the
+    Triton kernels."""
+    kernels = {name: KernelLaunches(getattr(triton_impl, name)) for name in KERNELS}
+    for name, kernel in kernels.items():
+        monkeypatch.setattr(triton_impl, name, kernel)
+    inputs = make_inputs(*WORK_CASE[:7])
+    kwargs = _kwargs(WORK_CASE)
     truth = run(inputs, torch.float64, "reference", **kwargs)
     eager = run(inputs, torch.float32, "reference", **kwargs)
-    leaves = {name: x.float().requires_grad_(name in wanted) for name, x in inputs.items()}
+    return inputs, kwargs, truth, eager, kernels
+
+
+def _check_backward_work(impl, pattern, inputs, kwargs, truth, eager, kernels):
+    """Backward computes exactly the requested gradients. torch: one SDPA backward, and the prefix one-hot
+    matmul's backward only for a prefix that requires grad. triton: the dQ kernel always runs (it also
+    computes delta), NEED_DQ = q requires grad; the own-keys kernel only for k or v, the prefix kernel only
+    for prefix_k or prefix_v, with NEED_DK / NEED_DV; no torch matmul."""
+    need = dict(zip(NAMES, pattern, strict=True))
+    leaves = {name: x.float().requires_grad_(need[name]) for name, x in inputs.items()}
     out = prefix_attention(**leaves, impl=impl, **kwargs)
-    gen = torch.Generator().manual_seed(7)
-    out.backward(torch.randn(out.shape, generator=gen, dtype=torch.float64).float())
-    for name, leaf in leaves.items():
-        if name not in wanted:
-            assert leaf.grad is None, name
-    got = {name: leaves[name].grad.double() for name in wanted}
-    assert_close_to_truth(got, eager, {name: truth[name] for name in wanted}, torch.float32)
+    for kernel in kernels.values():
+        kernel.launches.clear()
+    with CountOps() as ops:
+        out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).float())
+    launched = {name.split("_attention_")[1]: [kw for *_, kw in kernel.launches] for name, kernel in kernels.items()}
+    sdpa = sum(n for op, n in ops.ops.items() if "scaled_dot_product" in op and op.endswith("backward"))
+    name = _pattern_id(pattern)
+    if impl == "torch":
+        assert sdpa == 1 and ops.matmuls == int(need["prefix_k"]) + int(need["prefix_v"]), (name, ops.ops)
+        assert not any(launched.values()), name
+    else:
+        assert sdpa == 0 and ops.matmuls == 0 and not launched["forward_kernel"], (name, ops.ops)
+        assert [kw["NEED_DQ"] for kw in launched["dq_kernel"]] == [need["q"]], name
+        own = [(need["k"], need["v"])] if need["k"] or need["v"] else []
+        assert [(kw["NEED_DK"], kw["NEED_DV"]) for kw in launched["dkdv_kernel"]] == own, name
+        prefix = [(need["prefix_k"], need["prefix_v"])] if need["prefix_k"] or need["prefix_v"] else []
+        assert [(kw["NEED_DK"], kw["NEED_DV"]) for kw in launched["prefix_dkdv_kernel"]] == prefix, name
+    for key, leaf in leaves.items():
+        assert (leaf.grad is not None) == need[key], (name, key)
+    wanted = [key for key in NAMES if need[key]]
+    got = {key: leaves[key].grad.double() for key in wanted}
+    assert_close_to_truth(got, eager, {key: truth[key] for key in wanted}, torch.float32)
 
 
+@pytest.mark.parametrize("pattern", PATTERNS, ids=_pattern_id)
+def test_torch_gradients_only_where_asked(pattern, work_setup):
+    _check_backward_work("torch", pattern, *work_setup)
+
+
+@pytest.mark.parametrize("pattern", TRITON_PATTERNS, ids=_pattern_id)
+def test_triton_gradients_only_where_asked(pattern, work_setup):
+    _check_backward_work("triton", pattern, *work_setup)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_no_backward_work_under_no_grad(impl, work_setup):
+    inputs, kwargs, _, _, kernels = work_setup
+    leaves = {name: x.float().requires_grad_() for name, x in inputs.items()}
+    with torch.no_grad(), CountOps() as ops:
+        out = prefix_attention(**leaves, impl=impl, **kwargs)
+    assert out.grad_fn is None and not any("backward" in op for op in ops.ops), ops.ops
+    assert [len(kernels[name].launches) for name in KERNELS] == [int(impl == "triton"), 0, 0, 0]
+
+
+# Masked positions may hold anything. N = 33 > the 32-row query tiles: blocks left of the diagonal with
+# padding inside; sample 1 (group 0, no real prefix key, left padding) has rows that see nothing.
+MASKED_CASE = (2, 2, 9, 33, 2, 1, 16, [0, 5], [1, 0], "holes", "bhnd")
+
+
+def _masked_positions(case):
+    """{name: bool mask of the positions that must influence nothing}, broadcastable to each input."""
+    b, g, p, n, hq, hkv, d, lengths, group, pad, layout = case
+    keep = padding_mask(pad, b, n)
+    prefix = torch.arange(p)[None, :] >= torch.tensor(lengths)[:, None]  # [G, P]
+    own = ~keep[:, None, :, None]
+    return {"q": _sees_nothing(case)[:, None, :, None], "k": own, "v": own, "prefix_k": prefix[:, None, :, None],
+            "prefix_v": prefix[:, None, :, None]}
+
+
+def _filled(inputs, masked, fill: str):
+    """The inputs with ``fill`` at the masked positions: "zero", "nan", or "inf" (+inf and -inf alternating)."""
+    out = {}
+    for name, x in inputs.items():
+        if fill == "inf":
+            value = torch.where(torch.arange(x.numel()).reshape(x.shape) % 2 == 0, torch.inf, -torch.inf)
+        else:
+            value = torch.full_like(x, 0.0 if fill == "zero" else torch.nan)
+        out[name] = torch.where(masked[name], value.to(x.dtype), x)
+    return out
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+def test_masked_positions_influence_nothing(impl):
+    """NaN and +-inf in masked keys / values (padding, prefix positions >= L) and in the queries of rows
+    that see nothing: the output and all five gradients equal those with zeros there, and the gradients
+    at those positions are exactly 0."""
+    inputs = make_inputs(*MASKED_CASE[:7])
+    kwargs = _kwargs(MASKED_CASE)
+    masked = _masked_positions(MASKED_CASE)
+    assert all(m.any() for m in masked.values())
+    zero = run(_filled(inputs, masked, "zero"), torch.float32, impl, **kwargs)
+    for name, m in masked.items():
+        grad = zero[name][m.expand_as(zero[name])]
+        assert torch.equal(grad, torch.zeros_like(grad)), name
+    for fill in ("nan", "inf"):
+        got = run(_filled(inputs, masked, fill), torch.float32, impl, **kwargs)
+        for key in zero:
+            assert torch.equal(got[key], zero[key]), f"{fill}: {key}"
+
+
+@pytest.mark.interpret
 def test_no_grad_and_empty_batch():
     inputs = {name: x.float() for name, x in make_inputs(0, 1, 3, 5, 2, 1, 64).items()}
     leaves = {name: x.requires_grad_() for name, x in inputs.items()}
@@ -227,6 +340,7 @@ def test_no_grad_and_empty_batch():
     assert out.grad_fn is None
 
 
+@pytest.mark.interpret
 def test_large_scores_and_custom_scale():
     """Scores up to about 100: the online maximum keeps exp2 finite; scale is passed through. (Far larger
     scores lose precision to the float32 rounding of the stored log-sum-exp, as in FlashAttention.)"""
@@ -321,3 +435,23 @@ def test_gpu_float32(real_tiles):
     fused = run(inputs, torch.float32, "triton", **kwargs)
     assert_close_to_truth(fused, eager, truth, torch.float32)
 
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 3], ids=["splits_auto", "splits_3"])
+def test_gpu_triton_is_deterministic(splits, real_tiles, monkeypatch):
+    """Five runs on the GPU: identical bits for the output and all five gradients, with G = 2 prefixes and
+    the prefix-gradient kernel's samples cut into several splits (summed in a fixed order)."""
+    if splits is not None:
+        monkeypatch.setattr(triton_impl, "_splits", lambda device, programs, batch: splits)
+    prefix_kernel = KernelLaunches(triton_impl._prefix_attention_prefix_dkdv_kernel)
+    monkeypatch.setattr(triton_impl, "_prefix_attention_prefix_dkdv_kernel", prefix_kernel)
+    case = (8, 2, 256, 256, 8, 2, 128, [256, 100], [0, 1, 0, 1, 0, 1, 1, 1], "left", "bhnd")
+    inputs = make_inputs(*case[:7], device="cuda")
+    kwargs = _kwargs(case, "cuda")
+    runs = [run(inputs, torch.bfloat16, "triton", **kwargs) for _ in range(5)]
+    grids = {grid for grid, _, _ in prefix_kernel.launches}
+    assert len(grids) == 1 and next(iter(grids))[2] > 1, grids  # (key blocks, G x Hkv, splits)
+    for again in runs[1:]:
+        for key, value in runs[0].items():
+            assert torch.isfinite(value).all() and torch.equal(again[key], value), key

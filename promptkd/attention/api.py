@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
 from ..kernels.configs import ATTENTION_MAX_HEAD_DIM
 from .reference import prefix_attention_reference
 from .torch_impl import prefix_attention_torch
@@ -96,8 +97,23 @@ def prefix_attention(
     Gradients flow to q, k, v, prefix_k and prefix_v (whichever require grad); the prefix gradient
     is the sum over the samples using each prefix, in a fixed order (same bits on every run).
 
+    Masked positions influence nothing: own keys/values where key_padding_mask is False, prefix
+    keys/values at or beyond prefix_lengths[g], and the queries of rows that see no key may hold
+    anything (NaN, inf); the output and every gradient are those of zeros there, and the gradients at
+    those positions are exactly 0.
+
     ``group_index`` and ``prefix_lengths`` may be lists or CPU tensors (checked for range) or tensors
     on the inputs' device (taken as they are: a range check there would synchronise).
+
+    Autocast: when autocast is enabled for the inputs' device type, q, k, v, prefix_k and prefix_v
+    (unless float64) are first cast to ``torch.get_autocast_dtype(device_type)``, as autocast casts
+    scaled_dot_product_attention's inputs (the dtype checks apply to the cast dtypes); the op then
+    runs with autocast disabled, forward and backward (also when ``.backward()`` is called inside the
+    autocast block). The output has the autocast dtype; gradients reach the leaves in their dtype.
+
+    Double backward: ``impl="reference"`` (plain autograd) supports it. ``torch`` and ``triton`` give
+    first-order gradients, also under ``create_graph=True``, but differentiating those gradients again
+    raises a RuntimeError.
 
     ``impl``: ``reference`` (concatenated keys, explicit mask, plain torch: the oracle), ``torch``
     (scaled_dot_product_attention with a boolean mask; CPU and fallback), ``triton`` (fused kernels,
@@ -105,12 +121,15 @@ def prefix_attention(
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _tensor(name, x, 4)
-    dtype, device = q.dtype, q.device
-    if dtype not in _FLOATS:
-        raise ValueError(f"q must be a floating tensor (float32, float16, bfloat16, float64), got {dtype}")
+    device = q.device
+    if q.dtype not in _FLOATS:
+        raise ValueError(f"q must be a floating tensor (float32, float16, bfloat16, float64), got {q.dtype}")
+    cast = autocast_dtype(device)  # checks see the dtypes after the autocast rule; casting waits for them
+    dtype = autocast_target(q.dtype, cast)
     for name, x in (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-        if x.dtype != dtype:
-            raise ValueError(f"{name} has dtype {x.dtype}, expected {dtype} like q")
+        if autocast_target(x.dtype, cast) != dtype:
+            under = "" if cast is None else f" (under autocast to {cast})"
+            raise ValueError(f"{name} has dtype {x.dtype}, expected {dtype} like q{under}")
         if x.device != device:
             raise ValueError(f"{name} is on {x.device}, expected {device} like q")
     b, hq, n, d = q.shape
@@ -155,11 +174,13 @@ def prefix_attention(
         raise ValueError(f"scale must be finite and > 0, got {scale}")
     impl = _pick_impl(impl, device, dtype, d)
 
+    q, k, v, prefix_k, prefix_v = autocast_inputs(cast, q, k, v, prefix_k, prefix_v)
     args = (q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, float(scale))
-    if impl == "reference":
-        return prefix_attention_reference(*args)
-    if impl == "torch":
-        return prefix_attention_torch(*args)
-    from .triton_impl import prefix_attention_triton  # imports triton only when asked for
+    with autocast_off(device.type):
+        if impl == "reference":
+            return prefix_attention_reference(*args)
+        if impl == "torch":
+            return prefix_attention_torch(*args)
+        from .triton_impl import prefix_attention_triton  # imports triton only when asked for
 
-    return prefix_attention_triton(*args)
+        return prefix_attention_triton(*args)

@@ -4,6 +4,12 @@ Each sample's prefix is put in front of its keys and a boolean [B, 1, N, P + N] 
 entry, shared by the heads) describes the pattern, so SDPA's fused CPU/GPU kernels run and no
 [B, H, N, P + N] float score tensor is kept. The prefix enters through ``expand`` (one group) or a
 one-hot matmul (several groups), whose backward sums the samples' prefix gradients in a fixed order.
+
+Masked keys and values are zeroed first and rows that see nothing are selected to exactly 0 (their
+queries too), so NaN or inf stored in masked positions reaches no output and no gradient. Double
+backward: SDPA's fused kernels have no derivative of their backward (a cryptic error, or on some
+backends a different graph), so the gradients flowing back through SDPA refuse to be differentiated
+(``promptkd.autograd.first_order``); use impl="reference" for second derivatives.
 """
 
 from __future__ import annotations
@@ -11,7 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import allowed_mask
+from ..autograd import first_order
+from .reference import allowed_mask, zero_masked
+
+OP = "prefix_attention (impl='torch')"
 
 
 def _spread(prefix: torch.Tensor, group: torch.Tensor, batch: int) -> torch.Tensor:
@@ -26,15 +35,23 @@ def prefix_attention_torch(q, k, v, prefix_k, prefix_v, lengths, group, key_padd
     b, _, n, _ = q.shape
     p = prefix_k.shape[2]
     gqa = q.shape[1] != k.shape[1]
+    # Zeroed per group, before the one-hot spread: 0 * NaN of another group's padding would be NaN.
+    k, v, prefix_k, prefix_v = zero_masked(k, v, prefix_k, prefix_v, lengths, key_padding_mask)
     if p or prefix_k.requires_grad or prefix_v.requires_grad:  # an empty prefix still gets its (empty) gradient
         k = torch.cat([_spread(prefix_k, group, b), k], dim=2)
         v = torch.cat([_spread(prefix_v, group, b), v], dim=2)
     if p == 0 and key_padding_mask is None:
+        q, k, v = first_order(OP, q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     mask = allowed_mask(group, lengths, key_padding_mask, n, p)  # [B, 1, N, P+N]
     if key_padding_mask is None:  # every row sees at least its own key
+        q, k, v = first_order(OP, q, k, v)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    # A row that sees nothing: let it see everything (SDPA backends disagree on empty rows), then zero it.
+    # A row that sees nothing: let it see everything (SDPA backends disagree on empty rows) with q = 0, then
+    # select 0 (torch.where, not a product: 0 * NaN is NaN). Its zero output gradient then adds exactly 0
+    # to dk and dv, and its q (maybe NaN) gets a zero gradient.
     alive = mask.any(-1, keepdim=True)  # [B, 1, N, 1]
+    q = torch.where(alive, q, 0)
+    q, k, v = first_order(OP, q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~alive, scale=scale, enable_gqa=gqa)
-    return out * alive.to(out.dtype)
+    return torch.where(alive, out, 0)

@@ -10,6 +10,10 @@ the own-keys kernel writes dK, dV of each sample's keys; the prefix kernel write
 prefix dK, dV per (group, split of the group's samples), summed here over the splits in a fixed
 order: the same bits on every run, no atomics. Only the requested gradients are computed, and
 nothing waits on the device (no host synchronisation).
+
+Masked keys and values are read as 0 (masked loads) and the queries of rows that see nothing as 0 in
+the dK kernel, so NaN or inf stored there reaches no output and no gradient. First-order only: double
+backward raises (``promptkd.autograd.first_order_only``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import math
 import torch
 
 from .. import launch
+from ..autograd import first_order_only
 from ..kernels import configs
 from ..kernels.prefix_attention_backward import (
     _prefix_attention_dkdv_kernel,
@@ -157,6 +162,7 @@ class PrefixAttentionFunction(torch.autograd.Function):
         return o
 
     @staticmethod
+    @first_order_only("prefix_attention (impl='triton')")
     def backward(ctx, grad_out):
         return _backward(ctx, grad_out)
 
