@@ -2,7 +2,8 @@
 
 The interpreter cannot catch compile errors, shared-memory overflow or local-memory arrays; this can.
 ptxas's spill stores (spills to the stack frame) are reported by ``python -m promptkd.kernels.aot``
-but not asserted: several configurations still spill (see the README's Tests section).
+but not asserted: several configurations still spill (see the README's Tests section). Local memory
+is read with the cuobjdump that Triton ships; without one the test is skipped with that reason.
 Each case compiles in a fresh process without TRITON_INTERPRET (set for the rest of the suite).
 """
 
@@ -43,5 +44,11 @@ def test_compiles_within_limits(index):
     c = json.loads(out.stdout.strip().splitlines()[-1])
     arch = CASES[index][-1]
     assert 0 <= c["shared"] <= aot.SHARED_LIMIT[arch], f"shared memory {c['shared']} B over the sm_{arch} limit"
-    if c["spill_bytes"] is not None:
-        assert c["spill_bytes"] == 0, f"{c['spill_bytes']} bytes of local memory"
+    if c["spill_bytes"] is None:  # no LOCAL count: say why, never pass silently
+        import triton
+
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        if not os.path.exists(tool):
+            pytest.skip(f"local memory not checked: no cuobjdump at {tool} (Triton's NVIDIA wheels ship one)")
+        pytest.fail("cuobjdump --dump-resource-usage printed no LOCAL count for this kernel")
+    assert c["spill_bytes"] == 0, f"{c['spill_bytes']} bytes of local memory"
