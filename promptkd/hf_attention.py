@@ -148,15 +148,21 @@ def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefi
 
 
 def _cached_decode(query, key, value, padding, scaling):
-    """Queries are the last N of K keys (decoding with a KV cache): causal, aligned bottom-right."""
+    """Queries are the last N of K keys (decoding with a KV cache): causal, aligned bottom-right.
+
+    Padded keys/values and the queries of rows that see no key read as 0 and such rows return 0, so
+    whatever those positions hold (NaN, inf) influences nothing (a zero weight times NaN is NaN)."""
     n, kv = query.shape[2], key.shape[2]
     mask = torch.ones(n, kv, dtype=torch.bool, device=query.device).tril(kv - n)[None, None]
     if padding is not None:
+        keep = padding[:, None, -kv:, None]  # [B, 1, K, 1]
+        key, value = key.masked_fill(~keep, 0), value.masked_fill(~keep, 0)
         mask = mask & padding[:, None, None, -kv:]
-    alive = mask.any(-1, keepdim=True)
+    alive = mask.any(-1, keepdim=True)  # [B, 1, N, 1]
+    query = torch.where(alive, query, torch.zeros((), dtype=query.dtype, device=query.device))
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | ~alive, scale=scaling,
                                          enable_gqa=query.shape[1] != key.shape[1])
-    return out * alive.to(out.dtype)
+    return torch.where(alive, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,

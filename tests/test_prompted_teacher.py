@@ -288,6 +288,28 @@ def test_cached_generation_still_works_on_the_wrapped_model():
                        plain.generate(ids, attention_mask=mask, **kw))
 
 
+def test_cached_decoding_ignores_what_padded_positions_hold():
+    """Decoding with a KV cache (queries are the last N of K keys): NaN and inf in padded keys/values and
+    in the queries of rows that see no key change nothing, and those rows return 0."""
+    from promptkd.hf_attention import _cached_decode
+
+    g = torch.Generator().manual_seed(0)
+    b, h, n, k, d = 3, 2, 2, 6, 8
+    q, key, value = (torch.randn(b, h, m, d, generator=g) for m in (n, k, k))
+    padding = torch.ones(b, k, dtype=torch.bool)
+    padding[1, :2] = False  # left padding
+    padding[2, :] = False  # a row of nothing but padding: its queries see no key
+    clean = _cached_decode(q, key.masked_fill(~padding[:, None, :, None], 0),
+                           value.masked_fill(~padding[:, None, :, None], 0), padding, d ** -0.5)
+    dirty_k, dirty_v, dirty_q = key.clone(), value.clone(), q.clone()
+    dirty_k.masked_fill_(~padding[:, None, :, None], float("nan"))
+    dirty_v.masked_fill_(~padding[:, None, :, None], float("inf"))
+    dirty_q[2] = float("nan")
+    out = _cached_decode(dirty_q, dirty_k, dirty_v, padding, d ** -0.5)
+    assert torch.isfinite(out).all() and torch.equal(out, clean)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+
+
 class _Tokenizer:
     pad_token_id = 5
 
