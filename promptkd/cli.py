@@ -1,13 +1,14 @@
 """The ``promptkd`` command: demo, train, eval, plot.
 
-    promptkd demo [--quick] [--out runs/demo]
-    promptkd train CONFIG.yaml [key=value ...] [--resume]
+    promptkd demo [--quick] [--out runs/demo] [--resume | --overwrite]
+    promptkd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
 
-Errors in the inputs (config, data, paths) print one line and exit with status 2; a diverged run
-(NaN or infinite loss) exits with status 3, its last good checkpoint kept. PROMPTKD_DEBUG=1 shows
-the traceback of an input error.
+Errors in the inputs (arguments, config, data, paths, run directories: ``promptkd.errors.InputError``)
+print one line and exit with status 2; a diverged run (NaN or infinite loss, gradient or weights)
+exits with status 3, its last good checkpoint kept. Anything else is a fault: its traceback is
+printed (status 1). PROMPTKD_DEBUG=1 shows the traceback of an input error too.
 """
 
 from __future__ import annotations
@@ -17,14 +18,40 @@ import json
 import os
 import sys
 
+from .errors import InputError, TrainingDiverged
+
 
 def _train(args) -> int:
+    from . import trainer
     from .config import TrainConfig
     from .trainer import train
 
+    trainer.EXIT_WITHOUT_FINALIZING = True  # main() ends the process if a gloo group lingers
     config = TrainConfig.load(args.config, args.overrides)
-    train(config, resume=args.resume)
+    train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+def _check_eval_args(args) -> None:
+    """Everything ``eval`` can check before it loads a model."""
+    for name in ("max_new_tokens", "max_length", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 1 <= args.max_prompt_length < args.max_length:
+        raise InputError(f"--max-prompt-length must lie in [1, --max-length={args.max_length}), "
+                         f"got {args.max_prompt_length}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if any(seed < 0 for seed in args.seeds):
+        raise InputError(f"--seeds must be >= 0, got {args.seeds}")
+    for path in args.data:
+        if not os.path.isfile(path):
+            raise InputError(f"--data: no file {path!r}")
+    if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out!r} is a file, not a directory")
+    from .config import _check_device
+
+    _check_device(args.device)
 
 
 def _eval(args) -> int:
@@ -32,9 +59,13 @@ def _eval(args) -> int:
 
     from .data import load_examples
     from .evaluate import evaluate, write_generations
+    from .files import write_text
     from .models import load_model, load_tokenizer
 
+    _check_eval_args(args)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device!r}: CUDA is not available on this machine")
     tokenizer = load_tokenizer("tokenizer", args.tokenizer or args.model)
     model = load_model("model", args.model, getattr(torch, args.dtype) if args.dtype != "auto" else
                        (torch.bfloat16 if device.type == "cuda" else torch.float32), device)
@@ -54,8 +85,7 @@ def _eval(args) -> int:
               f"{result['exact_match']:.2f} ± {result['exact_match_std']:.2f} ({result['num_examples']} examples, "
               f"{stats.dropped_long_prompt} dropped for long prompts, seeds {list(args.seeds)})")
     if args.out:
-        with open(os.path.join(args.out, "scores.json"), "w") as f:
-            json.dump(results, f, indent=2)
+        write_text(os.path.join(args.out, "scores.json"), json.dumps(results, indent=2))
     return 0
 
 
@@ -71,8 +101,16 @@ def _plot(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+def _run_flags(parser: argparse.ArgumentParser, what: str) -> None:
+    flags = parser.add_mutually_exclusive_group()
+    flags.add_argument("--resume", action="store_true", help=f"continue the {what} in the output directory")
+    flags.add_argument("--overwrite", action="store_true",
+                       help=f"replace a previous {what} in the output directory (without this, or --resume, "
+                            "an output directory that holds one is an error)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,12 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller run (about 2 minutes on 2 CPU cores)")
     demo.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     demo.add_argument("--seed", type=int, default=10)
+    _run_flags(demo, "demo")
     demo.set_defaults(func=_demo)
 
     train = sub.add_parser("train", help="train one configuration")
     train.add_argument("config", help="a YAML file, or the name of a shipped config")
     train.add_argument("overrides", nargs="*", help="key=value overrides (values parsed as YAML)")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    _run_flags(train, "run (from its newest checkpoint)")
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="sampled generation and ROUGE-L / exact match on JSONL files")
@@ -115,19 +154,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .trainer import TrainingDiverged
-
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except TrainingDiverged as e:
         print(f"promptkd: {e}", file=sys.stderr)
-        return 3
-    except (ValueError, TypeError) as e:
+        code = 3
+    except InputError as e:
         if os.environ.get("PROMPTKD_DEBUG"):
             raise
         print(f"promptkd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    except BaseException:  # a fault: its traceback, then the same care at exit
+        if _lingering():
+            import traceback
+
+            traceback.print_exc()
+            _exit_now(1)
+        raise
+    if _lingering():
+        _exit_now(code)
+    return code
+
+
+def _lingering() -> bool:
+    trainer = sys.modules.get("promptkd.trainer")
+    return trainer is not None and trainer.lingering_process_group()
+
+
+def _exit_now(code: int) -> None:
+    """Ends the process without interpreter finalization: after a distributed run whose gloo group could
+    not be freed (FSDP), the group's worker threads could abort the process at interpreter exit (see
+    promptkd.trainer.Processes). Every file the run wrote was synced when written; stdio and logging
+    are flushed here."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The training configuration: one validated dataclass, read from YAML and ``key=value`` overrides.
 
 Every field has a default; a YAML file names the fields it changes. Unknown keys, wrong types and
-values out of range raise ``ValueError`` / ``TypeError`` naming the key, before anything is loaded.
+values out of range raise ``InputError`` / ``InputTypeError`` (a ``ValueError`` / ``TypeError``) naming
+the key, before anything is loaded.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import math
 import os
 from dataclasses import dataclass, field, fields
 
+from .errors import InputError, InputTypeError
+
 METHODS = ("sft", "kd", "rkl", "gkd", "distillm", "promptkd")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = ("auto", "float32", "bfloat16")
 SKEWS = ("forward", "reverse")
 # Shipped configurations (promptkd/configs/*.yaml) can be named without their path.
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -66,8 +69,8 @@ class TrainConfig:
     sample_temperature: float = 1.0   # reference: temperature 1, no top-k / top-p truncation
 
     # Models and kernels
-    dtype: str = "auto"               # auto: bfloat16 on CUDA, float32 on CPU
-    device: str = "auto"              # auto: cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
+    dtype: str = "auto"               # auto: bfloat16 on CUDA, float32 on CPU (float16: refused, no loss scaling)
+    device: str = "auto"              # auto (cuda:LOCAL_RANK if CUDA is available, else cpu), cpu, cuda, cuda:N
     gradient_checkpointing: bool = False
     fsdp: bool = False                # shard student and teacher over the torchrun processes (FSDP2)
     loss_impl: str = "auto"           # promptkd.fused_linear_kd_loss implementation
@@ -92,6 +95,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         _one_of("method", self.method, METHODS)
+        if self.dtype == "float16":
+            raise InputError("dtype float16 is not supported for training: promptkd trains without loss scaling, so "
+                             "small float16 gradients would underflow to zero; use bfloat16 (float32's range at "
+                             "float16's size) or float32")
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("distillm_skew", self.distillm_skew, SKEWS)
         from .attention.api import IMPLS as ATTENTION_IMPLS
@@ -107,42 +114,45 @@ class TrainConfig:
                      "max_valid_examples"):
             _int(name, getattr(self, name), minimum=0)
         if self.max_prompt_length >= self.max_length:
-            raise ValueError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
+            raise InputError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
         for name in ("lr", "sample_temperature"):
             if _float(name, getattr(self, name)) <= 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "clip_grad_norm", "prompt_lr", "prompt_reg", "adam_eps"):
             if _float(name, getattr(self, name)) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("kd_ratio", "gkd_lambda", "distillm_student_ratio"):
             if not 0.0 <= _float(name, getattr(self, name)) <= 1.0:
-                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+                raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
         if not 0.0 < _float("gkd_beta", self.gkd_beta) < 1.0:
-            raise ValueError(f"gkd_beta must lie strictly between 0 and 1, got {self.gkd_beta}")
+            raise InputError(f"gkd_beta must lie strictly between 0 and 1, got {self.gkd_beta}")
         if not 0.0 <= _float("distillm_alpha", self.distillm_alpha) < 1.0:
-            raise ValueError(f"distillm_alpha must satisfy 0 <= alpha < 1, got {self.distillm_alpha}")
+            raise InputError(f"distillm_alpha must satisfy 0 <= alpha < 1, got {self.distillm_alpha}")
         self.adam_betas = tuple(self.adam_betas)
         if len(self.adam_betas) != 2 or not all(0.0 <= _float("adam_betas", b) < 1.0 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+            raise InputError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         self.eval_seeds = tuple(self.eval_seeds) if isinstance(self.eval_seeds, (list, tuple)) else (self.eval_seeds,)
         if not self.eval_seeds:
-            raise ValueError("eval_seeds must name at least one seed")
+            raise InputError("eval_seeds must name at least one seed")
         for seed in self.eval_seeds:
             _int("eval_seeds", seed, minimum=0)
         for name in ("gradient_checkpointing", "tensorboard", "progress", "share_prefix", "fsdp"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InputTypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("student", "teacher", "tokenizer", "output_dir", "train_file", "valid_file", "device",
                      "prompt_init_text"):
             if not isinstance(getattr(self, name), str):
-                raise TypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+                raise InputTypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
+        _check_device(self.device)
+        if not self.prompt_init_text.strip():
+            raise InputError("prompt_init_text must not be empty (the soft prompt is initialised from its tokens)")
         if not isinstance(self.extra, dict):
-            raise TypeError(f"extra must be a mapping, got {type(self.extra).__name__}")
+            raise InputTypeError(f"extra must be a mapping, got {type(self.extra).__name__}")
         if self.num_samples > 1 and self.method not in ON_POLICY:
-            raise ValueError(f"num_samples > 1 applies to methods that sample ({', '.join(ON_POLICY)}), "
+            raise InputError(f"num_samples > 1 applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")
         if self.share_prefix and self.method not in ON_POLICY:
-            raise ValueError(f"share_prefix applies to methods that sample ({', '.join(ON_POLICY)}), "
+            raise InputError(f"share_prefix applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")
 
     def check_ready(self) -> None:
@@ -151,18 +161,18 @@ class TrainConfig:
         if self.method != "sft" and not self.teacher:
             missing.append("teacher")
         if missing:
-            raise ValueError(f"method {self.method!r} needs {', '.join(missing)} to be set")
+            raise InputError(f"method {self.method!r} needs {', '.join(missing)} to be set")
 
     # ---- construction ----
 
     @classmethod
     def from_dict(cls, values: dict, source: str = "config") -> TrainConfig:
         if not isinstance(values, dict):
-            raise ValueError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
+            raise InputError(f"{source}: expected a mapping of keys to values, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+            raise InputError(f"{source}: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
         values = dict(values)
         for f in fields(cls):
             # YAML reads 5e-5 (no dot) as a string: take numeric strings for float fields.
@@ -170,7 +180,7 @@ class TrainConfig:
                 try:
                     values[f.name] = float(values[f.name])
                 except ValueError:
-                    raise TypeError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
+                    raise InputTypeError(f"{source}: {f.name} must be a number, got {values[f.name]!r}") from None
         return cls(**values)
 
     @classmethod
@@ -184,9 +194,9 @@ class TrainConfig:
             try:
                 values = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
-                raise ValueError(f"{path}: not valid YAML: {e}") from None
+                raise InputError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of keys to values")
+            raise InputError(f"{path}: expected a mapping of keys to values")
         values.update(parse_overrides(overrides))
         return cls.from_dict(values, source=path)
 
@@ -209,7 +219,7 @@ def resolve_config_path(path: str) -> str:
     shipped = os.path.join(CONFIG_DIR, path if path.endswith(".yaml") else path + ".yaml")
     if os.path.isfile(shipped):
         return shipped
-    raise ValueError(f"config: no file {path!r} (shipped configs: {', '.join(shipped_configs())})")
+    raise InputError(f"config: no file {path!r} (shipped configs: {', '.join(shipped_configs())})")
 
 
 def shipped_configs() -> list[str]:
@@ -225,7 +235,7 @@ def parse_overrides(overrides) -> dict:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
-            raise ValueError(f"override {item!r} must look like key=value")
+            raise InputError(f"override {item!r} must look like key=value")
         try:
             values[key.strip()] = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
@@ -233,22 +243,36 @@ def parse_overrides(overrides) -> dict:
     return values
 
 
+def _check_device(device: str) -> None:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (whether that device exists is checked when a run starts)."""
+    if device == "auto":
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
 def _one_of(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+        raise InputError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def _int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
+        raise InputTypeError(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InputError(f"{name} must be >= {minimum}, got {value}")
     return value
 
 
 def _float(name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
+        raise InputTypeError(f"{name} must be a number, got {value!r}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise InputError(f"{name} must be finite, got {value}")
     return float(value)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InputError
+
 IGNORE_INDEX = -100
 
 # The Alpaca-style template of the MiniLLM / PromptKD reference data processing.
@@ -63,7 +65,7 @@ class DataStats:
 def read_jsonl(path: str) -> list[dict]:
     """Records of a JSONL file; blank lines are skipped. Errors name the file and the line."""
     if not os.path.isfile(path):
-        raise ValueError(f"data file {path!r} does not exist")
+        raise InputError(f"data file {path!r} does not exist")
     records = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -72,19 +74,19 @@ def read_jsonl(path: str) -> list[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+                raise InputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
             records.append((number, record))
     if not records:
-        raise ValueError(f"data file {path!r} holds no records")
+        raise InputError(f"data file {path!r} holds no records")
     return records
 
 
 def _text(record: dict, key: str, where: str) -> str:
     value = record[key]
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+        raise InputError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -98,15 +100,15 @@ def parse_record(record: dict, where: str) -> tuple[str, list[str]]:
     elif "prompt" in record:
         prompt = _text(record, "prompt", where)
     else:
-        raise ValueError(f"{where}: missing field 'instruction' (Dolly/Alpaca records) or 'prompt'; "
+        raise InputError(f"{where}: missing field 'instruction' (Dolly/Alpaca records) or 'prompt'; "
                          f"found {sorted(record)}")
     key = "response" if "response" in record else "output" if "output" in record else None
     if key is None:
-        raise ValueError(f"{where}: missing field 'response' (or 'output'); found {sorted(record)}")
+        raise InputError(f"{where}: missing field 'response' (or 'output'); found {sorted(record)}")
     value = record[key]
     references = value if isinstance(value, list) else [value]
     if not references or not all(isinstance(r, str) for r in references):
-        raise ValueError(f"{where}: field {key!r} must be a string or a non-empty list of strings")
+        raise InputError(f"{where}: field {key!r} must be a string or a non-empty list of strings")
     return prompt, references
 
 
@@ -133,7 +135,7 @@ def load_examples(path: str, tokenizer, max_prompt_length: int, max_length: int,
         examples.append(Example(prompt, references, prompt_ids, response_ids, record))
     stats.kept = len(examples)
     if not examples:
-        raise ValueError(f"{path}: no usable example ({stats.records} records, {stats.dropped_long_prompt} "
+        raise InputError(f"{path}: no usable example ({stats.records} records, {stats.dropped_long_prompt} "
                          f"with prompts over max_prompt_length={max_prompt_length})")
     return examples, stats
 
@@ -204,7 +206,7 @@ class DataOrder:
         self.seed = seed
         self.global_batch = batch_size * accumulation * world_size
         if num_examples < self.global_batch:
-            raise ValueError(f"the training data has {num_examples} examples, fewer than one global batch "
+            raise InputError(f"the training data has {num_examples} examples, fewer than one global batch "
                              f"(batch_size * gradient_accumulation * processes = {self.global_batch})")
         self.steps_per_epoch = num_examples // self.global_batch
         self._epoch, self._order = None, None

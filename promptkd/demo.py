@@ -10,6 +10,11 @@
 5. Evaluate the teacher, the SFT student and every distilled student on the test split and on the
    held-out instruction templates (sampled generation, several seeds), print the table, write
    ``results.md`` / ``results.json`` and plots.
+
+The output directory is never overwritten unless asked: one that holds a demo run is an error
+without ``resume`` (continue it: finished stages are kept, an interrupted one resumes from its
+last checkpoint, with the same settings and seed, recorded in ``demo.json``) or ``overwrite``
+(remove it and start again).
 """
 
 from __future__ import annotations
@@ -20,8 +25,12 @@ import time
 from dataclasses import asdict, dataclass
 
 from .config import TrainConfig
+from .errors import InputError
 
 METHODS = ("kd", "rkl", "gkd", "distillm", "promptkd")
+STAGES = ("teacher", "sft_init", "sft", *METHODS)
+#: What a demo run writes in its output directory.
+ENTRIES = ("demo.json", "data", "init", *STAGES, "results.json", "results.md", "plots")
 
 
 @dataclass(frozen=True)
@@ -143,25 +152,80 @@ def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
     return scores
 
 
-def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=print) -> dict:
-    """Runs the demo into ``out`` and returns the results table as a dict (see the module docstring)."""
+def _start(out: str, manifest: dict, resume: bool, overwrite: bool) -> bool:
+    """Checks ``out`` against the run rules (module docstring); returns whether a previous run continues."""
+    import shutil
+
+    from .files import write_text
+
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out!r} is a file, not a directory")
+    previous = sorted(n for n in os.listdir(out) if n in ENTRIES) if os.path.isdir(out) else []
+    manifest_path = os.path.join(out, "demo.json")
+    if resume:
+        if not os.path.isfile(manifest_path):
+            raise InputError(f"--resume: {out!r} holds no demo run to continue (no demo.json)")
+        with open(manifest_path) as f:
+            saved = json.load(f)
+        if saved != manifest:
+            raise InputError(f"--resume: {out!r} holds a demo run with other settings ({saved}); resume it with "
+                             "the same --quick and --seed, or pass --overwrite")
+        return True
+    if previous and not overwrite:
+        raise InputError(f"--out {out!r} holds a previous demo run ({', '.join(previous)}); pass --resume to "
+                         "continue it, --overwrite to replace it, or choose another directory")
+    for name in previous:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    os.makedirs(out, exist_ok=True)
+    write_text(manifest_path, json.dumps(manifest, indent=2))
+    return False
+
+
+def _prepared(out: str) -> dict | None:
+    """The paths :func:`prepare` returns, if an earlier (resumed) run finished preparing."""
+    paths = {split: os.path.join(out, "data", f"{split}.jsonl") for split in ("train", "valid", "test", "test_heldout")}
+    for name in ("teacher", "student"):
+        paths[f"{name}_init"] = os.path.join(out, "init", name)
+    done = all(os.path.isfile(p) for k, p in paths.items() if not k.endswith("_init")) and all(
+        os.path.isfile(os.path.join(paths[k], "model.safetensors")) for k in ("teacher_init", "student_init"))
+    return paths if done else None
+
+
+def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=print, resume: bool = False,
+             overwrite: bool = False) -> dict:
+    """Runs the demo into ``out`` and returns the results table as a dict (see the module docstring).
+
+    ``resume`` continues a demo run in ``out`` (an error if there is none, or if it has other
+    settings); ``overwrite`` replaces one. Without either, an ``out`` holding a demo run is an error."""
     from transformers.utils import logging as hf_logging
 
+    from .files import write_text
     from .plot import bar_chart, plot_comparison
-    from .trainer import train
+    from .trainer import checkpoints, train
 
     hf_logging.disable_progress_bar()  # loading / saving bars for every stage drown the demo's own lines
     settings = QUICK if quick else DemoSettings()
+    if resume and overwrite:
+        raise InputError("resume and overwrite exclude each other")
     started = time.perf_counter()
-    os.makedirs(out, exist_ok=True)
-    if any(n.startswith(("teacher", "sft", *METHODS)) for n in os.listdir(out)):
-        raise ValueError(f"--out {out!r} already holds a demo run; choose another directory or remove it")
-    paths = prepare(out, settings, seed, log)
+    continuing = _start(out, {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed}, resume, overwrite)
+    paths = (_prepared(out) if continuing else None) or prepare(out, settings, seed, log)
 
     def stage(name: str, **changes) -> str:
         t0 = time.perf_counter()
-        run_dir = train(_config(settings, paths, os.path.join(out, name), seed, **changes), log=lambda _: None)
-        log(f"{name}: trained in {time.perf_counter() - t0:.0f} s")
+        run_dir = os.path.join(out, name)
+        if os.path.isdir(os.path.join(run_dir, "final", "model")):
+            log(f"{name}: trained earlier")
+            return run_dir
+        # A stage cut before its first checkpoint left only files of its own: start it again.
+        again = checkpoints(run_dir)
+        train(_config(settings, paths, run_dir, seed, **changes), log=lambda _: None, resume=bool(again),
+              overwrite=not again)
+        log(f"{name}: trained in {time.perf_counter() - t0:.0f} s" + (" (resumed)" if again else ""))
         return run_dir
 
     runs = {}
@@ -184,10 +248,8 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
     log(table)
     results = {"settings": asdict(settings), "seed": seed, "scores": rows,
                "seconds": round(time.perf_counter() - started, 1)}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(table + "\n")
+    write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+    write_text(os.path.join(out, "results.md"), table + "\n")
 
     plots = os.path.join(out, "plots")
     bar_chart({k: v["test"]["rougeL"] for k, v in rows.items()}, os.path.join(plots, "test_rougeL.png"),

@@ -14,6 +14,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from .data import IGNORE_INDEX
+from .errors import InputError
 
 
 @dataclass
@@ -37,13 +38,13 @@ def _hub_like(name: str) -> bool:
 def check_model_path(name: str, path: str) -> None:
     """A local directory must exist and hold a config; anything else must look like a hub name."""
     if not path:
-        raise ValueError(f"{name} is not set")
+        raise InputError(f"{name} is not set")
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
-            raise ValueError(f"{name}: {path!r} is a directory without config.json (not a saved model)")
+            raise InputError(f"{name}: {path!r} is a directory without config.json (not a saved model)")
         return
     if not _hub_like(path) or os.path.exists(path):
-        raise ValueError(f"{name}: model path {path!r} does not exist")
+        raise InputError(f"{name}: model path {path!r} does not exist")
 
 
 def load_model(name: str, path: str, dtype: torch.dtype, device: torch.device):
@@ -53,7 +54,7 @@ def load_model(name: str, path: str, dtype: torch.dtype, device: torch.device):
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{name}: could not load {path!r} as a local directory or hub model: {e}") from None
+        raise InputError(f"{name}: could not load {path!r} as a local directory or hub model: {e}") from None
     return model.to(device)
 
 
@@ -64,9 +65,9 @@ def load_tokenizer(name: str, path: str):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{name}: could not load a tokenizer from {path!r}: {e}") from None
+        raise InputError(f"{name}: could not load a tokenizer from {path!r}: {e}") from None
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"{name}: the tokenizer at {path!r} has no eos token")
+        raise InputError(f"{name}: the tokenizer at {path!r} has no eos token")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -85,11 +86,11 @@ def check_same_tokens(student_tok, teacher_tok, student_path: str, teacher_path:
     if vs != vt:
         differing = sorted(t for t in set(vs) | set(vt) if vs.get(t) != vt.get(t))
         sample = ", ".join(f"{t!r}: {vs.get(t)} vs {vt.get(t)}" for t in differing[:3])
-        raise ValueError(f"the student tokenizer ({student_path}) and the teacher tokenizer ({teacher_path}) "
+        raise InputError(f"the student tokenizer ({student_path}) and the teacher tokenizer ({teacher_path}) "
                          f"disagree on {len(differing)} token id(s), e.g. {sample}")
     for attr in ("eos_token_id", "pad_token_id"):
         if getattr(student_tok, attr) != getattr(teacher_tok, attr):
-            raise ValueError(f"the student and teacher tokenizers disagree on {attr}: "
+            raise InputError(f"the student and teacher tokenizers disagree on {attr}: "
                              f"{getattr(student_tok, attr)} vs {getattr(teacher_tok, attr)}")
 
 
@@ -136,7 +137,7 @@ def shard(model, param_dtype: torch.dtype | None = None) -> None:
     base = model.base_model
     layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
     if not layers:
-        raise ValueError(f"fsdp: found no decoder layers in {type(model).__name__} to shard")
+        raise InputError(f"fsdp: found no decoder layers in {type(model).__name__} to shard")
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
     kwargs = {"mp_policy": policy} if policy is not None else {}

@@ -16,6 +16,7 @@ import warnings
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .errors import InputError
 from .files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
@@ -29,7 +30,7 @@ def read_metrics(path: str) -> list[dict]:
     (a resumed run appends after such a line).
     """
     if not os.path.isfile(path):
-        raise ValueError(f"path {path!r} is not a file")
+        raise InputError(f"path {path!r} is not a file")
     with open(path, encoding="utf-8") as f:
         lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]
     records = []
@@ -65,7 +66,7 @@ def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
 def _run_series(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"run_dir {run_dir!r} has no {METRICS_FILE}")
+        raise InputError(f"run_dir {run_dir!r} has no {METRICS_FILE}")
     return _series(read_metrics(path))
 
 
@@ -105,7 +106,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     """
     series = _run_series(run_dir)
     if not series:
-        raise ValueError(f"run_dir {run_dir!r}: {METRICS_FILE} has no numeric metrics")
+        raise InputError(f"run_dir {run_dir!r}: {METRICS_FILE} has no numeric metrics")
     out_dir = out_dir if out_dir is not None else os.path.join(run_dir, "plots")
     paths, used = [], set()
     for metric, (steps, values) in series.items():

@@ -25,15 +25,27 @@ over response tokens, averaged over micro-batches and processes.
 as a prefix shared by its K responses (prefix attention in both models). Under torchrun the run is
 data-parallel, or with ``fsdp`` sharded (FSDP2).
 
-The run directory holds ``config.yaml``, ``metrics.jsonl`` (one line per logged step), TensorBoard
-events when tensorboard is installed, ``checkpoint-<step>/`` (the last ``keep_checkpoints``),
-``best/`` (the best validation ROUGE-L) and ``final/``. Checkpoints are directories renamed into
-place once complete, so a crash or SIGKILL never leaves a partial one; ``resume=True`` continues from
-the newest and reaches the same weights as an uninterrupted run (bit-identical on the CPU).
+The run directory holds ``config.yaml`` (the run's configuration as it started), ``metrics.jsonl``
+(one line per logged step), TensorBoard events when tensorboard is installed, ``checkpoint-<step>/``
+(the last ``keep_checkpoints``), ``best/`` (the best validation ROUGE-L), ``final/`` and, after a
+resume that changed a setting, ``resumes.jsonl``. Checkpoints are directories synced and renamed
+into place once complete, so a crash or SIGKILL never leaves a partial one. What is guaranteed:
+
+- nothing is overwritten unless asked: an ``output_dir`` that holds a previous run is an error
+  without ``resume`` or ``overwrite``;
+- ``resume=True`` continues from the newest checkpoint (an error if there is none) and reaches the
+  same weights as an uninterrupted run (bit-identical on the CPU). Only the settings in
+  :data:`RESUMABLE` may differ from the checkpoint's (run length, validation/save/log intervals,
+  device, kernel implementations, recomputation), and they apply from the resume on; any other
+  change, or training data whose contents changed, is refused naming it;
+- a NaN or infinite loss or gradient stops the run before that step is applied, and no checkpoint,
+  ``best/`` or ``final/`` is ever written with non-finite weights (:class:`TrainingDiverged`);
+- checkpoint files are read with ``torch.load(weights_only=True)``: a planted file cannot run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -41,13 +53,15 @@ import random
 import shutil
 import sys
 import time
+import warnings
 
 import torch
 
 from .api import fused_linear_kd_loss
 from .config import TrainConfig
 from .data import DataOrder, Example, collate, collate_shared, load_examples
-from .files import write_text
+from .errors import InputError, TrainingDiverged
+from .files import append_line, publish_dir, sync_dir, write_text
 from .models import (
     LMOutput,
     check_model_path,
@@ -62,17 +76,61 @@ from .models import (
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_state.json"
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss was NaN or infinite; the run stopped before applying that step."""
+#: What a run writes in its output_dir, besides checkpoint-<step>/ and hidden work files (.tmp-*).
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "resumes.jsonl", "best", "final", "tensorboard", "plots")
+#: Settings a resumed run may change: how long it runs, how often it validates, saves and logs, and how
+#: it computes (device, kernels, recomputation), never what it computes. Any other change is refused.
+RESUMABLE = ("max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints", "log_interval",
+             "tensorboard", "progress", "output_dir", "extra", "device", "gradient_checkpointing", "loss_impl",
+             "attention_impl")
 
 
 # ---------------------------------------------------------------- processes
 
 
+#: torch modules with functions whose default argument is ``group=dist.group.WORLD``. Imported after
+#: init_process_group (transformers imports the first lazily), each such default keeps the process group
+#: alive for good; imported before it, the defaults are None (which those functions read as the world).
+_GROUP_DEFAULT_MODULES = ("torch.distributed.nn.functional", "torch.distributed.fsdp.sharded_grad_scaler",
+                          "torch.distributed.optim.zero_redundancy_optimizer")
+
+
+class ProcessGroupLeak(RuntimeWarning):
+    """A gloo process group outlived :meth:`Processes.close`; see :class:`Processes`."""
+
+
+#: Set by the command line, which ends a process whose gloo group lingers without finalizing it.
+EXIT_WITHOUT_FINALIZING = False
+_lingering_groups = 0
+
+
+def lingering_process_group() -> bool:
+    """Whether a gloo process group this process started is still alive after :meth:`Processes.close`."""
+    return _lingering_groups > 0
+
+
 class Processes:
-    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process."""
+    """torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), or a single process.
+
+    A process group this object starts, it also ends (:meth:`close`). Why that needs care: gloo runs
+    each collective on a C++ worker thread, which releases the collective's tensors a moment after
+    the caller's wait has returned; releasing a tensor that has a Python object takes the GIL. If the
+    group still exists when the interpreter shuts down, a worker that does this then is unwound in a
+    noexcept destructor and the process aborts ("terminate called without an active exception",
+    SIGABRT) after a successful run. ``destroy_process_group`` only drops torch's own references; the
+    worker threads stop when the group object is freed, so :meth:`close` checks that it is:
+
+    * the functions of some torch modules take ``group=dist.group.WORLD`` as a default argument, which
+      holds the group for good when the module is imported after init_process_group (transformers
+      imports one lazily); they are imported before it, so those defaults are None;
+    * :meth:`Trainer.close` releases the models and optimizers first (FSDP's state holds the group);
+    * FSDP's DTensors leave the group in torch's sharding caches, which no public API clears. Such a
+      group lingers (:func:`lingering_process_group`): ``promptkd train`` then ends its process
+      without finalizing the interpreter (everything it writes is on disk by then); a script calling
+      :func:`train` gets a :class:`ProcessGroupLeak` warning saying so.
+
+    NCCL groups are shut down by ``destroy_process_group`` itself (their communicators are aborted).
+    """
 
     def __init__(self, device: str):
         import torch.distributed as dist
@@ -84,10 +142,21 @@ class Processes:
             device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         if self.device.type == "cuda":
+            if not torch.cuda.is_available():
+                raise InputError(f"device {device!r}: CUDA is not available on this machine")
+            if self.device.index is not None and self.device.index >= torch.cuda.device_count():
+                raise InputError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
             torch.cuda.set_device(self.device)
         self.distributed = self.world_size > 1
         self._owns_group = self.distributed and not dist.is_initialized()
         if self._owns_group:
+            import importlib
+
+            for name in _GROUP_DEFAULT_MODULES:
+                try:
+                    importlib.import_module(name)
+                except ImportError:
+                    pass
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
 
     @property
@@ -95,9 +164,25 @@ class Processes:
         return self.rank == 0
 
     def close(self) -> None:
-        """Leaves the process group this object started (an exiting process must not leave it open)."""
-        if self._owns_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        """Destroys the process group this object started and checks that it was freed (its worker
+        threads joined); release what holds it first (FSDP-sharded modules, their optimizer state)."""
+        import gc
+        import weakref
+
+        global _lingering_groups
+        if not (self._owns_group and torch.distributed.is_initialized()):
+            return
+        group = weakref.ref(torch.distributed.group.WORLD)
+        gloo = torch.distributed.get_backend() == "gloo"
+        torch.distributed.destroy_process_group()
+        gc.collect()  # reference cycles (modules, hooks) that still hold the group
+        if gloo and group() is not None:
+            _lingering_groups += 1
+            if not EXIT_WITHOUT_FINALIZING:
+                warnings.warn("promptkd: the gloo process group is still referenced after destroy_process_group "
+                              "(FSDP leaves it in torch's sharding caches), so its worker threads live on and can "
+                              "abort this process at interpreter exit; end the process with os._exit(status) "
+                              "once its output is flushed, as `promptkd train` does", ProcessGroupLeak, stacklevel=2)
 
     def barrier(self):
         if self.distributed:
@@ -134,24 +219,32 @@ def _is_sharded(t) -> bool:
     return isinstance(t, DTensor)
 
 
-def _clip_grad_norm(params: list[torch.Tensor], max_norm: float, procs: Processes) -> None:
-    """Clip to a total L2 norm over sharded (FSDP, summed over the processes) and whole gradients."""
+def _grad_norm(params: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The L2 norm of all gradients, a float32 device scalar (NaN or inf if any gradient is): whole
+    gradients as they are (already averaged over the processes), FSDP shards summed over the processes."""
     grads = [p.grad for p in params if p.grad is not None]
-    sharded = [g for g in grads if _is_sharded(g)]
+    whole = [g for g in grads if not _is_sharded(g)]
+    sharded = [g.to_local() for g in grads if _is_sharded(g)]
     if not sharded:
-        torch.nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    device = sharded[0].to_local().device
-    local = torch.zeros((), device=device, dtype=torch.float32)
+        if not whole:
+            return torch.zeros((), device=device)
+        return torch.nn.utils.get_total_norm(whole).float()
+    squares = torch.zeros((), device=sharded[0].device, dtype=torch.float32)
     for g in sharded:
-        local += g.to_local().float().square().sum()
-    torch.distributed.all_reduce(local)
-    for g in grads:
-        if not _is_sharded(g):
-            local += g.float().square().sum()
-    scale = (max_norm / (local.sqrt() + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        (g.to_local() if _is_sharded(g) else g).mul_(scale.to(g.dtype))
+        squares += g.float().square().sum()
+    torch.distributed.all_reduce(squares)
+    for g in whole:
+        squares += g.float().square().sum()
+    return squares.sqrt()
+
+
+def _clip(params: list[torch.Tensor], norm: torch.Tensor, max_norm: float) -> None:
+    """Scales the gradients by min(1, max_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_ does."""
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in params:
+        if p.grad is not None:
+            g = p.grad.to_local() if _is_sharded(p.grad) else p.grad
+            g.mul_(scale.to(g.dtype))
 
 
 def _local_state(optimizer_state: dict) -> dict:
@@ -187,16 +280,47 @@ def checkpoints(output_dir: str) -> list[str]:
     return [os.path.join(output_dir, n) for n in names if os.path.isfile(os.path.join(output_dir, n, STATE_FILE))]
 
 
-def _replace_dir(tmp: str, final: str) -> None:
-    """Puts a finished directory in place; an old one is moved aside first and removed after."""
-    old = None
-    if os.path.exists(final):
-        old = final.rstrip(os.sep) + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+def previous_run(output_dir: str) -> list[str]:
+    """The entries of ``output_dir`` that a run wrote (empty if it holds none, or does not exist)."""
+    if not os.path.isdir(output_dir):
+        return []
+    ours = [n for n in os.listdir(output_dir)
+            if n in RUN_ENTRIES or n.startswith((CHECKPOINT_PREFIX, ".tmp-"))
+            or any(n.startswith(f".{entry}.") for entry in RUN_ENTRIES)]
+    return sorted(ours)
+
+
+def _remove(output_dir: str, names: list[str]) -> None:
+    for name in names:
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
+def resume_changes(saved: dict, current: dict, checkpoint: str) -> dict:
+    """{key: (checkpoint's value, new value)} for the settings that differ; refuses (InputError) any
+    change outside :data:`RESUMABLE`, naming the keys. A key the checkpoint lacks (an older
+    promptkd) is compared with its default."""
+    defaults = TrainConfig().to_dict()
+    changes = {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items() if saved.get(k, defaults.get(k)) != v}
+    refused = {k: change for k, change in changes.items() if k not in RESUMABLE}
+    if refused:
+        listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
+        raise InputError(f"--resume: the configuration differs from {checkpoint}'s in settings that would change "
+                         f"the run ({listed}). Resume with the checkpoint's values, or start a new run (another "
+                         f"output_dir, or --overwrite). A resumed run may change only: {', '.join(RESUMABLE)}")
+    return changes
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (the training data's fingerprint in checkpoints)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class MetricsLog:
@@ -247,6 +371,18 @@ class MetricsLog:
 # ---------------------------------------------------------------- the trainer
 
 
+def _load(path: str, device) -> dict:
+    """A checkpoint's torch file, unpickled with ``weights_only=True``: tensors, numbers, strings and
+    containers only, so a planted file cannot run code; anything else is an error naming the file."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"--resume: cannot load {path} safely ({first})") from None
+
+
 def _dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -259,23 +395,43 @@ def _warmup_then_constant(warmup: int):
 
 
 class Trainer:
-    """Runs one configuration. Construction checks everything (paths, data, tokenizers) and loads
-    the models; :meth:`train` runs the steps and returns the run directory."""
+    """Runs one configuration. Construction checks everything (paths, data, tokenizers, the run
+    directory, a resume's settings) and loads the models; :meth:`train` runs the steps and returns
+    the run directory.
 
-    def __init__(self, config: TrainConfig, resume: bool = False, log=print):
+    ``resume``: continue from the newest checkpoint in ``output_dir`` (an error if there is none);
+    settings outside :data:`RESUMABLE` must equal the checkpoint's. ``overwrite``: start afresh in an
+    ``output_dir`` that holds a previous run, removing that run's files when training starts.
+    Without either, an ``output_dir`` holding a previous run is an error: nothing is overwritten
+    unless asked."""
+
+    def __init__(self, config: TrainConfig, resume: bool = False, log=print, overwrite: bool = False):
         config.validate()
         config.check_ready()
+        if resume and overwrite:
+            raise InputError("resume and overwrite exclude each other: continue the run in output_dir, or replace it")
+        if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+            raise InputError(f"output_dir {config.output_dir!r} is a file, not a directory")
         self.cfg = config
         self.log_fn = log
         self.procs = Processes(config.device)
+        try:
+            self._setup(resume, overwrite)
+        except BaseException:
+            self.close()  # an exiting process must not leave its process group behind
+            raise
+
+    def _setup(self, resume: bool, overwrite: bool) -> None:
+        config = self.cfg
         self.device = self.procs.device
         self.dtype = _dtype(config.dtype, self.device)
         if self.dtype != torch.float32 and self.device.type == "cpu":
-            raise ValueError(f"dtype={config.dtype} needs a CUDA device; on the CPU use float32")
+            raise InputError(f"dtype={config.dtype} needs a CUDA device; on the CPU use float32")
         if config.fsdp and not self.procs.distributed:
-            raise ValueError("fsdp: true shards the models over several processes: launch with torchrun "
+            raise InputError("fsdp: true shards the models over several processes: launch with torchrun "
                              "--nproc_per_node N (N > 1), or turn fsdp off")
         self.run_dir = config.output_dir
+        self._check_run_dir(resume, overwrite)
 
         # Everything that can be wrong with the inputs is found before any model is loaded.
         check_model_path("student", config.student)
@@ -301,27 +457,61 @@ class Trainer:
         else:
             self.total_steps = config.epochs * self.order.steps_per_epoch
 
+        self.train_digest = file_digest(config.train_file)
         self.start_step, self.best = 0, {"rougeL": None, "step": None}
-        found = checkpoints(self.run_dir)
-        if found and not resume:
-            raise ValueError(f"output_dir {self.run_dir!r} already holds checkpoints; pass resume (--resume) to "
-                             "continue that run, or choose another output_dir")
-        self.resume_from = found[-1] if (resume and found) else None
         if self.resume_from:
-            with open(os.path.join(self.resume_from, STATE_FILE)) as f:
-                state = json.load(f)
-            if state["world_size"] != self.procs.world_size:
-                raise ValueError(f"{self.resume_from} was written by {state['world_size']} process(es); resume it "
-                                 f"with as many (this run has {self.procs.world_size})")
-            self.start_step, self.best = state["step"], state["best"]
-
+            self._check_resume()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self._load_models()
 
+    def _check_run_dir(self, resume: bool, overwrite: bool) -> None:
+        """Nothing is overwritten unless asked, and --resume needs a checkpoint."""
+        self.resume_from, self.stale, self.resume_state, self.changes = None, [], None, {}
+        if resume:
+            found = checkpoints(self.run_dir)
+            if not found:
+                where = "does not exist" if not os.path.isdir(self.run_dir) else "holds no complete checkpoint"
+                raise InputError(f"--resume: output_dir {self.run_dir!r} {where}; there is nothing to resume "
+                                 "(drop --resume to start a new run)")
+            self.resume_from = found[-1]
+            try:
+                with open(os.path.join(self.resume_from, STATE_FILE)) as f:
+                    self.resume_state = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise InputError(f"--resume: cannot read {self.resume_from}/{STATE_FILE}: {e}") from None
+            return
+        previous = previous_run(self.run_dir)
+        if previous and not overwrite:
+            shown = ", ".join(previous[:5]) + (", ..." if len(previous) > 5 else "")
+            raise InputError(f"output_dir {self.run_dir!r} holds a previous run ({shown}); pass --resume to continue "
+                             "it, --overwrite to replace it, or choose another output_dir")
+        self.stale = previous
+
+    def _check_resume(self) -> None:
+        """The checkpoint's process count, settings and training data must be this run's."""
+        state = self.resume_state
+        if state["world_size"] != self.procs.world_size:
+            raise InputError(f"{self.resume_from} was written by {state['world_size']} process(es); resume it "
+                             f"with as many (this run has {self.procs.world_size})")
+        self.changes = resume_changes(state.get("config", {}), self.cfg.to_dict(), self.resume_from)
+        saved_digest = state.get("train_sha256")
+        if saved_digest is not None and saved_digest != self.train_digest:
+            raise InputError(f"--resume: train_file {self.cfg.train_file!r} is not the file {self.resume_from} was "
+                             "trained on (its contents changed), so the data order would not be the run's")
+        self.start_step, self.best = state["step"], state["best"]
+
     def _say(self, text: str) -> None:
         if self.procs.main:
             self.log_fn(text)
+
+    def close(self) -> None:
+        """Releases the models and optimizers, then ends the process group the trainer started (see
+        :class:`Processes`). The trainer cannot train after this."""
+        for name in ("student", "teacher", "prompted", "optimizer", "scheduler", "prompt_optimizer",
+                     "prompt_scheduler", "student_params"):
+            setattr(self, name, None)
+        self.procs.close()
 
     # ---- models and optimizers ----
 
@@ -347,8 +537,13 @@ class Trainer:
         if cfg.share_prefix:
             self._use_prefix_attention()
         if cfg.method == "promptkd":
+            from .hf_attention import check_supported
             from .prompted import PromptedTeacher
 
+            try:
+                check_supported(self.teacher)
+            except ValueError as e:
+                raise InputError(f"promptkd: the teacher's {e}") from None
             self.prompted = PromptedTeacher(self.teacher, cfg.prompt_length, init="text",
                                             init_text=cfg.prompt_init_text, tokenizer=self.tokenizer,
                                             gradient_checkpointing=cfg.gradient_checkpointing,
@@ -377,18 +572,16 @@ class Trainer:
             self.prompt_optimizer = adamw([self.prompted.soft_prompt], cfg.prompt_lr or cfg.lr)
             self.prompt_scheduler = torch.optim.lr_scheduler.LambdaLR(self.prompt_optimizer, schedule)
         if self.resume_from:
-            state = torch.load(os.path.join(self.resume_from, "optimizer.pt"), map_location=self.device,
-                               weights_only=True)
+            state = _load(os.path.join(self.resume_from, "optimizer.pt"), self.device)
             if cfg.fsdp:
-                local = torch.load(os.path.join(self.resume_from, f"optimizer-rank{self.procs.rank}.pt"),
-                                   map_location=self.device, weights_only=True)
+                local = _load(os.path.join(self.resume_from, f"optimizer-rank{self.procs.rank}.pt"), self.device)
                 state["student"] = _shard_state(local, self.optimizer)
             self.optimizer.load_state_dict(state["student"])
             self.scheduler.load_state_dict(state["student_scheduler"])
             if self.prompt_optimizer is not None:
                 self.prompt_optimizer.load_state_dict(state["prompt"])
                 self.prompt_scheduler.load_state_dict(state["prompt_scheduler"])
-            rng = torch.load(os.path.join(self.resume_from, f"rng-rank{self.procs.rank}.pt"), weights_only=False)
+            rng = _load(os.path.join(self.resume_from, f"rng-rank{self.procs.rank}.pt"), "cpu")
             random.setstate(rng["python"])
             torch.set_rng_state(rng["torch"])
             if rng.get("cuda") is not None and self.device.type == "cuda":
@@ -402,11 +595,11 @@ class Trainer:
             try:
                 check_supported(model)
             except ValueError as e:
-                raise ValueError(f"share_prefix: the {name}'s {e}") from None
+                raise InputError(f"share_prefix: the {name}'s {e}") from None
             text = model.config.get_text_config()
             dropout = getattr(text, "attn_pdrop", None) or getattr(text, "attention_dropout", None) or 0.0
             if name == "student" and dropout:
-                raise ValueError(f"share_prefix: the student has attention dropout {dropout}, which prefix "
+                raise InputError(f"share_prefix: the student has attention dropout {dropout}, which prefix "
                                  "attention does not implement; set it to 0 in the student's config.json "
                                  "(attn_pdrop / attention_dropout) or turn share_prefix off")
             model.set_attn_implementation(register())
@@ -521,20 +714,32 @@ class Trainer:
 
     # ---- the step ----
 
-    def _optimizer_step(self, optimizer, scheduler, params, loss_sum: torch.Tensor, step: int, what: str) -> float:
+    def _diverged(self, step: int, what: str) -> TrainingDiverged:
+        last = checkpoints(self.run_dir)
+        return TrainingDiverged(f"step {step}: {what}; the run stopped without applying this step or saving those "
+                                f"weights. Last good checkpoint: {last[-1] if last else 'none'}")
+
+    def _optimizer_step(self, optimizer, scheduler, params, loss_sum: torch.Tensor, step: int,
+                        what: str) -> tuple[float, float]:
+        """Averages, checks, clips and applies the gradients; returns (loss, gradient norm before clipping).
+
+        A NaN or infinite loss or gradient stops the run before the step is applied. Both are read
+        with one host read, the one per optimizer step that logging and the guard need."""
         loss = self.procs.mean(loss_sum.detach().float().reshape(1))
-        value = float(loss)  # one host read per optimizer step: logging and the NaN guard need it
-        if not math.isfinite(value):
-            last = checkpoints(self.run_dir)
-            raise TrainingDiverged(f"step {step + 1}: the {what} loss is {value}; the run stopped without applying "
-                                   f"this step. Last good checkpoint: {last[-1] if last else 'none'}")
         self.procs.average_gradients([p for p in params if not _is_sharded(p)])  # FSDP averaged the others
+        norm = _grad_norm(params, self.device)
+        value, norm_value = torch.cat([loss, norm.reshape(1).to(loss.device)]).tolist()
+        if not math.isfinite(value):
+            raise self._diverged(step + 1, f"the {what} loss is {value}")
+        if not math.isfinite(norm_value):
+            raise self._diverged(step + 1, f"the {what} loss is finite ({value:.6g}) but its gradient is not "
+                                           f"(norm {norm_value})")
         if self.cfg.clip_grad_norm > 0:
-            _clip_grad_norm(params, self.cfg.clip_grad_norm, self.procs)
+            _clip(params, norm, self.cfg.clip_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        return value
+        return value, norm_value
 
     def _step(self, step: int) -> dict:
         cfg = self.cfg
@@ -550,8 +755,9 @@ class Trainer:
                 total += loss.detach() * scale
                 tokens += n
             lr = self.scheduler.get_last_lr()[0]
-            value = self._optimizer_step(self.optimizer, self.scheduler, self.student_params, total, step, "training")
-            return {"train/loss": value, "train/lr": lr, "tokens": tokens}
+            value, norm = self._optimizer_step(self.optimizer, self.scheduler, self.student_params, total, step,
+                                               "training")
+            return {"train/loss": value, "train/grad_norm": norm, "train/lr": lr, "tokens": tokens}
 
         # PromptKD: (1) sample, (2) prompt step, (3) student step, over the same micro-batches.
         samples = []
@@ -573,8 +779,8 @@ class Trainer:
             (loss * scale).backward()
             prompt_total += loss.detach() * scale
         prompt_lr = self.prompt_scheduler.get_last_lr()[0]
-        prompt_value = self._optimizer_step(self.prompt_optimizer, self.prompt_scheduler, [self.prompted.soft_prompt],
-                                            prompt_total, step, "prompt")
+        prompt_value, prompt_norm = self._optimizer_step(self.prompt_optimizer, self.prompt_scheduler,
+                                                         [self.prompted.soft_prompt], prompt_total, step, "prompt")
         student_total = torch.zeros((), device=self.device)
         for batch in samples:
             with torch.no_grad():
@@ -583,10 +789,10 @@ class Trainer:
             (loss * scale).backward()
             student_total += loss.detach() * scale
         lr = self.scheduler.get_last_lr()[0]
-        value = self._optimizer_step(self.optimizer, self.scheduler, self.student_params, student_total, step,
-                                     "student")
-        return {"train/loss": value, "train/lr": lr, "prompt/loss": prompt_value, "prompt/lr": prompt_lr,
-                "tokens": tokens}
+        value, norm = self._optimizer_step(self.optimizer, self.scheduler, self.student_params, student_total, step,
+                                           "student")
+        return {"train/loss": value, "train/grad_norm": norm, "train/lr": lr, "prompt/loss": prompt_value,
+                "prompt/grad_norm": prompt_norm, "prompt/lr": prompt_lr, "tokens": tokens}
 
     # ---- validation, checkpoints ----
 
@@ -619,9 +825,22 @@ class Trainer:
         if self.prompted is not None:
             self.prompted.save_prompt(os.path.join(directory, "prompt"), base_model_name_or_path=self.cfg.teacher)
 
+    def _check_weights(self, step: int) -> None:
+        """Every save starts here: the student's weights and the soft prompt must be finite (one host read;
+        a collective under FSDP, where each process checks its shards)."""
+        tensors = [p.to_local() if _is_sharded(p) else p for p in self.student_params]
+        if self.prompted is not None:
+            tensors.append(self.prompted.soft_prompt)
+        finite = torch.stack([t.detach().isfinite().all() for t in tensors]).all().to(torch.float32)
+        if self.cfg.fsdp:
+            torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+        if not bool(finite):
+            raise self._diverged(step, "the weights are not finite")
+
     def save_checkpoint(self, step: int) -> str:
         final = os.path.join(self.run_dir, f"{CHECKPOINT_PREFIX}{step:07d}")
         tmp = os.path.join(self.run_dir, f".tmp-{CHECKPOINT_PREFIX}{step:07d}")
+        self._check_weights(step)
         state = self._student_state()
         if self.procs.main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -646,15 +865,16 @@ class Trainer:
             epoch, within = divmod(step, self.order.steps_per_epoch)
             state = {"step": step, "epoch": epoch, "step_in_epoch": within,
                      "examples_seen": step * self.order.global_batch, "world_size": self.procs.world_size,
-                     "best": self.best, "config": self.cfg.to_dict()}
+                     "best": self.best, "train_sha256": self.train_digest, "config": self.cfg.to_dict()}
             write_text(os.path.join(tmp, STATE_FILE), json.dumps(state, indent=2))
-            os.replace(tmp, final)
+            publish_dir(tmp, final)
             for old in checkpoints(self.run_dir)[:-self.cfg.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         self.procs.barrier()
         return final
 
     def _save_best(self, step: int) -> None:
+        self._check_weights(step)
         state = self._student_state()
         if not self.procs.main:
             return
@@ -662,23 +882,41 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         self._save_model_dir(tmp, state)
         write_text(os.path.join(tmp, "best.json"), json.dumps({"step": step, **self.best}, indent=2))
-        _replace_dir(tmp, os.path.join(self.run_dir, "best"))
+        publish_dir(tmp, os.path.join(self.run_dir, "best"))
+
+    def _start_run_dir(self) -> None:
+        """Rank 0: clears a run replaced with ``overwrite``, keeps a resumed run's original config.yaml (a
+        resume's allowed changes go to resumes.jsonl), writes a new run's."""
+        import yaml
+
+        os.makedirs(self.run_dir, exist_ok=True)
+        if self.stale:
+            _remove(self.run_dir, self.stale)
+            self._say(f"overwrite: removed the previous run in {self.run_dir} ({', '.join(self.stale)})")
+        config_path = os.path.join(self.run_dir, "config.yaml")
+        if not (self.resume_from and os.path.exists(config_path)):
+            write_text(config_path, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        if self.changes:
+            record = {"step": self.start_step, "checkpoint": os.path.basename(self.resume_from),
+                      "changes": {k: {"from": old, "to": new} for k, (old, new) in self.changes.items()}}
+            append_line(os.path.join(self.run_dir, "resumes.jsonl"), json.dumps(record))
+        sync_dir(self.run_dir)
 
     # ---- the loop ----
 
     def train(self) -> str:
-        import yaml
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         if self.procs.main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            write_text(os.path.join(self.run_dir, "config.yaml"), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self._start_run_dir()
         self.procs.barrier()
         metrics = MetricsLog(self.run_dir, self.procs.main, cfg.tensorboard,
                              self.start_step if self.resume_from else None)
         if self.resume_from:
-            self._say(f"resuming from {self.resume_from} (step {self.start_step} of {self.total_steps})")
+            changed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
+            self._say(f"resuming from {self.resume_from} (step {self.start_step} of {self.total_steps})"
+                      + (f" with changed settings: {changed}" if changed else ""))
         eval_every = cfg.eval_interval or self.order.steps_per_epoch
         save_every = cfg.save_interval or self.order.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.start_step, desc=cfg.method, dynamic_ncols=True,
@@ -707,12 +945,13 @@ class Trainer:
         finally:
             bar.close()
             metrics.close()
+        self._check_weights(self.total_steps)
         state = self._student_state()
         if self.procs.main:
             tmp = os.path.join(self.run_dir, ".tmp-final")
             shutil.rmtree(tmp, ignore_errors=True)
             self._save_model_dir(tmp, state)
-            _replace_dir(tmp, os.path.join(self.run_dir, "final"))
+            publish_dir(tmp, os.path.join(self.run_dir, "final"))
             best = f", best validation ROUGE-L {self.best['rougeL']:.2f} at step {self.best['step']}" \
                 if self.best["rougeL"] is not None else ""
             self._say(f"done: {self.total_steps} steps{best}; run directory {self.run_dir}")
@@ -720,10 +959,10 @@ class Trainer:
         return self.run_dir
 
 
-def train(config: TrainConfig, resume: bool = False, log=print) -> str:
-    """Trains ``config`` and returns its run directory (see the module docstring)."""
-    trainer = Trainer(config, resume=resume, log=log)
+def train(config: TrainConfig, resume: bool = False, log=print, overwrite: bool = False) -> str:
+    """Trains ``config`` and returns its run directory (see the module docstring and :class:`Trainer`)."""
+    trainer = Trainer(config, resume=resume, log=log, overwrite=overwrite)
     try:
         return trainer.train()
     finally:
-        trainer.procs.close()
+        trainer.close()

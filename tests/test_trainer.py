@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from promptkd.config import METHODS, TrainConfig, shipped_configs
 from promptkd.demo import DemoSettings, prepare
+from promptkd.errors import InputError
 from promptkd.trainer import Trainer, TrainingDiverged, checkpoints, train
 
 TINY = DemoSettings(n_train=48, n_valid=6, n_test=6, vocab_size=300, teacher=(32, 2, 2, 64), student=(16, 1, 2, 32))
@@ -36,7 +37,7 @@ def config(paths, out, **changes) -> TrainConfig:
     values = dict(method="kd", student=paths["student_init"], teacher=paths["teacher_init"],
                   train_file=paths["train"], valid_file="", output_dir=str(out), max_length=200, max_prompt_length=180,
                   batch_size=4, max_steps=3, lr=1e-3, warmup_steps=1, max_new_tokens=6, progress=False,
-                  tensorboard=False, loss_impl="torch", attention_impl="torch")
+                  tensorboard=False, loss_impl="torch", attention_impl="torch", device="cpu")
     values.update(changes)
     return TrainConfig(**values)
 
@@ -202,7 +203,7 @@ def test_resume_is_bit_identical(setup, tmp_path, monkeypatch):
         train(cut, log=lambda _: None)
     assert [os.path.basename(c) for c in checkpoints(cut.output_dir)] == ["checkpoint-0000002"]
     monkeypatch.setattr(Trainer, "_step", original)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(InputError, match="holds a previous run"):
         Trainer(cut, log=lambda _: None)
     train(cut, resume=True, log=lambda _: None)
     assert_same(weights(full), weights(cut.output_dir))
@@ -330,8 +331,188 @@ def test_shipped_config_runs_with_small_models(setup, tmp_path):
     assert os.path.isfile(os.path.join(run_dir, "final", "prompt", "adapter_config.json"))
 
 
-def torchrun(setup, tmp_path, name, *extra, **changes) -> str:
-    """``promptkd train`` under torchrun with 2 processes (gloo) on a config written to a file."""
+# ---------------------------------------------------------------- faults: nothing lost, nothing non-finite
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity forward; backward hands the input a NaN gradient (a finite loss, non-finite gradients)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return torch.full_like(grad, float("nan"))
+
+
+def _all_finite(directory) -> bool:
+    return all(torch.isfinite(t).all() for t in load_file(os.path.join(directory, "model", "model.safetensors"))
+               .values())
+
+
+def test_finite_loss_with_non_finite_gradient_stops_the_run(setup, tmp_path, monkeypatch):
+    original = Trainer._micro_loss
+
+    def poisoned(self, examples, step, micro):
+        loss, tokens = original(self, examples, step, micro)
+        if step == 2:
+            weight = next(p for p in self.student.parameters() if p.requires_grad)
+            loss = loss + 0.0 * _NaNGradient.apply(weight).sum()
+        return loss, tokens
+
+    monkeypatch.setattr(Trainer, "_micro_loss", poisoned)
+    cfg = config(setup, tmp_path / "run", max_steps=4, save_interval=1)
+    with pytest.raises(TrainingDiverged, match=r"step 3: the training loss is finite \(.*\) but its gradient is not "
+                                               r"\(norm nan\).*Last good checkpoint: .*checkpoint-0000002"):
+        train(cfg, log=lambda _: None)
+    kept = checkpoints(cfg.output_dir)
+    assert [os.path.basename(c) for c in kept] == ["checkpoint-0000001", "checkpoint-0000002"]
+    assert all(_all_finite(c) for c in kept)
+    assert not os.path.exists(os.path.join(cfg.output_dir, "final"))
+
+
+def test_non_finite_weights_are_never_saved(setup, tmp_path, monkeypatch):
+    """Finite loss and gradients, but the weights turn infinite (say an overflowing update): the save
+    that would write them stops the run instead."""
+    original = Trainer._optimizer_step
+
+    def overflowing(self, optimizer, scheduler, params, loss_sum, step, what):
+        out = original(self, optimizer, scheduler, params, loss_sum, step, what)
+        if step == 2:
+            with torch.no_grad():
+                params[0].view(-1)[0] = float("inf")
+        return out
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", overflowing)
+    cfg = config(setup, tmp_path / "run", max_steps=4, save_interval=1)
+    with pytest.raises(TrainingDiverged, match=r"step 3: the weights are not finite.*checkpoint-0000002"):
+        train(cfg, log=lambda _: None)
+    assert [os.path.basename(c) for c in checkpoints(cfg.output_dir)] == ["checkpoint-0000001", "checkpoint-0000002"]
+    assert not os.path.exists(os.path.join(cfg.output_dir, ".tmp-checkpoint-0000003"))
+
+
+def test_float16_training_is_refused():
+    with pytest.raises(InputError, match="float16 .* loss scaling.*use bfloat16"):
+        TrainConfig(dtype="float16")
+
+
+def _two_steps(setup, tmp_path, **changes) -> TrainConfig:
+    """A finished 2-step run (a checkpoint after each step); returns its config."""
+    cfg = config(setup, tmp_path / "run", max_steps=2, save_interval=1, keep_checkpoints=5, **changes)
+    train(cfg, log=lambda _: None)
+    return cfg
+
+
+@pytest.mark.parametrize("change", [dict(lr=2e-3), dict(seed=4), dict(batch_size=2), dict(method="rkl"),
+                                    dict(train_file="other"), dict(gradient_accumulation=2), dict(dtype="float32")],
+                         ids=lambda c: next(iter(c)))
+def test_resume_refuses_settings_that_change_the_run(setup, tmp_path, change):
+    cfg = _two_steps(setup, tmp_path)
+    original_yaml = open(os.path.join(cfg.output_dir, "config.yaml")).read()
+    if change.get("train_file") == "other":
+        other = tmp_path / "other.jsonl"
+        shutil.copy(setup["train"], other)
+        change = dict(train_file=str(other))
+    key = next(iter(change))
+    with pytest.raises(InputError, match=rf"--resume: .*settings that would change the run \({key}: "):
+        Trainer(cfg.replace(max_steps=3, **change), resume=True, log=lambda _: None)
+    assert open(os.path.join(cfg.output_dir, "config.yaml")).read() == original_yaml
+
+
+def test_resume_honours_a_longer_run_and_keeps_the_original_config(setup, tmp_path):
+    cfg = _two_steps(setup, tmp_path)
+    original_yaml = open(os.path.join(cfg.output_dir, "config.yaml")).read()
+    longer = cfg.replace(max_steps=4, save_interval=2, log_interval=2)
+    train(longer, resume=True, log=lambda _: None)
+    assert open(os.path.join(cfg.output_dir, "config.yaml")).read() == original_yaml
+    (record,) = [json.loads(x) for x in open(os.path.join(cfg.output_dir, "resumes.jsonl"))]
+    assert record["step"] == 2 and record["checkpoint"] == "checkpoint-0000002"
+    assert record["changes"] == {"max_steps": {"from": 2, "to": 4}, "save_interval": {"from": 1, "to": 2},
+                                 "log_interval": {"from": 1, "to": 2}}
+    steps = [json.loads(x)["step"] for x in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert steps == [1, 2, 4]
+    # The same as a 4-step run with those settings from the start: the change was applied whole.
+    straight = train(config(setup, tmp_path / "straight", max_steps=4, save_interval=2, log_interval=2,
+                            keep_checkpoints=5), log=lambda _: None)
+    assert_same(weights(straight), weights(cfg.output_dir))
+    state = json.load(open(os.path.join(checkpoints(cfg.output_dir)[-1], "trainer_state.json")))
+    assert state["config"]["max_steps"] == 4
+
+
+def test_resume_refuses_changed_training_data_under_the_same_path(setup, tmp_path):
+    data = tmp_path / "train.jsonl"
+    shutil.copy(setup["train"], data)
+    cfg = _two_steps(setup, tmp_path, train_file=str(data))
+    lines = data.read_text().splitlines(keepends=True)
+    data.write_text("".join(lines[1:] + lines[:1]))  # the same records in another order
+    with pytest.raises(InputError, match="is not the file .* was trained on"):
+        Trainer(cfg, resume=True, log=lambda _: None)
+
+
+def test_resume_needs_a_checkpoint(setup, tmp_path):
+    with pytest.raises(InputError, match="does not exist; there is nothing to resume"):
+        Trainer(config(setup, tmp_path / "nowhere"), resume=True, log=lambda _: None)
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(InputError, match="holds no complete checkpoint; there is nothing to resume"):
+        Trainer(config(setup, tmp_path / "empty"), resume=True, log=lambda _: None)
+    assert os.listdir(tmp_path / "empty") == []
+
+
+def test_a_planted_checkpoint_file_runs_no_code(setup, tmp_path):
+    cfg = _two_steps(setup, tmp_path)
+    marker = tmp_path / "pwned"
+
+    class Planted:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    rng = os.path.join(checkpoints(cfg.output_dir)[-1], "rng-rank0.pt")
+    torch.save({"python": Planted(), "torch": torch.get_rng_state()}, rng)
+    with pytest.raises(InputError, match=r"cannot load .*rng-rank0.pt safely"):
+        Trainer(cfg.replace(max_steps=3), resume=True, log=lambda _: None)
+    assert not marker.exists()
+
+
+def test_a_previous_run_is_never_overwritten_unless_asked(setup, tmp_path):
+    cfg = _two_steps(setup, tmp_path)
+    for c in checkpoints(cfg.output_dir):  # even without its checkpoints, the run is still there
+        shutil.rmtree(c)
+    before = {name: open(os.path.join(cfg.output_dir, name)).read() for name in ("config.yaml", "metrics.jsonl")}
+    final = weights(cfg.output_dir)
+    with pytest.raises(InputError, match=r"holds a previous run \(config.yaml, final, metrics.jsonl\); pass --resume"):
+        Trainer(cfg, log=lambda _: None)
+    with pytest.raises(InputError, match="exclude each other"):
+        Trainer(cfg, resume=True, overwrite=True, log=lambda _: None)
+    assert {name: open(os.path.join(cfg.output_dir, name)).read() for name in before} == before
+    assert_same(final, weights(cfg.output_dir))
+    (tmp_path / "run" / "notes.txt").write_text("mine")  # not the run's: kept by --overwrite
+    train(cfg.replace(max_steps=1, lr=2e-3), overwrite=True, log=lambda _: None)
+    steps = [json.loads(x)["step"] for x in open(os.path.join(cfg.output_dir, "metrics.jsonl"))]
+    assert steps == [1] and (tmp_path / "run" / "notes.txt").read_text() == "mine"
+    assert "lr: 0.002" in open(os.path.join(cfg.output_dir, "config.yaml")).read()
+
+
+def test_bad_output_dir_and_device_fail_before_any_model_loads(setup, tmp_path, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr("promptkd.trainer.load_model", no_loading)
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    with pytest.raises(InputError, match="output_dir .* is a file"):
+        Trainer(config(setup, taken), log=lambda _: None)
+    with pytest.raises(InputError, match="device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'banana'"):
+        config(setup, tmp_path / "a", device="banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="device 'cuda:0': CUDA is not available"):
+            Trainer(config(setup, tmp_path / "b", device="cuda:0"), log=lambda _: None)
+    with pytest.raises(InputError, match="prompt_init_text must not be empty"):
+        config(setup, tmp_path / "c", method="promptkd", prompt_init_text=" ")
+
+
+def torchrun(setup, tmp_path, name, *extra, program=("-m", "promptkd.cli", "train"), **changes) -> str:
+    """``promptkd train`` (or ``program``) under torchrun with 2 processes (gloo) on a config written to a file."""
     import yaml
 
     values = dict(batch_size=2, gradient_accumulation=1, max_steps=3)
@@ -340,11 +521,29 @@ def torchrun(setup, tmp_path, name, *extra, **changes) -> str:
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg.to_dict()))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "promptkd.cli", "train", str(path), *extra]
+               *program, str(path), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
+    assert "terminate called" not in result.stderr and "ProcessGroupLeak" not in result.stderr, result.stderr[-4000:]
     return cfg.output_dir
+
+
+def test_data_parallel_run_frees_its_process_group(setup, tmp_path):
+    """After train() under torchrun (gloo, data-parallel) the process group is freed and its worker
+    threads have stopped before the interpreter exits: a gloo worker still alive then can abort a
+    finished run (SIGABRT, "terminate called without an active exception")."""
+    script = tmp_path / "train_then_count_threads.py"
+    script.write_text(
+        "import os, sys, warnings\n"
+        "warnings.simplefilter('error', RuntimeWarning)  # a ProcessGroupLeak fails the run\n"
+        "from promptkd.config import TrainConfig\n"
+        "from promptkd.trainer import train\n"
+        "train(TrainConfig.load(sys.argv[1]), log=lambda _: None)\n"
+        "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
+        "assert not [n for n in names if 'gloo' in n], names\n")
+    torchrun(setup, tmp_path, "ddp", program=(str(script),), method="rkl", valid_file=setup["valid"],
+             eval_interval=3, max_valid_examples=2, eval_max_new_tokens=3)
 
 
 def test_distributed_matches_single_process(setup, tmp_path):
