@@ -180,9 +180,10 @@ class Processes:
             _lingering_groups += 1
             if not EXIT_WITHOUT_FINALIZING:
                 warnings.warn("promptkd: the gloo process group is still referenced after destroy_process_group "
-                              "(FSDP leaves it in torch's sharding caches), so its worker threads live on and can "
-                              "abort this process at interpreter exit; end the process with os._exit(status) "
-                              "once its output is flushed, as `promptkd train` does", ProcessGroupLeak, stacklevel=2)
+                              "(under FSDP, torch's DTensor sharding caches hold it), so its worker threads live on "
+                              "and can abort this process at interpreter exit; end the process with "
+                              "os._exit(status) once its output is flushed, as `promptkd train` does",
+                              ProcessGroupLeak, stacklevel=2)
 
     def barrier(self):
         if self.distributed:
