@@ -473,8 +473,9 @@ class Trainer:
             found = checkpoints(self.run_dir)
             if not found:
                 where = "does not exist" if not os.path.isdir(self.run_dir) else "holds no complete checkpoint"
+                hint = "start it again with --overwrite" if previous_run(self.run_dir) else "drop --resume to start"
                 raise InputError(f"--resume: output_dir {self.run_dir!r} {where}; there is nothing to resume "
-                                 "(drop --resume to start a new run)")
+                                 f"({hint})")
             self.resume_from = found[-1]
             try:
                 with open(os.path.join(self.resume_from, STATE_FILE)) as f:
