@@ -154,9 +154,7 @@ def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
 
 def _start(out: str, manifest: dict, resume: bool, overwrite: bool) -> bool:
     """Checks ``out`` against the run rules (module docstring); returns whether a previous run continues."""
-    import shutil
-
-    from .files import write_text
+    from .files import remove_entries, write_text
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out!r} is a file, not a directory")
@@ -174,12 +172,7 @@ def _start(out: str, manifest: dict, resume: bool, overwrite: bool) -> bool:
     if previous and not overwrite:
         raise InputError(f"--out {out!r} holds a previous demo run ({', '.join(previous)}); pass --resume to "
                          "continue it, --overwrite to replace it, or choose another directory")
-    for name in previous:
-        path = os.path.join(out, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+    remove_entries(out, previous)
     os.makedirs(out, exist_ok=True)
     write_text(manifest_path, json.dumps(manifest, indent=2))
     return False

@@ -96,6 +96,16 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         os.fsync(f.fileno())
 
 
+def remove_entries(folder: str, names) -> None:
+    """Removes the named files and directories of ``folder`` (a symlink is removed, not followed)."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 def publish_dir(tmp: str, final: str) -> None:
     """Puts the finished directory ``tmp`` at ``final``, durably: its files are synced, then it is renamed.
 

@@ -61,7 +61,7 @@ from .api import fused_linear_kd_loss
 from .config import TrainConfig
 from .data import DataOrder, Example, collate, collate_shared, load_examples
 from .errors import InputError, TrainingDiverged
-from .files import append_line, publish_dir, sync_dir, write_text
+from .files import append_line, publish_dir, remove_entries, sync_dir, write_text
 from .models import (
     LMOutput,
     check_model_path,
@@ -291,21 +291,12 @@ def previous_run(output_dir: str) -> list[str]:
     return sorted(ours)
 
 
-def _remove(output_dir: str, names: list[str]) -> None:
-    for name in names:
-        path = os.path.join(output_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
-
-
 def resume_changes(saved: dict, current: dict, checkpoint: str) -> dict:
     """{key: (checkpoint's value, new value)} for the settings that differ; refuses (InputError) any
     change outside :data:`RESUMABLE`, naming the keys. A key the checkpoint lacks (an older
     promptkd) is compared with its default."""
-    defaults = TrainConfig().to_dict()
-    changes = {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items() if saved.get(k, defaults.get(k)) != v}
+    saved = {**TrainConfig().to_dict(), **saved}
+    changes = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
     refused = {k: change for k, change in changes.items() if k not in RESUMABLE}
     if refused:
         listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in refused.items())
@@ -893,7 +884,7 @@ class Trainer:
 
         os.makedirs(self.run_dir, exist_ok=True)
         if self.stale:
-            _remove(self.run_dir, self.stale)
+            remove_entries(self.run_dir, self.stale)
             self._say(f"overwrite: removed the previous run in {self.run_dir} ({', '.join(self.stale)})")
         config_path = os.path.join(self.run_dir, "config.yaml")
         if not (self.resume_from and os.path.exists(config_path)):

@@ -40,18 +40,16 @@ def prefix_attention_torch(q, k, v, prefix_k, prefix_v, lengths, group, key_padd
     if p or prefix_k.requires_grad or prefix_v.requires_grad:  # an empty prefix still gets its (empty) gradient
         k = torch.cat([_spread(prefix_k, group, b), k], dim=2)
         v = torch.cat([_spread(prefix_v, group, b), v], dim=2)
-    if p == 0 and key_padding_mask is None:
-        q, k, v = first_order(OP, q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    mask = allowed_mask(group, lengths, key_padding_mask, n, p)  # [B, 1, N, P+N]
-    if key_padding_mask is None:  # every row sees at least its own key
-        q, k, v = first_order(OP, q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    # A row that sees nothing: let it see everything (SDPA backends disagree on empty rows) with q = 0, then
-    # select 0 (torch.where, not a product: 0 * NaN is NaN). Its zero output gradient then adds exactly 0
-    # to dk and dv, and its q (maybe NaN) gets a zero gradient.
-    alive = mask.any(-1, keepdim=True)  # [B, 1, N, 1]
-    q = torch.where(alive, q, 0)
+    causal = p == 0 and key_padding_mask is None
+    mask = alive = None
+    if not causal:
+        mask = allowed_mask(group, lengths, key_padding_mask, n, p)  # [B, 1, N, P+N]
+    if key_padding_mask is not None:
+        # A row that sees nothing: let it see everything (SDPA backends disagree on empty rows) with q = 0,
+        # then select 0 (torch.where, not a product: 0 * NaN is NaN). Its zero output gradient then adds
+        # exactly 0 to dk and dv, and its q (maybe NaN) gets a zero gradient.
+        alive = mask.any(-1, keepdim=True)  # [B, 1, N, 1]
+        q, mask = torch.where(alive, q, 0), mask | ~alive
     q, k, v = first_order(OP, q, k, v)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~alive, scale=scale, enable_gqa=gqa)
-    return torch.where(alive, out, 0)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+    return out if alive is None else torch.where(alive, out, 0)
