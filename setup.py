@@ -14,8 +14,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The Triton kernels live in kernels/ and install as promptkd.kernels.
-    packages=["promptkd", "promptkd.attention", "promptkd.kernels"],
-    package_dir={"promptkd": "promptkd", "promptkd.attention": "promptkd/attention", "promptkd.kernels": "kernels"},
+    packages=["promptkd", "promptkd.kd", "promptkd.attention", "promptkd.hf", "promptkd.train", "promptkd.demo",
+              "promptkd.kernels"],
+    package_dir={"promptkd": "promptkd", "promptkd.kernels": "kernels"},
     # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
     # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.
     # The trainer adds tokenizers (the demo's BPE), PyYAML (configs), tqdm, rouge-score (evaluation) and
@@ -25,7 +26,7 @@ setup(
     # The benchmarks need nothing beyond the package and the test extra (PEFT: the prompt-tuning baseline);
     # liger-kernel, if installed, adds a GPU baseline.
     extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff", "peft>=0.17"], "tensorboard": ["tensorboard"]},
-    package_data={"promptkd": ["configs/*.yaml"]},
+    package_data={"promptkd.train": ["configs/*.yaml"]},
     entry_points={"console_scripts": ["promptkd = promptkd.cli:main"]},
     license="Apache-2.0",
 )

@@ -98,7 +98,7 @@ def shared_step(impl, spec, groups, per_group, p, n, dtype, device):
     ``concat``: every sample is prefix + own tokens; ``shared``: the prefix runs once per group at batch G
     and every sample attends to it through prefix_attention. Loss on the hidden states of the own tokens;
     gradients reach the prefix embeddings (as for a soft prompt or a tuned instruction)."""
-    from promptkd.hf_attention import PrefixKV, PrefixRecorder, register
+    from promptkd.hf.attention import PrefixKV, PrefixRecorder, register
 
     model = build_model(spec, dtype, device)
     base = model.base_model

@@ -73,7 +73,7 @@ def write_assets(root: str, teacher: dict, student: dict, vocab: int, n: int, b:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
-    from promptkd.tokenizer import train_tokenizer
+    from promptkd.demo.tokenizer import train_tokenizer
 
     logging.disable_progress_bar()
 
@@ -113,8 +113,8 @@ def random_batch(b: int, n: int, vocab: int, samples: int = 1, seed: int = 0):
 
 
 def build_trainer(args, share_prefix: bool = False):
-    from promptkd.config import TrainConfig
-    from promptkd.trainer import Trainer
+    from promptkd.train.config import TrainConfig
+    from promptkd.train.trainer import Trainer
 
     cfg = TrainConfig(method="promptkd", num_samples=args.samples, share_prefix=share_prefix,
                       student=os.path.join(args.assets, "student"),

@@ -22,9 +22,9 @@ from .errors import InputError, TrainingDiverged
 
 
 def _train(args) -> int:
-    from . import trainer
-    from .config import TrainConfig
-    from .trainer import train
+    from .train import trainer
+    from .train.config import TrainConfig
+    from .train.trainer import train
 
     trainer.EXIT_WITHOUT_FINALIZING = True  # main() ends the process if a gloo group lingers
     config = TrainConfig.load(args.config, args.overrides)
@@ -49,7 +49,7 @@ def _check_eval_args(args) -> None:
             raise InputError(f"--data: no file {path!r}")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out!r} is a file, not a directory")
-    from .config import _check_device
+    from .train.config import _check_device
 
     _check_device(args.device)
 
@@ -57,10 +57,10 @@ def _check_eval_args(args) -> None:
 def _eval(args) -> int:
     import torch
 
-    from .data import load_examples
-    from .evaluate import evaluate, write_generations
     from .files import write_text
-    from .models import load_model, load_tokenizer
+    from .hf.models import load_model, load_tokenizer
+    from .train.data import load_examples
+    from .train.evaluate import evaluate, write_generations
 
     _check_eval_args(args)
     device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +90,7 @@ def _eval(args) -> int:
 
 
 def _plot(args) -> int:
-    from .plot import plot_run
+    from .train.plot import plot_run
 
     for run_dir in args.run_dirs:
         paths = plot_run(run_dir, args.out)
@@ -99,7 +99,7 @@ def _plot(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .demo.run import run_demo
 
     run_demo(args.out, quick=args.quick, seed=args.seed, resume=args.resume, overwrite=args.overwrite)
     return 0

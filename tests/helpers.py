@@ -87,12 +87,12 @@ def exact_truth(tensors: dict, labels, grad_out_seed=2, digits=50, **kwargs) -> 
     float64 cannot represent 1 - 1e-23, so near one-hot distributions make a float64 evaluation
     lose the argmax element's gradient entirely; this oracle keeps it. Logits come from float64
     GEMMs, logit gradients are rounded to float64 and projected with float64 GEMMs. The per-element
-    terms are those of promptkd.math (checked against autograd in the other tests). ``scales`` hold
+    terms are those of promptkd.kd.math (checked against autograd in the other tests). ``scales`` hold
     the size of the terms each value is formed from, the yardstick of float rounding error.
     """
     import mpmath
 
-    from promptkd.settings import KDSettings
+    from promptkd.kd.settings import KDSettings
 
     s = KDSettings(**kwargs)
     mpmath.mp.dps = digits

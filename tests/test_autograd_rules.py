@@ -18,9 +18,9 @@ import torch
 import promptkd
 from helpers import SIDES, assert_close_to_truth, linear_loss, make_inputs, make_labels, run
 from promptkd.attention.reference import prefix_attention_reference
+from promptkd.kd.reference import fused_linear_kd_loss_reference
+from promptkd.kd.settings import DIVERGENCES, KDSettings
 from promptkd.kernels import configs
-from promptkd.reference import fused_linear_kd_loss_reference
-from promptkd.settings import DIVERGENCES, KDSettings
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 BF16 = torch.bfloat16
@@ -147,7 +147,7 @@ def test_prefix_attention_reference_double_backward():
 def test_hf_after_output_double_backward():
     """hf_attention._AfterOutput (identity on recorded keys, a zero gradient to the pass's output) passes
     gradients through unchanged, so its double backward is that of the identity: correct."""
-    from promptkd.hf_attention import _AfterOutput
+    from promptkd.hf.attention import _AfterOutput
 
     gen = torch.Generator().manual_seed(5)
     after, a, b = (torch.randn(2, 3, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(3))

@@ -12,9 +12,9 @@ import sys
 import pytest
 from rouge_score import rouge_scorer
 
-from promptkd import trainer
 from promptkd.cli import main
-from promptkd.demo import METHODS
+from promptkd.demo.run import METHODS
+from promptkd.train import trainer
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_demo_never_overwrites_and_resumes_after_a_crash(demo, tmp_path, monkeyp
 
 
 def test_demo_overwrite_removes_only_the_demo(tmp_path):
-    from promptkd.demo import _start
+    from promptkd.demo.run import _start
 
     out = tmp_path / "run"
     (out / "data").mkdir(parents=True)
@@ -117,7 +117,7 @@ def test_input_errors_exit_2(demo, tmp_path, capsys, monkeypatch):
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("promptkd.models.load_model", no_loading)
+    monkeypatch.setattr("promptkd.hf.models.load_model", no_loading)
     taken = tmp_path / "taken"
     taken.write_text("")
     model, data = os.path.join(demo, "sft", "final", "model"), os.path.join(demo, "data", "test.jsonl")
@@ -136,7 +136,7 @@ def test_faults_are_not_reported_as_input_errors(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise TypeError("unsupported operand type(s)")
 
-    monkeypatch.setattr("promptkd.trainer.train", broken)
+    monkeypatch.setattr("promptkd.train.trainer.train", broken)
     with pytest.raises(TypeError, match="unsupported operand"):
         main(["train", str(good)])
 

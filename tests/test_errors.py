@@ -102,25 +102,25 @@ def test_module_validates_at_construction():
 
 def test_checks_come_before_work(monkeypatch):
     """A bad argument never reaches an implementation."""
-    import promptkd.api
+    import promptkd.kd.api
 
     def boom(*args):
         raise AssertionError("work started")
 
-    monkeypatch.setattr(promptkd.api, "_apply", boom)
+    monkeypatch.setattr(promptkd.kd.api, "_apply", boom)
     with pytest.raises(ValueError, match="labels"):
         call(labels=torch.tensor([0, 1, 2, 3, 4, 99]))
 
 
 def test_checks_come_before_autocast_casts(monkeypatch):
     """Under autocast the checks see the cast dtypes, but the casts (copies) wait until every check passed."""
-    import promptkd.api
     import promptkd.attention.api
+    import promptkd.kd.api
 
     def boom(*args):
         raise AssertionError("work started")
 
-    monkeypatch.setattr(promptkd.api, "autocast_inputs", boom)
+    monkeypatch.setattr(promptkd.kd.api, "autocast_inputs", boom)
     monkeypatch.setattr(promptkd.attention.api, "autocast_inputs", boom)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(ValueError, match="labels"):
@@ -133,7 +133,7 @@ def test_checks_come_before_autocast_casts(monkeypatch):
 def test_labels_are_range_checked_on_the_host_only_for_cpu():
     """On CUDA a check would synchronise; there an out-of-range counted label makes the loss NaN instead
     (tests/test_kd_loss.py::test_out_of_range_labels_without_host_check)."""
-    import promptkd.api
+    import promptkd.kd.api
 
-    assert promptkd.api._labels_checked_on_host(torch.device("cpu"))
-    assert not promptkd.api._labels_checked_on_host(torch.device("cuda"))
+    assert promptkd.kd.api._labels_checked_on_host(torch.device("cpu"))
+    assert not promptkd.kd.api._labels_checked_on_host(torch.device("cuda"))

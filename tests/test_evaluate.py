@@ -9,8 +9,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
-from promptkd.evaluate import evaluate, exact_match, rouge_l, sample, write_generations
-from promptkd.plot import bar_chart, plot_comparison, plot_run, read_metrics
+from promptkd.train.evaluate import evaluate, exact_match, rouge_l, sample, write_generations
+from promptkd.train.plot import bar_chart, plot_comparison, plot_run, read_metrics
 
 VOCAB = 50
 PAD, EOS = 0, 1

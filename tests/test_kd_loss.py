@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import promptkd
-import promptkd.api
-import promptkd.torch_impl
-import promptkd.triton_impl
+import promptkd.kd.api
+import promptkd.kd.torch_impl
+import promptkd.kd.triton_impl
 from helpers import (
     SIDES,
     CountOps,
@@ -26,13 +26,13 @@ from helpers import (
     run,
 )
 from promptkd import launch
-from promptkd.settings import DIVERGENCES
+from promptkd.kd.settings import DIVERGENCES
 
 
 @pytest.fixture(autouse=True)
 def small_chunks_and_poison(monkeypatch):
-    monkeypatch.setattr(promptkd.torch_impl, "CHUNK_BYTES", 4 * 1001 * 8)  # 8-row chunks
-    monkeypatch.setattr(promptkd.triton_impl, "BACKWARD_CHUNK_BYTES", 37 * 4 * 300)  # several vocab chunks
+    monkeypatch.setattr(promptkd.kd.torch_impl, "CHUNK_BYTES", 4 * 1001 * 8)  # 8-row chunks
+    monkeypatch.setattr(promptkd.kd.triton_impl, "BACKWARD_CHUNK_BYTES", 37 * 4 * 300)  # several vocab chunks
     monkeypatch.setattr("promptkd.launch.POISON", float("nan"))
 
 
@@ -190,10 +190,10 @@ def _pattern_id(pattern):
 def work_setup(monkeypatch):
     """Inputs with 3 token chunks (torch) and 3 vocabulary chunks (triton), the reference's gradients, and
     a recorder standing in for the Triton backward kernel."""
-    monkeypatch.setattr(promptkd.torch_impl, "CHUNK_BYTES", 4 * 300 * 4)  # 4 rows per chunk
-    monkeypatch.setattr(promptkd.triton_impl, "BACKWARD_CHUNK_BYTES", 10 * 4 * 128)  # one 128-column tile
-    kernel = KernelLaunches(promptkd.triton_impl._kd_backward_kernel)
-    monkeypatch.setattr(promptkd.triton_impl, "_kd_backward_kernel", kernel)
+    monkeypatch.setattr(promptkd.kd.torch_impl, "CHUNK_BYTES", 4 * 300 * 4)  # 4 rows per chunk
+    monkeypatch.setattr(promptkd.kd.triton_impl, "BACKWARD_CHUNK_BYTES", 10 * 4 * 128)  # one 128-column tile
+    kernel = KernelLaunches(promptkd.kd.triton_impl._kd_backward_kernel)
+    monkeypatch.setattr(promptkd.kd.triton_impl, "_kd_backward_kernel", kernel)
     x = make_inputs(n=10, ds=6, dt=4, vs=300)
     labels = make_labels((10,), 300, "some")
     kw = dict(divergence="reverse_kl", hard_weight=0.3)
@@ -217,7 +217,7 @@ def _check_backward_work(impl, pattern, x, labels, kw, want, kernel):
     biases = int(need["student_bias"]) + int(need["teacher_bias"])
     name = _pattern_id(pattern)
     if impl == "torch":  # token chunks; each recomputes both sides' logits (2 matmuls)
-        chunks = launch.cdiv(10, promptkd.torch_impl._chunk_rows(300))
+        chunks = launch.cdiv(10, promptkd.kd.torch_impl._chunk_rows(300))
         assert chunks == 3 and ops.matmuls == chunks * (2 + grads) and not kernel.launches, name
     else:  # vocabulary chunks: one kernel launch each, logits recomputed inside it
         spans = [(args[20], args[21]) for _, args, _ in kernel.launches]  # (v_start, v_end) of each launch
@@ -287,7 +287,7 @@ def test_out_of_range_labels_without_host_check(impl, red, monkeypatch):
     labels = make_labels((10,), 299, "some")
     with pytest.raises(ValueError, match="labels"):
         run(linear_loss, x, torch.float32, labels.index_put((torch.tensor([3]),), torch.tensor(304)), impl=impl)
-    monkeypatch.setattr(promptkd.api, "_labels_checked_on_host", lambda device: False)
+    monkeypatch.setattr(promptkd.kd.api, "_labels_checked_on_host", lambda device: False)
     bad = labels.clone()
     for i, label in BAD_LABELS.items():
         bad[i] = label
@@ -343,11 +343,11 @@ def test_gpu_triton_is_deterministic(div, splits, monkeypatch):
     """Five runs on the GPU, where programs really run concurrently: identical bits for the loss and all six
     gradients. 16 token blocks x several vocabulary splits in forward, 8 vocabulary chunks in backward."""
     n, vocab = 1000, 32003
-    monkeypatch.setattr(promptkd.triton_impl, "BACKWARD_CHUNK_BYTES", n * 2 * 2 * 4096)  # 4096 columns per chunk
+    monkeypatch.setattr(promptkd.kd.triton_impl, "BACKWARD_CHUNK_BYTES", n * 2 * 2 * 4096)  # 4096 columns per chunk
     if splits is not None:  # programs per token block = splits (launch.cdiv(n, 64) token blocks of 64)
-        monkeypatch.setattr(promptkd.triton_impl, "_target_programs", lambda device: launch.cdiv(n, 64) * splits)
-    forward = KernelLaunches(promptkd.triton_impl._kd_online_kernel)
-    monkeypatch.setattr(promptkd.triton_impl, "_kd_online_kernel", forward)
+        monkeypatch.setattr(promptkd.kd.triton_impl, "_target_programs", lambda device: launch.cdiv(n, 64) * splits)
+    forward = KernelLaunches(promptkd.kd.triton_impl._kd_online_kernel)
+    monkeypatch.setattr(promptkd.kd.triton_impl, "_kd_online_kernel", forward)
     x = {k: v.cuda() for k, v in make_inputs(n=n, ds=256, dt=384, vs=vocab, seed=3).items()}
     labels = make_labels((n,), vocab, "some").cuda()
     kwargs = dict(divergence=div, temperature=2.0, hard_weight=0.3, impl="triton")
@@ -371,8 +371,8 @@ def test_inputs_are_not_modified(impl, div):
 
 
 def test_kernel_divergence_codes_match_settings():
+    from promptkd.kd.settings import DIVERGENCE_CODES
     from promptkd.kernels import common
-    from promptkd.settings import DIVERGENCE_CODES
 
     for name in DIVERGENCES:
         assert getattr(common, name.upper()).value == DIVERGENCE_CODES[name], name

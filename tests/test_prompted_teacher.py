@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from promptkd import PromptedTeacher, fused_linear_kd_loss  # noqa: E402
-from promptkd.hf_attention import SUPPORTED_MODEL_TYPES  # noqa: E402
+from promptkd.hf.attention import SUPPORTED_MODEL_TYPES  # noqa: E402
 
 VOCAB, P = 97, 7
 SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
@@ -158,13 +158,13 @@ def test_prefix_keys_wait_for_the_pass_output(monkeypatch):
     """For a sharded model the prompt pass's recorded keys/values hand the pass's output a zero
     gradient (FSDP gathers a layer for backward from its output's gradient): the prompt pass's last
     layer then gets a gradient, which it otherwise never does, and the prompt's gradient is unchanged."""
-    import promptkd.hf_attention
+    import promptkd.hf.attention
 
     init = torch.randn(P, 32)
     ids, mask = batch("right")
     grads, fired = [], []
     for sharded in (False, True):
-        monkeypatch.setattr(promptkd.hf_attention, "is_sharded", lambda module, sharded=sharded: sharded)
+        monkeypatch.setattr(promptkd.hf.attention, "is_sharded", lambda module, sharded=sharded: sharded)
         teacher = PromptedTeacher(build("llama"), P, init_embeddings=init)
         outputs, calls = [], []
         fired.append(calls)
@@ -213,9 +213,9 @@ SHARED_CASES = [(f, "torch", False) for f in FAMILIES] + [("llama", "torch", Tru
 def test_shared_prefix_equals_full_sequences(family, impl, checkpointing):
     """Several responses per instruction with the instruction run once as a shared prefix (after the
     soft prompt, or alone): hidden states and every gradient equal running each full sequence."""
-    from promptkd.data import collate, collate_shared
-    from promptkd.hf_attention import register
-    from promptkd.models import lm_hidden
+    from promptkd.hf.attention import register
+    from promptkd.hf.models import lm_hidden
+    from promptkd.train.data import collate, collate_shared
 
     g = torch.Generator().manual_seed(11)
 
@@ -291,7 +291,7 @@ def test_cached_generation_still_works_on_the_wrapped_model():
 def test_cached_decoding_ignores_what_padded_positions_hold():
     """Decoding with a KV cache (queries are the last N of K keys): NaN and inf in padded keys/values and
     in the queries of rows that see no key change nothing, and those rows return 0."""
-    from promptkd.hf_attention import _cached_decode
+    from promptkd.hf.attention import _cached_decode
 
     g = torch.Generator().manual_seed(0)
     b, h, n, k, d = 3, 2, 2, 6, 8

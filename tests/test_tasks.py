@@ -1,4 +1,4 @@
-"""The demo's task generator (promptkd.tasks) and its locally trained tokenizer (promptkd.tokenizer).
+"""The demo's task generator (promptkd.demo.tasks) and its locally trained tokenizer (promptkd.demo.tokenizer).
 
 Every answer is recomputed here from the words of its record, without the generator's own drawing code.
 """
@@ -13,8 +13,8 @@ from collections import Counter
 
 import pytest
 
-from promptkd import tasks
-from promptkd.tokenizer import EOS_TOKEN, train_tokenizer
+from promptkd.demo import tasks
+from promptkd.demo.tokenizer import EOS_TOKEN, train_tokenizer
 
 SMALL = dict(n_train=600, n_valid=60, n_test=120)
 

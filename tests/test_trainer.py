@@ -2,7 +2,7 @@
 (also after SIGKILL), a NaN loss stops the run, bad inputs fail before training, shipped configs load.
 
 Models are tiny Llama-style configs on the bundled tasks and a locally trained tokenizer (see
-``promptkd.demo.prepare``); the losses run the ``torch`` implementations on the CPU.
+``promptkd.demo.run.prepare``); the losses run the ``torch`` implementations on the CPU.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from promptkd.config import METHODS, TrainConfig, shipped_configs
-from promptkd.demo import DemoSettings, prepare
+from promptkd.demo.run import DemoSettings, prepare
 from promptkd.errors import InputError
-from promptkd.trainer import Trainer, TrainingDiverged, checkpoints, train
+from promptkd.train.config import METHODS, TrainConfig, shipped_configs
+from promptkd.train.trainer import Trainer, TrainingDiverged, checkpoints, train
 
 TINY = DemoSettings(n_train=48, n_valid=6, n_test=6, vocab_size=300, teacher=(32, 2, 2, 64), student=(16, 1, 2, 32))
 
@@ -282,7 +282,7 @@ def test_bad_paths_and_tokenizers(setup, tmp_path):
     # A teacher whose tokenizer numbers tokens differently.
     from transformers import AutoModelForCausalLM
 
-    from promptkd.tokenizer import train_tokenizer
+    from promptkd.demo.tokenizer import train_tokenizer
 
     other = str(tmp_path / "other_teacher")
     AutoModelForCausalLM.from_pretrained(setup["teacher_init"]).save_pretrained(other)
@@ -497,7 +497,7 @@ def test_bad_output_dir_and_device_fail_before_any_model_loads(setup, tmp_path, 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr("promptkd.trainer.load_model", no_loading)
+    monkeypatch.setattr("promptkd.train.trainer.load_model", no_loading)
     taken = tmp_path / "taken"
     taken.write_text("")
     with pytest.raises(InputError, match="output_dir .* is a file"):
@@ -537,8 +537,8 @@ def test_data_parallel_run_frees_its_process_group(setup, tmp_path):
     script.write_text(
         "import os, sys, warnings\n"
         "warnings.simplefilter('error', RuntimeWarning)  # a ProcessGroupLeak fails the run\n"
-        "from promptkd.config import TrainConfig\n"
-        "from promptkd.trainer import train\n"
+        "from promptkd.train.config import TrainConfig\n"
+        "from promptkd.train.trainer import train\n"
         "train(TrainConfig.load(sys.argv[1]), log=lambda _: None)\n"
         "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]\n"
         "assert not [n for n in names if 'gloo' in n], names\n")

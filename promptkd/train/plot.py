@@ -16,8 +16,8 @@ import warnings
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .errors import InputError
-from .files import write_atomic
+from ..errors import InputError
+from ..files import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 

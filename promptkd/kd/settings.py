@@ -8,6 +8,8 @@ from dataclasses import dataclass
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 REDUCTIONS = ("mean", "sum", "none")
 IMPLS = ("auto", "reference", "torch", "triton")
+#: The label that marks a position without a target (the default ``ignore_index``; what collated batches use).
+IGNORE_INDEX = -100
 
 # Integer codes shared with the Triton kernels (kernels/common.py).
 DIVERGENCE_CODES = {name: i + 1 for i, name in enumerate(DIVERGENCES)}
@@ -36,7 +38,7 @@ class KDSettings:
     temperature: float = 1.0
     soft_weight: float = 1.0
     hard_weight: float = 0.0
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
     reduction: str = "mean"
     vocab_size: int | None = None
 

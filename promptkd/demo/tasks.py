@@ -318,7 +318,7 @@ def write_jsonl(records: Iterable[dict], path: str | os.PathLike) -> str:
 
     Imported on call, so this module stays importable on its own (standard library only).
     """
-    from .files import write_jsonl as write
+    from ..files import write_jsonl as write
 
     return write(records, path)
 

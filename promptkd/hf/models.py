@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .data import IGNORE_INDEX
-from .errors import InputError
+from ..errors import InputError
+from ..kd.settings import IGNORE_INDEX
 
 
 @dataclass
@@ -106,7 +106,7 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
                                   use_cache=False).last_hidden_state
     else:
-        from .hf_attention import shared_prefix_forward
+        from .attention import shared_prefix_forward
 
         prefix_ids, prefix_mask, group_index = shared_prefix
         layers = model.config.get_text_config().num_hidden_layers

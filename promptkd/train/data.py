@@ -19,9 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .errors import InputError
-
-IGNORE_INDEX = -100
+from ..errors import InputError
+from ..kd.settings import IGNORE_INDEX
 
 # The Alpaca-style template of the MiniLLM / PromptKD reference data processing.
 TEMPLATE = (

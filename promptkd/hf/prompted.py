@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .files import write_atomic
-from .hf_attention import (
+from ..files import write_atomic
+from .attention import (
     ATTN_IMPLEMENTATION,
     PrefixRecorder,
     check_supported,
@@ -97,7 +97,7 @@ class PromptedTeacher(nn.Module):
                  init_text: str = DEFAULT_INIT_TEXT, tokenizer=None, init_embeddings: torch.Tensor | None = None,
                  gradient_checkpointing: bool = False, attention_impl: str = "auto"):
         super().__init__()
-        from .attention.api import IMPLS
+        from ..attention.api import IMPLS
 
         if attention_impl not in IMPLS:
             raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import prefix_attention
+from ..attention import prefix_attention
 
 ATTN_IMPLEMENTATION = "promptkd_prefix"
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "opt")

@@ -24,8 +24,8 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from .config import TrainConfig
-from .errors import InputError
+from ..errors import InputError
+from ..train.config import TrainConfig
 
 METHODS = ("kd", "rkl", "gkd", "distillm", "promptkd")
 STAGES = ("teacher", "sft_init", "sft", *METHODS)
@@ -72,7 +72,7 @@ def _llama(tokenizer, size: tuple, max_positions: int):
 
 
 def _texts(path: str) -> list[str]:
-    from .data import parse_record, read_jsonl
+    from ..train.data import parse_record, read_jsonl
 
     texts = []
     for number, record in read_jsonl(path):
@@ -97,7 +97,7 @@ def prepare(out: str, settings: DemoSettings, seed: int, log=print) -> dict:
     """Task files, tokenizer and the two randomly initialised models; returns their paths."""
     import torch
 
-    from .files import write_jsonl
+    from ..files import write_jsonl
     from .tasks import generate_tasks
     from .tokenizer import train_tokenizer
 
@@ -137,9 +137,9 @@ def _best_model(run_dir: str) -> str:
 def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
     import torch
 
-    from .data import load_examples
-    from .evaluate import evaluate
-    from .models import load_model, load_tokenizer
+    from ..hf.models import load_model, load_tokenizer
+    from ..train.data import load_examples
+    from ..train.evaluate import evaluate
 
     tokenizer = load_tokenizer("model", model_dir)
     model = load_model("model", model_dir, torch.float32, torch.device("cpu"))
@@ -154,7 +154,7 @@ def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
 
 def _start(out: str, manifest: dict, resume: bool, overwrite: bool) -> bool:
     """Checks ``out`` against the run rules (module docstring); returns whether a previous run continues."""
-    from .files import remove_entries, write_text
+    from ..files import remove_entries, write_text
 
     if os.path.exists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out!r} is a file, not a directory")
@@ -196,9 +196,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
     settings); ``overwrite`` replaces one. Without either, an ``out`` holding a demo run is an error."""
     from transformers.utils import logging as hf_logging
 
-    from .files import write_text
-    from .plot import bar_chart, plot_comparison
-    from .trainer import checkpoints, train
+    from ..files import write_text
+    from ..train.plot import bar_chart, plot_comparison
+    from ..train.trainer import checkpoints, train
 
     hf_logging.disable_progress_bar()  # loading / saving bars for every stage drown the demo's own lines
     settings = QUICK if quick else DemoSettings()

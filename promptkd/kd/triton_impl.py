@@ -16,11 +16,11 @@ import math
 
 import torch
 
-from . import launch
-from .autograd import first_order_only
-from .kernels import configs
-from .kernels.kd_backward import _kd_backward_kernel
-from .kernels.kd_forward import _kd_online_kernel, _kd_terms_kernel
+from .. import launch
+from ..autograd import first_order_only
+from ..kernels import configs
+from ..kernels.kd_backward import _kd_backward_kernel
+from ..kernels.kd_forward import _kd_online_kernel, _kd_terms_kernel
 from .settings import DIVERGENCE_CODES, KDSettings
 from .torch_impl import _bad_labels, _reduce, _row_scale
 

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 from rouge_score import rouge_scorer
 
-from .files import write_jsonl
+from ..files import write_jsonl
 
 DEFAULT_SEEDS = (10, 20, 30, 40, 50)
 

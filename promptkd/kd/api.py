@@ -18,7 +18,7 @@ from dataclasses import replace
 
 import torch
 
-from .autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
+from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
 from .reference import fused_linear_kd_loss_reference, kd_loss_reference
 from .settings import IMPLS, KDSettings
 from .torch_impl import TorchKDFunction

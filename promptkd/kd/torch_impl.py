@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .autograd import first_order_only
+from ..autograd import first_order_only
 from .math import logit_grads, row_stats
 from .settings import KDSettings
 
