@@ -142,22 +142,24 @@ def hf_attention(model, name: str):
 def promptkd_step(trainer, sample, keep: dict | None = None):
     """``Trainer._step(0)``: sampling returns ``sample``, the optimizer step only zeroes gradients (their
     tensors and the losses go to ``keep`` when given)."""
-    trainer._on_policy = lambda examples, step, micro: sample
+    trainer.distill.on_policy = lambda examples, step, micro: sample
 
-    def optimizer_step(optimizer, scheduler, params, loss_sum, step, what):
+    def apply(step, what, loss_sum):
+        params = [trainer.prompted.soft_prompt] if what == "prompt" else trainer.student_params
         if keep is not None:
             keep[what] = (loss_sum.detach().clone(), [p.grad for p in params])
-        optimizer.zero_grad(set_to_none=True)
-        return 0.0
+        for p in params:
+            p.grad = None
+        return 0.0, 0.0
 
-    trainer._optimizer_step = optimizer_step
+    trainer._apply = apply
     return lambda: trainer._step(0)
 
 
 def reference_step(trainer, sample, keep: dict | None = None):
     """The same step with HF logits and eager KL; the teacher must run HF attention (``hf_attention``)."""
     student, teacher, prompt = trainer.student, trainer.teacher, trainer.prompted.soft_prompt
-    batch, _ = trainer._batch(*sample)
+    batch, _ = trainer.distill.batch(*sample)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     counted = (labels != -100).float()
     count = counted.sum()
@@ -171,7 +173,7 @@ def reference_step(trainer, sample, keep: dict | None = None):
         return ((log_p.exp() * (log_p - log_q)).sum(-1) * counted).sum() / count
 
     def student_logits():
-        with trainer._autocast():
+        with trainer.distill.autocast():
             return student(input_ids=ids, attention_mask=mask, use_cache=False).logits
 
     def prompted_logits():  # PEFT prompt tuning: the prompt in front of every sample, its logits dropped

@@ -22,11 +22,11 @@ from .errors import InputError, TrainingDiverged
 
 
 def _train(args) -> int:
-    from .train import trainer
+    from .train import distributed
     from .train.config import TrainConfig
     from .train.trainer import train
 
-    trainer.EXIT_WITHOUT_FINALIZING = True  # main() ends the process if a gloo group lingers
+    distributed.EXIT_WITHOUT_FINALIZING = True  # main() ends the process if a gloo group lingers
     config = TrainConfig.load(args.config, args.overrides)
     train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
@@ -178,14 +178,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _lingering() -> bool:
-    trainer = sys.modules.get("promptkd.trainer")
-    return trainer is not None and trainer.lingering_process_group()
+    distributed = sys.modules.get("promptkd.train.distributed")  # loaded only by a run that trained
+    return distributed is not None and distributed.lingering_process_group()
 
 
 def _exit_now(code: int) -> None:
     """Ends the process without interpreter finalization: after a distributed run whose gloo group could
     not be freed (FSDP), the group's worker threads could abort the process at interpreter exit (see
-    promptkd.trainer.Processes). Every file the run wrote was synced when written; stdio and logging
+    promptkd.train.distributed.Processes). Every file the run wrote was synced when written; stdio and logging
     are flushed here."""
     import logging
 

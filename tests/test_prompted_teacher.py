@@ -158,13 +158,13 @@ def test_prefix_keys_wait_for_the_pass_output(monkeypatch):
     """For a sharded model the prompt pass's recorded keys/values hand the pass's output a zero
     gradient (FSDP gathers a layer for backward from its output's gradient): the prompt pass's last
     layer then gets a gradient, which it otherwise never does, and the prompt's gradient is unchanged."""
-    import promptkd.hf.attention
+    import promptkd.hf.fsdp
 
     init = torch.randn(P, 32)
     ids, mask = batch("right")
     grads, fired = [], []
     for sharded in (False, True):
-        monkeypatch.setattr(promptkd.hf.attention, "is_sharded", lambda module, sharded=sharded: sharded)
+        monkeypatch.setattr(promptkd.hf.fsdp, "managed_by_fsdp", lambda module, sharded=sharded: sharded)
         teacher = PromptedTeacher(build("llama"), P, init_embeddings=init)
         outputs, calls = [], []
         fired.append(calls)

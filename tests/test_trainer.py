@@ -20,9 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from promptkd.demo.run import DemoSettings, prepare
-from promptkd.errors import InputError
-from promptkd.train.config import METHODS, TrainConfig, shipped_configs
-from promptkd.train.trainer import Trainer, TrainingDiverged, checkpoints, train
+from promptkd.errors import InputError, TrainingDiverged
+from promptkd.train import TrainConfig, Trainer, train
+from promptkd.train.checkpoints import checkpoints
+from promptkd.train.config import METHODS, shipped_configs
+from promptkd.train.methods import Distillation
 
 TINY = DemoSettings(n_train=48, n_valid=6, n_test=6, vocab_size=300, teacher=(32, 2, 2, 64), student=(16, 1, 2, 32))
 
@@ -80,7 +82,7 @@ def test_promptkd_step_equals_eager_formula(setup, tmp_path):
     trainer = Trainer(cfg, log=lambda _: None)
     step = 2
     examples = [trainer.train_examples[i] for i in trainer.order.micro_batches(step, 0)[0]]
-    batch, _ = trainer._batch(*trainer._on_policy(examples, step, 0))
+    batch, _ = trainer.distill.batch(*trainer.distill.on_policy(examples, step, 0))
     labels = batch["labels"]
     counted = labels != -100
     prompted = trainer.prompted
@@ -100,20 +102,14 @@ def test_promptkd_step_equals_eager_formula(setup, tmp_path):
     eager = kl(teacher, student) + reg * kl(teacher, plain)
     (expected,) = torch.autograd.grad(eager, prompted.soft_prompt)
 
-    # The trainer's prompt loss for the same batch (the body of Trainer._step, one micro-batch).
-    with torch.no_grad():
-        s = trainer._student(batch).detach()
-        p = trainer._teacher(batch, prompted=False)
-    tp = trainer._teacher(batch, prompted=True)
-    fused = trainer._kd(s, tp, labels, "forward_kl") + reg * trainer._kd(p, tp, labels, "forward_kl")
+    # The trainer's prompt loss for the same batch (PromptKD's prompt phase, one micro-batch).
+    fused = trainer.distill.prompt_loss(batch, reg)
     (got,) = torch.autograd.grad(fused, prompted.soft_prompt)
     torch.testing.assert_close(fused.double(), eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.double(), expected.double(), rtol=1e-4, atol=1e-7)
 
     # Student step: KL(q_S || p_TP), gradient to the student only.
-    with torch.no_grad():
-        tp = trainer._teacher(batch, prompted=True)
-    loss = trainer._kd(trainer._student(batch), tp, labels, "reverse_kl")
+    loss = trainer.distill.student_loss(batch)
     eager_student = kl(log_probs(trainer.student(input_ids=batch["input_ids"],
                                                  attention_mask=batch["attention_mask"]).logits), teacher.detach())
     torch.testing.assert_close(loss.double(), eager_student, rtol=1e-5, atol=1e-6)
@@ -129,24 +125,19 @@ def test_share_prefix_equals_replicated_instructions(setup, tmp_path, method):
                      share_prefix=share)
         trainer = Trainer(cfg, log=lambda _: None)
         examples = [trainer.train_examples[i] for i in trainer.order.micro_batches(2, 0)[0]]
-        batch, tokens = trainer._batch(*trainer._on_policy(examples, 2, 0), shared=share)
+        batch, tokens = trainer.distill.batch(*trainer.distill.on_policy(examples, 2, 0), shared=share)
         widths.append(batch["input_ids"].shape[1])
         result = {"tokens": torch.tensor(float(tokens))}
         labels = batch["labels"]
         if method == "promptkd":
-            with torch.no_grad():
-                student, plain = trainer._student(batch).detach(), trainer._teacher(batch, prompted=False)
-            prompted = trainer._teacher(batch, prompted=True)
-            loss = trainer._kd(student, prompted, labels, "forward_kl") + 0.6 * trainer._kd(plain, prompted, labels,
-                                                                                              "forward_kl")
+            loss = trainer.distill.prompt_loss(batch, 0.6)
             (result["prompt_grad"],) = torch.autograd.grad(loss, trainer.prompted.soft_prompt)
             result["prompt_loss"] = loss.detach()
-            with torch.no_grad():
-                teacher = trainer._teacher(batch, prompted=True)
+            loss = trainer.distill.student_loss(batch)
         else:
             with torch.no_grad():
-                teacher = trainer._teacher(batch)
-        loss = trainer._kd(trainer._student(batch), teacher, labels, "reverse_kl")
+                teacher = trainer.distill.teacher(batch)
+            loss = trainer.distill.kd(trainer.distill.student(batch), teacher, labels, "reverse_kl")
         loss.backward()
         result["loss"] = loss.detach()
         result.update({n: p.grad for n, p in trainer.student.named_parameters()})
@@ -240,13 +231,13 @@ def test_resume_after_sigkill(setup, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_the_last_checkpoint(setup, tmp_path, monkeypatch):
-    original = Trainer._micro_loss
+    original = Distillation.micro_loss
 
     def poisoned(self, examples, step, micro):
         loss, tokens = original(self, examples, step, micro)
         return (loss * float("nan") if step == 2 else loss), tokens
 
-    monkeypatch.setattr(Trainer, "_micro_loss", poisoned)
+    monkeypatch.setattr(Distillation, "micro_loss", poisoned)
     cfg = config(setup, tmp_path / "run", max_steps=4, save_interval=1)
     with pytest.raises(TrainingDiverged, match=r"step 3: the training loss is nan.*checkpoint-0000002"):
         train(cfg, log=lambda _: None)
@@ -352,16 +343,16 @@ def _all_finite(directory) -> bool:
 
 
 def test_finite_loss_with_non_finite_gradient_stops_the_run(setup, tmp_path, monkeypatch):
-    original = Trainer._micro_loss
+    original = Distillation.micro_loss
 
     def poisoned(self, examples, step, micro):
         loss, tokens = original(self, examples, step, micro)
         if step == 2:
-            weight = next(p for p in self.student.parameters() if p.requires_grad)
+            weight = next(p for p in self.student_model.parameters() if p.requires_grad)
             loss = loss + 0.0 * _NaNGradient.apply(weight).sum()
         return loss, tokens
 
-    monkeypatch.setattr(Trainer, "_micro_loss", poisoned)
+    monkeypatch.setattr(Distillation, "micro_loss", poisoned)
     cfg = config(setup, tmp_path / "run", max_steps=4, save_interval=1)
     with pytest.raises(TrainingDiverged, match=r"step 3: the training loss is finite \(.*\) but its gradient is not "
                                                r"\(norm nan\).*Last good checkpoint: .*checkpoint-0000002"):
@@ -375,16 +366,16 @@ def test_finite_loss_with_non_finite_gradient_stops_the_run(setup, tmp_path, mon
 def test_non_finite_weights_are_never_saved(setup, tmp_path, monkeypatch):
     """Finite loss and gradients, but the weights turn infinite (say an overflowing update): the save
     that would write them stops the run instead."""
-    original = Trainer._optimizer_step
+    original = Trainer._apply
 
-    def overflowing(self, optimizer, scheduler, params, loss_sum, step, what):
-        out = original(self, optimizer, scheduler, params, loss_sum, step, what)
+    def overflowing(self, step, what, loss_sum):
+        out = original(self, step, what, loss_sum)
         if step == 2:
             with torch.no_grad():
-                params[0].view(-1)[0] = float("inf")
+                self.student_params[0].view(-1)[0] = float("inf")
         return out
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", overflowing)
+    monkeypatch.setattr(Trainer, "_apply", overflowing)
     cfg = config(setup, tmp_path / "run", max_steps=4, save_interval=1)
     with pytest.raises(TrainingDiverged, match=r"step 3: the weights are not finite.*checkpoint-0000002"):
         train(cfg, log=lambda _: None)
@@ -497,7 +488,7 @@ def test_bad_output_dir_and_device_fail_before_any_model_loads(setup, tmp_path, 
     def no_loading(*args, **kwargs):
         raise AssertionError("a model was loaded before the inputs were checked")
 
-    monkeypatch.setattr("promptkd.train.trainer.load_model", no_loading)
+    monkeypatch.setattr("promptkd.train.methods.load_model", no_loading)
     taken = tmp_path / "taken"
     taken.write_text("")
     with pytest.raises(InputError, match="output_dir .* is a file"):
@@ -599,6 +590,6 @@ def test_sampling_streams_differ_per_rank(setup, tmp_path):
     trainer = Trainer(config(setup, tmp_path / "run", method="rkl"), log=lambda _: None)
     seeds = set()
     for rank in (0, 1):
-        trainer.procs.rank = rank
-        seeds |= {trainer._sample_seed(step, micro) for step in range(4) for micro in range(2)}
+        trainer.distill.rank = rank
+        seeds |= {trainer.distill.sample_seed(step, micro) for step in range(4) for micro in range(2)}
     assert len(seeds) == 16

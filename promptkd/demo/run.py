@@ -1,7 +1,7 @@
 """``promptkd demo``: the whole method on an embedded task family, with nothing to download.
 
-1. Generate the bundled instruction tasks (:mod:`promptkd.tasks`), written as compact prompt
-   records (:func:`compact`), and train a byte-level BPE tokenizer on them (:mod:`promptkd.tokenizer`).
+1. Generate the bundled instruction tasks (:mod:`promptkd.demo.tasks`), written as compact prompt
+   records (:func:`compact`), and train a byte-level BPE tokenizer on them (:mod:`promptkd.demo.tokenizer`).
 2. Build a small Llama-style teacher and a smaller student from configs (random weights).
 3. Fine-tune the teacher (SFT), give the student an SFT initialisation (``sft_init``).
 4. From that initialisation, for the same number of steps each: continue SFT (``sft``, the control)
@@ -197,8 +197,9 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
     from transformers.utils import logging as hf_logging
 
     from ..files import write_text
+    from ..train.checkpoints import checkpoints
     from ..train.plot import bar_chart, plot_comparison
-    from ..train.trainer import checkpoints, train
+    from ..train.trainer import train
 
     hf_logging.disable_progress_bar()  # loading / saving bars for every stage drown the demo's own lines
     settings = QUICK if quick else DemoSettings()

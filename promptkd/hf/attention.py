@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attention import prefix_attention
+from . import fsdp
 
 ATTN_IMPLEMENTATION = "promptkd_prefix"
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "opt")
@@ -89,21 +90,12 @@ class _AfterOutput(torch.autograd.Function):
         return (torch.zeros((), dtype=dtype, device=device).expand(shape), *grads)
 
 
-def is_sharded(module) -> bool:
-    """Whether FSDP (``fully_shard``) manages the parameters of ``module`` or of any module inside it."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in module.modules())
-
-
 def record_prefix(base, num_layers: int, recorder: PrefixRecorder, **inputs) -> PrefixKV:
     """Runs the decoder ``base`` as a prefix pass (``inputs``: its forward arguments) and returns the
     keys/values its layers recorded; for a sharded decoder they are tied to the pass's output
     (:class:`_AfterOutput`), so FSDP gathers every layer before its backward."""
     out = base(**inputs, use_cache=False, promptkd_prefix=recorder).last_hidden_state
-    return recorder.freeze(num_layers, after=out if is_sharded(base) else None)
+    return recorder.freeze(num_layers, after=out if fsdp.managed_by_fsdp(base) else None)
 
 
 def positions_from_mask(mask: torch.Tensor, offset) -> torch.Tensor:

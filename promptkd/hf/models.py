@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
 from ..kd.settings import IGNORE_INDEX
+from .fsdp import head_tied_to_input
 
 
 @dataclass
@@ -100,7 +101,7 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
 
     ``shared_prefix=(prefix_ids [G, P], prefix_mask [G, P], group_index [B])``: the rows continue
     shared right-padded prefixes, run once each through prefix attention (the model must use the
-    ``"promptkd_prefix"`` attention; see :func:`promptkd.hf_attention.shared_prefix_forward`).
+    ``"promptkd_prefix"`` attention; see :func:`promptkd.hf.attention.shared_prefix_forward`).
     """
     if shared_prefix is None:
         hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -116,35 +117,14 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
 
 
 def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The output embedding's weight [V, H] and bias (or None). For a model sharded by :func:`shard`
-    whose head is tied to the input embedding, the weight is read where FSDP keeps it (the input
-    embedding, gathered while the decoder's forward and backward need it)."""
+    """The output embedding's weight [V, H] and bias (or None). For a model sharded by
+    :func:`promptkd.hf.fsdp.shard` whose head is tied to the input embedding, the weight is read where
+    FSDP keeps it (the input embedding, gathered while the decoder's forward and backward need it)."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
-    if getattr(model, "_promptkd_tied_head", False):
+    if head_tied_to_input(model):
         return model.get_input_embeddings().weight, bias
     return head.weight, bias
-
-
-def shard(model, param_dtype: torch.dtype | None = None) -> None:
-    """FSDP (``torch.distributed.fsdp.fully_shard``) over the processes: each decoder layer is one
-    unit, the decoder (input embedding, final norm) the root unit; an output head that is not tied to
-    the input embedding stays whole on every process (its gradient is averaged like the soft
-    prompt's). ``param_dtype`` computes in that dtype while the sharded weights keep theirs."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    base = model.base_model
-    layers = [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not layers:
-        raise InputError(f"fsdp: found no decoder layers in {type(model).__name__} to shard")
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else None
-    kwargs = {"mp_policy": policy} if policy is not None else {}
-    for layer in layers:
-        fully_shard(layer, **kwargs)
-    fully_shard(base, **kwargs)
-    model._promptkd_tied_head = tied
 
 
 def _ce_chunk(hidden, weight, bias, labels):

@@ -196,7 +196,7 @@ class PromptedTeacher(nn.Module):
         ``shared_prefix=(prefix_ids [G, P], prefix_mask [G, P], group_index [B])``: the rows of
         ``input_ids`` continue right-padded shared prefixes (several responses to one instruction);
         each prefix runs once, after the soft prompt, and the rows attend to [soft prompt; prefix]
-        (:func:`promptkd.hf_attention.shared_prefix_forward`). ``attention_mask`` is then required.
+        (:func:`promptkd.hf.attention.shared_prefix_forward`). ``attention_mask`` is then required.
         """
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
             raise ValueError(f"input_ids must be a [B, N] tensor, got {getattr(input_ids, 'shape', input_ids)}")

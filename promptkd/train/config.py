@@ -32,7 +32,7 @@ class TrainConfig:
     tokenizer: str = ""               # defaults to the student's directory / name
     output_dir: str = "runs/promptkd"
 
-    # Data (JSONL; see promptkd.data)
+    # Data (JSONL; see promptkd.train.data)
     train_file: str = ""
     valid_file: str = ""              # model selection by ROUGE-L; empty: no validation
     max_length: int = 512             # prompt + response tokens
