@@ -26,28 +26,28 @@ import triton
 from triton.backends.compiler import GPUTarget
 
 from . import configs
-from .kd_backward import _kd_backward_kernel
-from .kd_forward import _kd_online_kernel, _kd_terms_kernel
+from .kd_backward import kd_backward_kernel
+from .kd_forward import kd_online_kernel, kd_terms_kernel
 from .prefix_attention_backward import (
-    _prefix_attention_dkdv_kernel,
-    _prefix_attention_dq_kernel,
-    _prefix_attention_prefix_dkdv_kernel,
+    prefix_attention_dkdv_kernel,
+    prefix_attention_dq_kernel,
+    prefix_attention_prefix_dkdv_kernel,
 )
-from .prefix_attention_forward import _prefix_attention_forward_kernel
+from .prefix_attention_forward import prefix_attention_forward_kernel
 
 #: Opt-in shared memory per block, bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
 # Kernel arguments: the pointers (by name) hold the operand dtype unless _POINTER_TYPES says otherwise,
 # _FLOAT_ARGS are float32 scalars, every other argument (sizes, strides) is an i32.
 _POINTERS = {
-    "_kd_online_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "STATS"),
-    "_kd_terms_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LSE", "PARTIAL"),
-    "_kd_backward_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "ROWS", "DZS", "DZT"),
-    "_prefix_attention_forward_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "LSE"),
-    "_prefix_attention_dq_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "DO", "LSE",
+    "kd_online_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "STATS"),
+    "kd_terms_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "ROWS", "PARTIAL"),
+    "kd_backward_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "ROWS", "DZS", "DZT"),
+    "prefix_attention_forward_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "LSE"),
+    "prefix_attention_dq_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "DO", "LSE",
                                     "DELTA", "DQ"),
-    "_prefix_attention_dkdv_kernel": ("Q", "K", "V", "KEEP", "DO", "LSE", "DELTA", "DK", "DV"),
-    "_prefix_attention_prefix_dkdv_kernel": ("Q", "PK", "PV", "LENGTHS", "ORDER", "OFFSETS", "DO", "LSE", "DELTA",
+    "prefix_attention_dkdv_kernel": ("Q", "K", "V", "KEEP", "DO", "LSE", "DELTA", "DK", "DV"),
+    "prefix_attention_prefix_dkdv_kernel": ("Q", "PK", "PV", "LENGTHS", "ORDER", "OFFSETS", "DO", "LSE", "DELTA",
                                              "DPK", "DPV"),
 }
 _POINTER_TYPES = {
@@ -56,9 +56,9 @@ _POINTER_TYPES = {
     "KEEP": "*u8",  # the key-padding mask, bool viewed as uint8
 }
 _FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight", "qk_scale", "scale")
-# The KD launchers turn fused multiply-adds off (promptkd/triton_impl._compile_switches); the attention
+# The KD launchers turn fused multiply-adds off (promptkd/kd/triton_impl._compile_switches); the attention
 # launchers turn them on (promptkd/attention/triton_impl._switches).
-_NO_FP_FUSION = ("_kd_online_kernel", "_kd_terms_kernel", "_kd_backward_kernel")
+_NO_FP_FUSION = ("kd_online_kernel", "kd_terms_kernel", "kd_backward_kernel")
 
 
 @dataclass
@@ -135,17 +135,17 @@ def _base(cfg: configs.TileConfig, from_logits: bool) -> dict:
 
 
 _HEAVIEST = {  # the variant with the most live state, per kernel
-    "forward": (_kd_online_kernel, dict(DIVERGENCE=1, HAS_HARD=True)),
-    "terms": (_kd_terms_kernel, dict(DIVERGENCE=4)),
-    "backward": (_kd_backward_kernel, dict(DIVERGENCE=4, HAS_HARD=True, NEED_S=True, NEED_T=True)),
+    "forward": (kd_online_kernel, dict(DIVERGENCE=1, HAS_HARD=True)),
+    "terms": (kd_terms_kernel, dict(DIVERGENCE=4)),
+    "backward": (kd_backward_kernel, dict(DIVERGENCE=4, HAS_HARD=True, NEED_S=True, NEED_T=True)),
 }
 _OTHER_VARIANTS = [
-    (_kd_online_kernel, dict(DIVERGENCE=0, HAS_HARD=False)),
-    (_kd_online_kernel, dict(DIVERGENCE=2, HAS_HARD=True)),
-    (_kd_terms_kernel, dict(DIVERGENCE=3)),
-    (_kd_terms_kernel, dict(DIVERGENCE=5)),
-    *[(_kd_backward_kernel, dict(DIVERGENCE=d, HAS_HARD=False, NEED_S=True, NEED_T=False)) for d in (1, 2, 3, 5)],
-    (_kd_backward_kernel, dict(DIVERGENCE=1, HAS_HARD=False, NEED_S=False, NEED_T=True)),
+    (kd_online_kernel, dict(DIVERGENCE=0, HAS_HARD=False)),
+    (kd_online_kernel, dict(DIVERGENCE=2, HAS_HARD=True)),
+    (kd_terms_kernel, dict(DIVERGENCE=3)),
+    (kd_terms_kernel, dict(DIVERGENCE=5)),
+    *[(kd_backward_kernel, dict(DIVERGENCE=d, HAS_HARD=False, NEED_S=True, NEED_T=False)) for d in (1, 2, 3, 5)],
+    (kd_backward_kernel, dict(DIVERGENCE=1, HAS_HARD=False, NEED_S=False, NEED_T=True)),
 ]
 
 
@@ -173,21 +173,21 @@ def variants():
 
 
 _ATTENTION = {  # kernel -> (configuration table key, heaviest switches)
-    _prefix_attention_forward_kernel: ("forward", dict(HAS_LENGTHS=True, HAS_PADDING=True)),
-    _prefix_attention_dq_kernel: ("dq", dict(NEED_DQ=True, HAS_LENGTHS=True, HAS_PADDING=True)),
-    _prefix_attention_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_PADDING=True)),
-    _prefix_attention_prefix_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_LENGTHS=True)),
+    prefix_attention_forward_kernel: ("forward", dict(HAS_LENGTHS=True, HAS_PADDING=True)),
+    prefix_attention_dq_kernel: ("dq", dict(NEED_DQ=True, HAS_LENGTHS=True, HAS_PADDING=True)),
+    prefix_attention_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_PADDING=True)),
+    prefix_attention_prefix_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_LENGTHS=True)),
 }
 _ATTENTION_OTHER_VARIANTS = [
-    (_prefix_attention_forward_kernel, dict(HAS_LENGTHS=False, HAS_PADDING=False)),
-    (_prefix_attention_dq_kernel, dict(NEED_DQ=False)),
-    (_prefix_attention_dq_kernel, dict(HAS_LENGTHS=False, HAS_PADDING=False)),
-    (_prefix_attention_dkdv_kernel, dict(NEED_DK=False)),
-    (_prefix_attention_dkdv_kernel, dict(NEED_DV=False)),
-    (_prefix_attention_dkdv_kernel, dict(HAS_PADDING=False)),
-    (_prefix_attention_prefix_dkdv_kernel, dict(NEED_DK=False)),
-    (_prefix_attention_prefix_dkdv_kernel, dict(NEED_DV=False)),
-    (_prefix_attention_prefix_dkdv_kernel, dict(HAS_LENGTHS=False)),
+    (prefix_attention_forward_kernel, dict(HAS_LENGTHS=False, HAS_PADDING=False)),
+    (prefix_attention_dq_kernel, dict(NEED_DQ=False)),
+    (prefix_attention_dq_kernel, dict(HAS_LENGTHS=False, HAS_PADDING=False)),
+    (prefix_attention_dkdv_kernel, dict(NEED_DK=False)),
+    (prefix_attention_dkdv_kernel, dict(NEED_DV=False)),
+    (prefix_attention_dkdv_kernel, dict(HAS_PADDING=False)),
+    (prefix_attention_prefix_dkdv_kernel, dict(NEED_DK=False)),
+    (prefix_attention_prefix_dkdv_kernel, dict(NEED_DV=False)),
+    (prefix_attention_prefix_dkdv_kernel, dict(HAS_LENGTHS=False)),
 ]
 
 
@@ -215,7 +215,7 @@ def attention_variants():
         yield _attention_case(fn, "fp16", 96, (90,))
     for fn, switches in _ATTENTION_OTHER_VARIANTS:
         yield _attention_case(fn, "bf16", 96, (90,), **switches)
-    yield _attention_case(_prefix_attention_forward_kernel, "fp32", 128, (90,), precision="tf32")
+    yield _attention_case(prefix_attention_forward_kernel, "fp32", 128, (90,), precision="tf32")
 
 
 def cases():

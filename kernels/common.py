@@ -1,9 +1,11 @@
-"""Shared @triton.jit helpers: KD kernels (notation and formulas: promptkd/math.py) and prefix attention."""
+"""What the kernels share: the KD kernels' divergence codes and @triton.jit helpers (logit tiles, log-space
+mixtures, divergence terms; notation and formulas: promptkd/kd/math.py), and the prefix-attention kernels'
+row loads. The planes of the KD statistics buffers are named in kd_planes.py."""
 
 import triton
 import triton.language as tl
 
-# Divergence codes; promptkd.settings.DIVERGENCE_CODES holds the same numbers.
+# Divergence codes; promptkd.kd.settings.DIVERGENCE_CODES holds the same numbers.
 LSE_ONLY = tl.constexpr(0)
 FORWARD_KL = tl.constexpr(1)
 REVERSE_KL = tl.constexpr(2)
@@ -38,6 +40,24 @@ def logits_tile(X, W, B, o_n, o_v, m_n, m_v, D, stride_x, stride_w,
     if HAS_BIAS:
         b_z += tl.load(B + o_v, mask=m_v, other=0.0).to(tl.float32)[None, :]
     return b_z
+
+
+@triton.jit
+def student_teacher_tiles(XS, WS, BS, XT, WT, BT, o_n, m_n, v0, v_end, DS, DT, stride_xs, stride_ws, stride_xt,
+                          stride_wt, FROM_LOGITS: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """(o_v, m_v, s, t): the vocabulary columns o_v = v0 + [0, BLOCK_V) (int64; m_v = o_v < v_end) and
+    the student and teacher logit tiles of tokens o_n there (logits_tile, float32 [BLOCK_N, BLOCK_V])."""
+    o_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
+    m_v = o_v < v_end
+    b_s = logits_tile(XS, WS, BS, o_n, o_v, m_n, m_v, DS, stride_xs, stride_ws, FROM_LOGITS=FROM_LOGITS,
+                      HAS_BIAS=HAS_BIAS_S, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, UPCAST=UPCAST,
+                      PRECISION=PRECISION)
+    b_t = logits_tile(XT, WT, BT, o_n, o_v, m_n, m_v, DT, stride_xt, stride_wt, FROM_LOGITS=FROM_LOGITS,
+                      HAS_BIAS=HAS_BIAS_T, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, UPCAST=UPCAST,
+                      PRECISION=PRECISION)
+    return o_v, m_v, b_s, b_t
 
 
 @triton.jit

@@ -47,19 +47,17 @@ class AttentionConfig:
 # Prefix attention: (kernel, operand bytes, BLOCK_D) -> configuration. BLOCK_D is the head dim rounded
 # up to 64 or 128 (smaller powers would add compile variants for no common model). "forward" walks keys
 # for a query block; "dq" likewise; "dkdv" (own and prefix keys) walks query blocks for a key block.
+# One row per kernel, one column per (operand bytes, BLOCK_D); entries (block_m, block_n, warps, stages).
+_ATTENTION_COLUMNS = ((2, 64), (2, 128), (4, 64), (4, 128))
+_ATTENTION_TILES = {
+    "forward": ((128, 64, 8, 3), (128, 32, 8, 2), (16, 16, 4, 2), (16, 16, 4, 2)),
+    "dq": ((64, 64, 4, 2), (64, 64, 8, 2), (16, 16, 4, 1), (16, 16, 4, 2)),
+    "dkdv": ((32, 64, 4, 2), (64, 64, 8, 2), (16, 16, 4, 1), (16, 16, 4, 2)),
+}
 ATTENTION_CONFIGS = {
-    ("forward", 2, 64): AttentionConfig(128, 64, 8, 3),
-    ("forward", 2, 128): AttentionConfig(128, 32, 8, 2),
-    ("forward", 4, 64): AttentionConfig(16, 16, 4, 2),
-    ("forward", 4, 128): AttentionConfig(16, 16, 4, 2),
-    ("dq", 2, 64): AttentionConfig(64, 64, 4, 2),
-    ("dq", 2, 128): AttentionConfig(64, 64, 8, 2),
-    ("dq", 4, 64): AttentionConfig(16, 16, 4, 1),
-    ("dq", 4, 128): AttentionConfig(16, 16, 4, 2),
-    ("dkdv", 2, 64): AttentionConfig(32, 64, 4, 2),
-    ("dkdv", 2, 128): AttentionConfig(64, 64, 8, 2),
-    ("dkdv", 4, 64): AttentionConfig(16, 16, 4, 1),
-    ("dkdv", 4, 128): AttentionConfig(16, 16, 4, 2),
+    (kernel, size, block_d): AttentionConfig(*tiles)
+    for kernel, row in _ATTENTION_TILES.items()
+    for (size, block_d), tiles in zip(_ATTENTION_COLUMNS, row, strict=True)
 }
 #: The largest head dim the prefix-attention kernels take.
 ATTENTION_MAX_HEAD_DIM = 128

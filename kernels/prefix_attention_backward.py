@@ -4,9 +4,9 @@ does not see, and for every key of a row that sees nothing: lse = +inf) and delt
     dp_ij = dO_i . v_j,   ds_ij = p_ij (dp_ij - delta_i)
     dQ_i  = scale sum_j ds_ij k_j,   dK_j = scale sum_i ds_ij q_i,   dV_j = sum_i p_ij dO_i
 
-_prefix_attention_dq_kernel          (query block, sample x query head): delta and dQ over the keys
-_prefix_attention_dkdv_kernel        (own key block, sample x key head): dK, dV of the sample's keys
-_prefix_attention_prefix_dkdv_kernel (prefix key block, group x key head, split): float32 partial
+prefix_attention_dq_kernel          (query block, sample x query head): delta and dQ over the keys
+prefix_attention_dkdv_kernel        (own key block, sample x key head): dK, dV of the sample's keys
+prefix_attention_prefix_dkdv_kernel (prefix key block, group x key head, split): float32 partial
     dK, dV of a prefix over one fixed slice of its group's samples; the launcher sums the splits in a
     fixed order, so the prefix gradients are deterministic (no atomics).
 
@@ -25,8 +25,9 @@ def _dq_block(b_dq, b_q, b_do, b_lse, b_delta, K, V, o_n, m_n, o_m, o_d, m_d, st
               MASK_LOAD: tl.constexpr, MASK_COLS: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Add key block o_n's share sum_j ds_ij k_j to dq (masks as in the forward's _online_block)."""
-    b_k = load_rows(K, o_n, m_n, o_d, m_d, stride_kn, MASK_LOAD, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
-    b_v = load_rows(V, o_n, m_n, o_d, m_d, stride_kn, MASK_LOAD, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
+    # both [BLOCK_N, BLOCK_D]
+    b_k = load_rows(K, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=MASK_LOAD, EVEN_D=EVEN_D, UPCAST=UPCAST)
+    b_v = load_rows(V, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=MASK_LOAD, EVEN_D=EVEN_D, UPCAST=UPCAST)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASK_COLS:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -51,8 +52,9 @@ def _dkdv_block(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, m0, o_n, m_n, o_d, m_d,
     """
     o_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
     m_m = o_m < N
-    b_q = load_rows(Q, o_m, m_m, o_d, m_d, stride_qn, True, EVEN_D, UPCAST)  # [BLOCK_M, BLOCK_D]
-    b_do = load_rows(DO, o_m, m_m, o_d, m_d, stride_on, True, EVEN_D, UPCAST)  # [BLOCK_M, BLOCK_D]
+    # both [BLOCK_M, BLOCK_D]
+    b_q = load_rows(Q, o_m, m_m, o_d, m_d, stride_qn, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=UPCAST)
+    b_do = load_rows(DO, o_m, m_m, o_d, m_d, stride_on, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=UPCAST)
     b_lse = tl.load(LSE + o_m, mask=m_m, other=float("inf"))  # [BLOCK_M]
     if DEAD_ROWS:
         b_q = tl.where((b_lse < float("inf"))[:, None], b_q, 0.0).to(b_q.dtype)
@@ -73,7 +75,7 @@ def _dkdv_block(b_dk, b_dv, b_k, b_v, Q, DO, LSE, DELTA, m0, o_n, m_n, o_d, m_d,
 
 
 @triton.jit(do_not_specialize=["N", "P"])
-def _prefix_attention_dq_kernel(
+def prefix_attention_dq_kernel(
     Q, K, V, PK, PV, LENGTHS, GROUP, KEEP, OUT, DO, LSE, DELTA, DQ,
     N, P, D, HQ, REP, qk_scale, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -95,13 +97,14 @@ def _prefix_attention_dq_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     p_o = i_b * stride_ob + i_h * stride_oh
-    b_do = load_rows(DO + p_o, o_m, m_m, o_d, m_d, stride_on, True, EVEN_D, UPCAST)  # [BLOCK_M, BLOCK_D]
-    b_o = load_rows(OUT + p_o, o_m, m_m, o_d, m_d, stride_on, True, EVEN_D, False)  # [BLOCK_M, BLOCK_D]
+    # both [BLOCK_M, BLOCK_D]
+    b_do = load_rows(DO + p_o, o_m, m_m, o_d, m_d, stride_on, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=UPCAST)
+    b_o = load_rows(OUT + p_o, o_m, m_m, o_d, m_d, stride_on, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=False)
     b_delta = tl.sum(b_do.to(tl.float32) * b_o.to(tl.float32), 1)  # [BLOCK_M]
     tl.store(DELTA + i_bh * N + o_m, b_delta, mask=m_m)
     if NEED_DQ:
-        b_q = load_rows(Q + i_b * stride_qb + i_h * stride_qh, o_m, m_m, o_d, m_d, stride_qn,
-                        True, EVEN_D, UPCAST)  # [BLOCK_M, BLOCK_D]
+        b_q = load_rows(Q + i_b * stride_qb + i_h * stride_qh, o_m, m_m, o_d, m_d, stride_qn, MASK_ROWS=True,
+                        EVEN_D=EVEN_D, UPCAST=UPCAST)  # [BLOCK_M, BLOCK_D]
         b_lse = tl.load(LSE + i_bh * N + o_m, mask=m_m, other=float("inf"))  # [BLOCK_M]
         b_dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         i_g = tl.load(GROUP + i_b)
@@ -113,12 +116,14 @@ def _prefix_attention_dq_kernel(
         l_full = (L // BLOCK_N) * BLOCK_N
         for j0 in range(0, l_full, BLOCK_N):
             o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn,
-                             qk_scale, False, False, False, EVEN_D, UPCAST, PRECISION)
+            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn, qk_scale,
+                             MASK_LOAD=False, MASK_COLS=False, CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                             PRECISION=PRECISION)
         if l_full < L:
             o_n = (l_full + tl.arange(0, BLOCK_N)).to(tl.int64)
-            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn,
-                             qk_scale, True, True, False, EVEN_D, UPCAST, PRECISION)
+            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn, qk_scale,
+                             MASK_LOAD=True, MASK_COLS=True, CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                             PRECISION=PRECISION)
         K += i_b * stride_kb + i_hk * stride_kh
         V += i_b * stride_kb + i_hk * stride_kh
         off_end = (m0 // BLOCK_N) * BLOCK_N
@@ -127,21 +132,23 @@ def _prefix_attention_dq_kernel(
             m_n = o_n < N
             if HAS_PADDING:
                 m_n = tl.load(KEEP + i_b * N + o_n) != 0
-            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
-                             qk_scale, HAS_PADDING, HAS_PADDING, False, EVEN_D, UPCAST, PRECISION)
+            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale,
+                             MASK_LOAD=HAS_PADDING, MASK_COLS=HAS_PADDING, CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                             PRECISION=PRECISION)
         for j0 in range(off_end, tl.minimum(m0 + BLOCK_M, N), BLOCK_N):
             o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
             m_n = o_n < N
             if HAS_PADDING:
                 m_n = m_n & (tl.load(KEEP + i_b * N + o_n, mask=m_n, other=0) != 0)
-            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
-                             qk_scale, True, True, True, EVEN_D, UPCAST, PRECISION)
+            b_dq = _dq_block(b_dq, b_q, b_do, b_lse, b_delta, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale,
+                             MASK_LOAD=True, MASK_COLS=True, CAUSAL=True, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                             PRECISION=PRECISION)
         p_dq = DQ + p_o + o_m[:, None] * stride_on + o_d[None, :]
         tl.store(p_dq, (b_dq * scale).to(DQ.dtype.element_ty), mask=m_m[:, None] & m_d[None, :])
 
 
 @triton.jit(do_not_specialize=["N"])
-def _prefix_attention_dkdv_kernel(
+def prefix_attention_dkdv_kernel(
     Q, K, V, KEEP, DO, LSE, DELTA, DK, DV,
     N, D, HQ, REP, qk_scale, scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -164,8 +171,9 @@ def _prefix_attention_dkdv_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     p_k = i_b * stride_kb + i_hk * stride_kh
-    b_k = load_rows(K + p_k, o_n, m_n, o_d, m_d, stride_kn, True, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
-    b_v = load_rows(V + p_k, o_n, m_n, o_d, m_d, stride_kn, True, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
+    # both [BLOCK_N, BLOCK_D]
+    b_k = load_rows(K + p_k, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=UPCAST)
+    b_v = load_rows(V + p_k, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=UPCAST)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -178,13 +186,15 @@ def _prefix_attention_dkdv_kernel(
         p_q = Q + i_b * stride_qb + i_h * stride_qh
         p_do = DO + i_b * stride_ob + i_h * stride_oh
         for m0 in range(diag_start, diag_end, BLOCK_M):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0, o_n,
-                                     m_n, o_d, m_d, N, stride_qn, stride_on, qk_scale, HAS_PADDING, True,
-                                     NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M, HAS_PADDING)
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0, o_n, m_n,
+                                     o_d, m_d, N, stride_qn, stride_on, qk_scale, MASK_COLS=HAS_PADDING, CAUSAL=True,
+                                     NEED_DK=NEED_DK, NEED_DV=NEED_DV, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                                     PRECISION=PRECISION, BLOCK_M=BLOCK_M, DEAD_ROWS=HAS_PADDING)
         for m0 in range(below_start, N, BLOCK_M):
-            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0, o_n,
-                                     m_n, o_d, m_d, N, stride_qn, stride_on, qk_scale, HAS_PADDING, False,
-                                     NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M, HAS_PADDING)
+            b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0, o_n, m_n,
+                                     o_d, m_d, N, stride_qn, stride_on, qk_scale, MASK_COLS=HAS_PADDING, CAUSAL=False,
+                                     NEED_DK=NEED_DK, NEED_DV=NEED_DV, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                                     PRECISION=PRECISION, BLOCK_M=BLOCK_M, DEAD_ROWS=HAS_PADDING)
 
     m_out = (o_n < N)[:, None] & m_d[None, :]
     p_out = i_b * stride_gb + i_hk * stride_gh + o_n[:, None] * stride_gn + o_d[None, :]
@@ -195,7 +205,7 @@ def _prefix_attention_dkdv_kernel(
 
 
 @triton.jit(do_not_specialize=["N", "P"])
-def _prefix_attention_prefix_dkdv_kernel(
+def prefix_attention_prefix_dkdv_kernel(
     Q, PK, PV, LENGTHS, ORDER, OFFSETS, DO, LSE, DELTA, DPK, DPV,
     N, P, D, HQ, REP, qk_scale, scale,
     stride_qb, stride_qh, stride_qn, stride_pg, stride_ph, stride_pn,
@@ -225,8 +235,9 @@ def _prefix_attention_prefix_dkdv_kernel(
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
     p_k = i_g * stride_pg + i_hk * stride_ph
-    b_k = load_rows(PK + p_k, o_n, m_n, o_d, m_d, stride_pn, True, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
-    b_v = load_rows(PV + p_k, o_n, m_n, o_d, m_d, stride_pn, True, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
+    # both [BLOCK_N, BLOCK_D]
+    b_k = load_rows(PK + p_k, o_n, m_n, o_d, m_d, stride_pn, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=UPCAST)
+    b_v = load_rows(PV + p_k, o_n, m_n, o_d, m_d, stride_pn, MASK_ROWS=True, EVEN_D=EVEN_D, UPCAST=UPCAST)
     b_dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     b_dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -245,9 +256,10 @@ def _prefix_attention_prefix_dkdv_kernel(
             p_q = Q + i_b * stride_qb + i_h * stride_qh
             p_do = DO + i_b * stride_ob + i_h * stride_oh
             for m0 in range(0, N, BLOCK_M):
-                b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0,
-                                         o_n, m_n, o_d, m_d, N, stride_qn, stride_on, qk_scale, True, False,
-                                         NEED_DK, NEED_DV, EVEN_D, UPCAST, PRECISION, BLOCK_M, False)
+                b_dk, b_dv = _dkdv_block(b_dk, b_dv, b_k, b_v, p_q, p_do, LSE + i_bh * N, DELTA + i_bh * N, m0, o_n,
+                                         m_n, o_d, m_d, N, stride_qn, stride_on, qk_scale, MASK_COLS=True, CAUSAL=False,
+                                         NEED_DK=NEED_DK, NEED_DV=NEED_DV, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                                         PRECISION=PRECISION, BLOCK_M=BLOCK_M, DEAD_ROWS=False)
 
     m_out = (o_n < P)[:, None] & m_d[None, :]
     p_out = i_s.to(tl.int64) * stride_ws + i_g * stride_wg + i_hk * stride_wh + o_n[:, None] * stride_wn + o_d[None, :]

@@ -25,8 +25,9 @@ def _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn
     MASK_LOAD: rows outside m_n read as 0; MASK_COLS: columns outside m_n get no weight;
     CAUSAL: key j only for queries i >= j.
     """
-    b_k = load_rows(K, o_n, m_n, o_d, m_d, stride_kn, MASK_LOAD, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
-    b_v = load_rows(V, o_n, m_n, o_d, m_d, stride_kn, MASK_LOAD, EVEN_D, UPCAST)  # [BLOCK_N, BLOCK_D]
+    # both [BLOCK_N, BLOCK_D]
+    b_k = load_rows(K, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=MASK_LOAD, EVEN_D=EVEN_D, UPCAST=UPCAST)
+    b_v = load_rows(V, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=MASK_LOAD, EVEN_D=EVEN_D, UPCAST=UPCAST)
     b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASK_COLS:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
@@ -41,7 +42,7 @@ def _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn
 
 
 @triton.jit(do_not_specialize=["N", "P"])
-def _prefix_attention_forward_kernel(
+def prefix_attention_forward_kernel(
     Q, K, V, PK, PV, LENGTHS, GROUP, KEEP, OUT, LSE,
     N, P, D, HQ, REP, qk_scale,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
@@ -69,8 +70,8 @@ def _prefix_attention_forward_kernel(
     m_m = o_m < N
     o_d = tl.arange(0, BLOCK_D)
     m_d = o_d < D
-    b_q = load_rows(Q + i_b * stride_qb + (i_bh % HQ) * stride_qh, o_m, m_m, o_d, m_d, stride_qn,
-                    True, EVEN_D, UPCAST)  # [BLOCK_M, BLOCK_D]
+    b_q = load_rows(Q + i_b * stride_qb + (i_bh % HQ) * stride_qh, o_m, m_m, o_d, m_d, stride_qn, MASK_ROWS=True,
+                    EVEN_D=EVEN_D, UPCAST=UPCAST)  # [BLOCK_M, BLOCK_D]
 
     b_acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     b_m = tl.full([BLOCK_M], NEG, dtype=tl.float32)
@@ -85,12 +86,14 @@ def _prefix_attention_forward_kernel(
     l_full = (L // BLOCK_N) * BLOCK_N
     for j0 in range(0, l_full, BLOCK_N):
         o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn,
-                                        qk_scale, False, False, False, EVEN_D, UPCAST, PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn, qk_scale,
+                                        MASK_LOAD=False, MASK_COLS=False, CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                                        PRECISION=PRECISION)
     if l_full < L:
         o_n = (l_full + tl.arange(0, BLOCK_N)).to(tl.int64)
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn,
-                                        qk_scale, True, True, False, EVEN_D, UPCAST, PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn, qk_scale,
+                                        MASK_LOAD=True, MASK_COLS=True, CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                                        PRECISION=PRECISION)
 
     # Own keys: blocks left of the diagonal (all j < m0 <= i), then the diagonal block(s). Padded keys
     # are loaded as 0 (whatever they hold must not reach the output).
@@ -102,15 +105,17 @@ def _prefix_attention_forward_kernel(
         m_n = o_n < N
         if HAS_PADDING:
             m_n = tl.load(KEEP + i_b * N + o_n) != 0
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
-                                        qk_scale, HAS_PADDING, HAS_PADDING, False, EVEN_D, UPCAST, PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale,
+                                        MASK_LOAD=HAS_PADDING, MASK_COLS=HAS_PADDING, CAUSAL=False, EVEN_D=EVEN_D,
+                                        UPCAST=UPCAST, PRECISION=PRECISION)
     for j0 in range(off_end, tl.minimum(m0 + BLOCK_M, N), BLOCK_N):
         o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < N
         if HAS_PADDING:
             m_n = m_n & (tl.load(KEEP + i_b * N + o_n, mask=m_n, other=0) != 0)
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
-                                        qk_scale, True, True, True, EVEN_D, UPCAST, PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale,
+                                        MASK_LOAD=True, MASK_COLS=True, CAUSAL=True, EVEN_D=EVEN_D, UPCAST=UPCAST,
+                                        PRECISION=PRECISION)
 
     m_seen = b_l > 0
     b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]  # acc is 0 where nothing was seen

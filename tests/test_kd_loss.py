@@ -192,8 +192,8 @@ def work_setup(monkeypatch):
     a recorder standing in for the Triton backward kernel."""
     monkeypatch.setattr(promptkd.kd.torch_impl, "CHUNK_BYTES", 4 * 300 * 4)  # 4 rows per chunk
     monkeypatch.setattr(promptkd.kd.triton_impl, "BACKWARD_CHUNK_BYTES", 10 * 4 * 128)  # one 128-column tile
-    kernel = KernelLaunches(promptkd.kd.triton_impl._kd_backward_kernel)
-    monkeypatch.setattr(promptkd.kd.triton_impl, "_kd_backward_kernel", kernel)
+    kernel = KernelLaunches(promptkd.kd.triton_impl.kd_backward_kernel)
+    monkeypatch.setattr(promptkd.kd.triton_impl, "kd_backward_kernel", kernel)
     x = make_inputs(n=10, ds=6, dt=4, vs=300)
     labels = make_labels((10,), 300, "some")
     kw = dict(divergence="reverse_kl", hard_weight=0.3)
@@ -346,8 +346,8 @@ def test_gpu_triton_is_deterministic(div, splits, monkeypatch):
     monkeypatch.setattr(promptkd.kd.triton_impl, "BACKWARD_CHUNK_BYTES", n * 2 * 2 * 4096)  # 4096 columns per chunk
     if splits is not None:  # programs per token block = splits (launch.cdiv(n, 64) token blocks of 64)
         monkeypatch.setattr(promptkd.kd.triton_impl, "_target_programs", lambda device: launch.cdiv(n, 64) * splits)
-    forward = KernelLaunches(promptkd.kd.triton_impl._kd_online_kernel)
-    monkeypatch.setattr(promptkd.kd.triton_impl, "_kd_online_kernel", forward)
+    forward = KernelLaunches(promptkd.kd.triton_impl.kd_online_kernel)
+    monkeypatch.setattr(promptkd.kd.triton_impl, "kd_online_kernel", forward)
     x = {k: v.cuda() for k, v in make_inputs(n=n, ds=256, dt=384, vs=vocab, seed=3).items()}
     labels = make_labels((n,), vocab, "some").cuda()
     kwargs = dict(divergence=div, temperature=2.0, hard_weight=0.3, impl="triton")

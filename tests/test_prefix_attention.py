@@ -206,8 +206,8 @@ TRITON_PATTERNS = [tuple(n in chosen for n in NAMES) for chosen in
                    (("q",), ("k",), ("v",), ("prefix_k",), ("prefix_v",), ("k", "v"), ("prefix_k", "prefix_v"),
                     ("q", "prefix_v"), NAMES)]
 WORK_CASE = (3, 2, 5, 9, 2, 1, 16, [0, 4], [1, 0, 1], "left", "bhnd")  # G = 2: the torch path's one-hot matmul
-KERNELS = ("_prefix_attention_forward_kernel", "_prefix_attention_dq_kernel", "_prefix_attention_dkdv_kernel",
-           "_prefix_attention_prefix_dkdv_kernel")
+KERNELS = ("prefix_attention_forward_kernel", "prefix_attention_dq_kernel", "prefix_attention_dkdv_kernel",
+           "prefix_attention_prefix_dkdv_kernel")
 
 
 def _pattern_id(pattern):
@@ -394,7 +394,7 @@ def test_bad_input(tensors, kwargs, name):
 
 
 def test_auto_takes_torch_for_head_dims_over_the_kernels():
-    from promptkd.attention.api import _pick_impl
+    from promptkd.impls import pick_impl as _pick_impl
 
     cuda = torch.device("cuda")
     assert _pick_impl("auto", cuda, torch.bfloat16, 128) == "triton"
@@ -444,8 +444,8 @@ def test_gpu_triton_is_deterministic(splits, real_tiles, monkeypatch):
     the prefix-gradient kernel's samples cut into several splits (summed in a fixed order)."""
     if splits is not None:
         monkeypatch.setattr(triton_impl, "_splits", lambda device, programs, batch: splits)
-    prefix_kernel = KernelLaunches(triton_impl._prefix_attention_prefix_dkdv_kernel)
-    monkeypatch.setattr(triton_impl, "_prefix_attention_prefix_dkdv_kernel", prefix_kernel)
+    prefix_kernel = KernelLaunches(triton_impl.prefix_attention_prefix_dkdv_kernel)
+    monkeypatch.setattr(triton_impl, "prefix_attention_prefix_dkdv_kernel", prefix_kernel)
     case = (8, 2, 256, 256, 8, 2, 128, [256, 100], [0, 1, 0, 1, 0, 1, 1, 1], "left", "bhnd")
     inputs = make_inputs(*case[:7], device="cuda")
     kwargs = _kwargs(case, "cuda")

@@ -1,21 +1,17 @@
-"""``prefix_attention``: argument checks, then dispatch to reference / torch / triton."""
+"""``prefix_attention``: argument checks, the implementation (``promptkd.impls``), then dispatch to
+reference / torch / triton."""
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 
 from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
-from ..kernels.configs import ATTENTION_MAX_HEAD_DIM
+from ..impls import FLOATS, pick_impl
 from .reference import prefix_attention_reference
 from .torch_impl import prefix_attention_torch
-
-IMPLS = ("auto", "reference", "torch", "triton")
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _tensor(name: str, x, ndim: int):
@@ -46,23 +42,6 @@ def _index_tensor(name: str, x, length: int, low: int, high: int, device: torch.
     elif x.device != device:
         raise ValueError(f"{name} is on {x.device}, the inputs on {device} (pass it on the CPU or on {device})")
     return x.to(device=device, dtype=torch.int64, non_blocking=True)
-
-
-def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    if not isinstance(impl, str) or impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        fused = device.type == "cuda" and dtype in _TRITON_FLOATS and head_dim <= ATTENTION_MAX_HEAD_DIM
-        return "triton" if fused else "torch"
-    if impl == "triton":
-        if head_dim > ATTENTION_MAX_HEAD_DIM:
-            raise ValueError(f"impl='triton' supports head dims up to {ATTENTION_MAX_HEAD_DIM}, got {head_dim} "
-                             "(impl='auto' or 'torch' takes larger ones)")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-        if dtype not in _TRITON_FLOATS:
-            raise ValueError(f"impl='triton' supports float32, float16 and bfloat16, got {dtype}")
-    return impl
 
 
 def prefix_attention(
@@ -122,7 +101,7 @@ def prefix_attention(
     for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _tensor(name, x, 4)
     device = q.device
-    if q.dtype not in _FLOATS:
+    if q.dtype not in FLOATS:
         raise ValueError(f"q must be a floating tensor (float32, float16, bfloat16, float64), got {q.dtype}")
     cast = autocast_dtype(device)  # checks see the dtypes after the autocast rule; casting waits for them
     dtype = autocast_target(q.dtype, cast)
@@ -172,7 +151,7 @@ def prefix_attention(
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     elif not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and > 0, got {scale}")
-    impl = _pick_impl(impl, device, dtype, d)
+    impl = pick_impl(impl, device, dtype, head_dim=d)
 
     q, k, v, prefix_k, prefix_v = autocast_inputs(cast, q, k, v, prefix_k, prefix_v)
     args = (q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, float(scale))

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..autograd import first_order
-from .reference import allowed_mask, zero_masked
+from .masks import allowed_mask, zero_masked
 
 OP = "prefix_attention (impl='torch')"
 

@@ -26,11 +26,11 @@ from .. import launch
 from ..autograd import first_order_only
 from ..kernels import configs
 from ..kernels.prefix_attention_backward import (
-    _prefix_attention_dkdv_kernel,
-    _prefix_attention_dq_kernel,
-    _prefix_attention_prefix_dkdv_kernel,
+    prefix_attention_dkdv_kernel,
+    prefix_attention_dq_kernel,
+    prefix_attention_prefix_dkdv_kernel,
 )
-from ..kernels.prefix_attention_forward import _prefix_attention_forward_kernel
+from ..kernels.prefix_attention_forward import prefix_attention_forward_kernel
 
 #: Prefix-gradient splits per group under the interpreter (on CUDA: enough programs for the SMs).
 INTERPRETER_SPLITS = 3
@@ -80,7 +80,7 @@ def _forward(q, k, v, pk, pv, lengths, group, keep, scale):
     lse = launch.buffer((b, hq, n), torch.float32, q.device)
     sw = _switches(q, "forward")
     grid = (launch.cdiv(n, sw["BLOCK_M"]), b * hq)
-    _prefix_attention_forward_kernel[grid](
+    prefix_attention_forward_kernel[grid](
         q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep, o, lse,
         n, pk.shape[2], d, hq, hq // k.shape[1], scale * math.log2(math.e),
         *_strides(q), *_strides(k), *_strides(pk), *_strides(o),
@@ -106,7 +106,7 @@ def _backward(ctx, grad_out):
     if need[0]:
         grads[0] = launch.buffer(q.shape, q.dtype, device)
     sw = _switches(q, "dq")
-    _prefix_attention_dq_kernel[(launch.cdiv(n, sw["BLOCK_M"]), b * hq)](
+    prefix_attention_dq_kernel[(launch.cdiv(n, sw["BLOCK_M"]), b * hq)](
         q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep,
         o, do, lse, delta, q if grads[0] is None else grads[0],
         n, p, d, hq, hq // hkv, qk_scale, scale,
@@ -118,7 +118,7 @@ def _backward(ctx, grad_out):
         dk = launch.buffer(k.shape, k.dtype, device) if need[1] else None
         dv = launch.buffer(v.shape, v.dtype, device) if need[2] else None
         out = dk if dk is not None else dv
-        _prefix_attention_dkdv_kernel[(launch.cdiv(n, sw["BLOCK_N"]), b * hkv)](
+        prefix_attention_dkdv_kernel[(launch.cdiv(n, sw["BLOCK_N"]), b * hkv)](
             q, k, v, group if keep is None else keep, do, lse, delta, out if dk is None else dk,
             out if dv is None else dv, *common,
             *_strides(q), *_strides(k), *_strides(o), *_strides(out),
@@ -139,7 +139,7 @@ def _backward(ctx, grad_out):
             dpk = launch.buffer(shape, torch.float32, device) if need[3] else None
             dpv = launch.buffer(shape, torch.float32, device) if need[4] else None
             out = dpk if dpk is not None else dpv
-            _prefix_attention_prefix_dkdv_kernel[(blocks, g * hkv, splits)](
+            prefix_attention_prefix_dkdv_kernel[(blocks, g * hkv, splits)](
                 q, pk, pv, group if lengths is None else lengths, order, offsets, do, lse, delta,
                 out if dpk is None else dpk, out if dpv is None else dpv,
                 n, p, d, hq, hq // hkv, qk_scale, scale,

@@ -97,7 +97,7 @@ class PromptedTeacher(nn.Module):
                  init_text: str = DEFAULT_INIT_TEXT, tokenizer=None, init_embeddings: torch.Tensor | None = None,
                  gradient_checkpointing: bool = False, attention_impl: str = "auto"):
         super().__init__()
-        from ..attention.api import IMPLS
+        from ..impls import IMPLS
 
         if attention_impl not in IMPLS:
             raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")

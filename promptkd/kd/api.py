@@ -1,4 +1,6 @@
-"""Public functions: check arguments, flatten, pick an implementation.
+"""``fused_linear_kd_loss`` and ``kd_loss``: build the settings, check the tensors, flatten, pick an
+implementation (``promptkd.impls``) and dispatch. ``*_from_settings`` are the same functions on settings
+already validated (a ``KDSettings``), what the modules call.
 
 Formulas (p = softmax(teacher_logits / T), q = softmax(student_logits / T)):
     forward_kl       KL(p || q)
@@ -13,18 +15,15 @@ Autocast and double backward follow the rules of ``promptkd.autograd``.
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
 
 from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
+from ..impls import FLOATS, pick_impl
 from .reference import fused_linear_kd_loss_reference, kd_loss_reference
-from .settings import IMPLS, KDSettings
+from .settings import KDSettings
 from .torch_impl import TorchKDFunction
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_TRITON_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _is_tensor(name: str, x, optional: bool = False):
@@ -78,22 +77,9 @@ def _resolve_vocab(vs: int, vt: int, settings: KDSettings) -> KDSettings:
     return settings
 
 
-def _pick_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" and dtype in _TRITON_FLOATS else "torch"
-    if impl == "triton":
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError(f"impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-        if dtype not in _TRITON_FLOATS:
-            raise ValueError(f"impl='triton' supports float32, float16 and bfloat16, got {dtype}")
-    return impl
-
-
 def _check_float(name: str, x: torch.Tensor, dtype, device, ndim=None, cast=None):
     """``cast``: the autocast dtype (None: autocast off); x's dtype is compared as autocast_target makes it."""
-    if x.dtype not in _FLOATS:
+    if x.dtype not in FLOATS:
         raise ValueError(f"{name} must be a floating tensor (float32, float16, bfloat16, float64), got {x.dtype}")
     if dtype is not None and autocast_target(x.dtype, cast) != dtype:
         under = "" if cast is None else f" (under autocast to {cast})"
@@ -109,24 +95,12 @@ def _finish(loss: torch.Tensor, lead: torch.Size, settings: KDSettings) -> torch
 
 
 def fused_linear_kd_loss(
-    student_hidden: torch.Tensor,
-    student_weight: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    teacher_weight: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    student_bias: torch.Tensor | None = None,
-    teacher_bias: torch.Tensor | None = None,
-    vocab_size: int | None = None,
-    impl: str = "auto",
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor, labels: torch.Tensor | None = None, *,
+    divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0,
+    soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+    student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+    vocab_size: int | None = None, impl: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss straight from hidden states and output-embedding weights.
 
@@ -177,8 +151,17 @@ def fused_linear_kd_loss(
     ``impl``: ``reference`` (full logits, plain torch), ``torch`` (chunked, CPU and fallback),
     ``triton`` (fused kernels, CUDA), ``auto`` (triton on CUDA, torch otherwise).
     """
-    settings = KDSettings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index,
-                          reduction, vocab_size)
+    settings = KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+                          soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
+                          reduction=reduction, vocab_size=vocab_size)
+    return fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                              student_bias, teacher_bias, settings=settings, impl=impl)
+
+
+def fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                       student_bias, teacher_bias, *, settings: KDSettings, impl: str) -> torch.Tensor:
+    """:func:`fused_linear_kd_loss` with its keyword settings already validated in ``settings`` (what
+    ``FusedLinearKDLoss`` holds): checks the tensors and ``impl``, then runs."""
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _is_tensor(name, x)
@@ -212,7 +195,7 @@ def fused_linear_kd_loss(
                 raise ValueError(f"{name} must have shape [{v}], got {tuple(bias.shape)}")
     settings = _resolve_vocab(vs, vt, settings)
     labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
-    impl = _pick_impl(impl, device, dtype)
+    impl = pick_impl(impl, device, dtype)
 
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
         cast, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
@@ -227,20 +210,10 @@ def fused_linear_kd_loss(
 
 
 def kd_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    *,
-    divergence: str = "forward_kl",
-    beta: float = 0.5,
-    alpha: float = 0.1,
-    temperature: float = 1.0,
-    soft_weight: float = 1.0,
-    hard_weight: float = 0.0,
-    ignore_index: int = -100,
-    reduction: str = "mean",
-    vocab_size: int | None = None,
-    impl: str = "auto",
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
+    divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0,
+    soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
+    vocab_size: int | None = None, impl: str = "auto",
 ) -> torch.Tensor:
     """The loss of :func:`fused_linear_kd_loss` on logits you already have: [..., Vs] and [..., Vt].
 
@@ -253,8 +226,15 @@ def kd_loss(
     cast to ``torch.promote_types`` of the two (outside autocast that is a ValueError), and the op runs
     with autocast disabled, forward and backward.
     """
-    settings = KDSettings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index,
-                          reduction, vocab_size)
+    settings = KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+                          soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
+                          reduction=reduction, vocab_size=vocab_size)
+    return kd_loss_from_settings(student_logits, teacher_logits, labels, settings=settings, impl=impl)
+
+
+def kd_loss_from_settings(student_logits, teacher_logits, labels, *, settings: KDSettings, impl: str) -> torch.Tensor:
+    """:func:`kd_loss` with its keyword settings already validated in ``settings`` (what ``KDLoss``
+    holds): checks the tensors and ``impl``, then runs."""
     _is_tensor("student_logits", student_logits)
     _is_tensor("teacher_logits", teacher_logits)
     dtype, device = student_logits.dtype, student_logits.device
@@ -262,7 +242,7 @@ def kd_loss(
     if student_logits.ndim < 1:
         raise ValueError("student_logits must have at least one dimension [..., Vs]")
     promote = autocast_dtype(device) is not None
-    if promote and teacher_logits.dtype in _FLOATS:  # under autocast: the narrower logits go to the wider dtype
+    if promote and teacher_logits.dtype in FLOATS:  # under autocast: the narrower logits go to the wider dtype
         dtype = torch.promote_types(dtype, teacher_logits.dtype)
     _check_float("teacher_logits", teacher_logits, None if promote else dtype, device)
     lead = student_logits.shape[:-1]
@@ -271,7 +251,7 @@ def kd_loss(
                          f"student_logits's {tuple(lead)}")
     settings = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], settings)
     labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
-    impl = _pick_impl(impl, device, dtype)
+    impl = pick_impl(impl, device, dtype)
 
     student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)  # no-ops but under autocast
     with autocast_off(device.type):

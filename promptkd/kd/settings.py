@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
 REDUCTIONS = ("mean", "sum", "none")
-IMPLS = ("auto", "reference", "torch", "triton")
 #: The label that marks a position without a target (the default ``ignore_index``; what collated batches use).
 IGNORE_INDEX = -100
 

@@ -4,7 +4,7 @@ Each chunk holds full-vocabulary rows of student and teacher logits, at most ``C
 per [rows, V] float32 tensor, so the extra memory is O(N) row statistics plus one bounded chunk
 (a handful of [rows, V] temporaries), whatever N is. The forward keeps five float32 numbers per
 token (maximum and log-sum of exp for a = s/T, b = t/T and s, and the row sums cp, cq of
-``promptkd.math``; log-softmax is formed as (x - max) - log-sum, since one stored log-sum-exp
+``promptkd.kd.math``; log-softmax is formed as (x - max) - log-sum, since one stored log-sum-exp
 would round the log-sum away next to a large maximum); the
 backward recomputes each chunk's logits and turns the logit gradient straight into hidden,
 weight and bias gradients with GEMMs, for the inputs that require them only.
@@ -12,14 +12,13 @@ weight and bias gradients with GEMMs, for the inputs that require them only.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ..autograd import first_order_only
 from .math import logit_grads, row_stats
 from .settings import KDSettings
+from .tokens import finish_forward, row_scale
 
 #: Bytes of one float32 [rows, V] chunk tensor; rows = max(1, CHUNK_BYTES // (4 * V)).
 CHUNK_BYTES = 16 << 20
@@ -90,7 +89,7 @@ class TorchKDFunction(torch.autograd.Function):
     Inputs are flattened: x [N, D] (or logits [N, V']), labels [N] or None; ``settings.vocab_size``
     is resolved. Returns the loss reduced per ``settings.reduction`` ([N] for ``none``), in float32
     (float64 for float64 inputs). With hard_weight > 0, a counted token whose label lies outside
-    [0, vocab_size) gets a NaN loss and NaN gradient rows (``_bad_labels``). First-order only: double
+    [0, vocab_size) gets a NaN loss and NaN gradient rows (``promptkd.kd.tokens``). First-order only: double
     backward raises (``promptkd.autograd.first_order_only``).
     """
 
@@ -114,15 +113,7 @@ class TorchKDFunction(torch.autograd.Function):
                 log_probs = _log_softmax_(s, m_c[rows], ll_c[rows])
                 target = labels[rows].clamp(0, vocab - 1)[:, None]
                 per_token[rows] -= settings.hard_weight * log_probs.gather(1, target)[:, 0]
-        bad = _bad_labels(labels, settings)
-        if bad is not None:
-            per_token = torch.where(bad, torch.full_like(per_token, math.nan), per_token)
-        counted = None if labels is None else labels != settings.ignore_index
-        if counted is not None:
-            per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-        ctx.settings = settings
-        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, stats)
-        return _reduce(per_token, counted, settings.reduction)
+        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, stats))
 
     @staticmethod
     @first_order_only("fused_linear_kd_loss / kd_loss (impl='torch')")
@@ -136,7 +127,7 @@ class TorchKDFunction(torch.autograd.Function):
             n, vocab = xs.shape[0], settings.vocab_size
             inv_t = 1.0 / settings.temperature
             m_a, ll_a, m_b, ll_b, m_c, ll_c, cp, cq = stats
-            scale = _row_scale(grad_out, labels, settings, n, stats.dtype)
+            scale = row_scale(grad_out, labels, settings, n, stats.dtype)
             step = _chunk_rows(vocab)
             for r0 in range(0, n, step):
                 rows = slice(r0, min(n, r0 + step))
@@ -159,35 +150,3 @@ class TorchKDFunction(torch.autograd.Function):
         gs = [None if g is None else g.to(ref.dtype) for g, ref in zip(gs, (xs, ws, bs), strict=True)]
         gt = [None if g is None else g.to(ref.dtype) for g, ref in zip(gt, (xt, wt, bt), strict=True)]
         return (*gs, *gt, None, None)
-
-
-def _reduce(per_token: torch.Tensor, counted: torch.Tensor | None, reduction: str) -> torch.Tensor:
-    if reduction == "none":
-        return per_token
-    total = per_token.sum()
-    if reduction == "sum":
-        return total
-    if counted is None:  # every token counts: a Python number, no device copy
-        return total / max(per_token.numel(), 1)
-    return total / counted.sum().clamp_min(1).to(total.dtype)
-
-
-def _bad_labels(labels: torch.Tensor | None, settings: KDSettings) -> torch.Tensor | None:
-    """[N] bool: counted tokens whose label lies outside [0, vocab_size), or None when labels cannot matter
-    (no labels, or hard_weight == 0: the label is then only a mask). Such a token's loss is NaN and so are
-    its gradient rows (``_row_scale``): no finite but wrong value comes out where no host check ran."""
-    if labels is None or not settings.has_hard:
-        return None
-    return (labels != settings.ignore_index) & ((labels < 0) | (labels >= settings.vocab_size))
-
-
-def _row_scale(grad_out: torch.Tensor, labels, settings: KDSettings, n: int, dtype: torch.dtype) -> torch.Tensor:
-    """d(loss)/d(per-token loss) as an [N] device vector of ``dtype`` (NaN for a bad label, see
-    ``_bad_labels``): no host synchronisation."""
-    counted = torch.ones(n, dtype=dtype, device=grad_out.device) if labels is None else \
-        (labels != settings.ignore_index).to(dtype)
-    if settings.reduction == "mean":
-        counted = counted / counted.sum().clamp_min(1)
-    scale = counted * grad_out.to(dtype)
-    bad = _bad_labels(labels, settings)
-    return scale if bad is None else torch.where(bad, torch.full_like(scale, math.nan), scale)

@@ -3,6 +3,7 @@
 Forward: one Triton pass (forward/reverse KL) or two (log-sum-exps, then the mixture sums of JSD
 and the skew KLs) over (token block x vocabulary split) programs; per-split statistics combine
 over splits in a fixed order, so results are deterministic. No [tokens, vocab] tensor exists.
+The planes of the statistics buffers are named in kernels/kd_planes.py (shared with the kernels).
 
 Backward: the kernel recomputes logit tiles for one vocabulary chunk of all tokens and writes the
 logit gradient of that chunk (at most ``BACKWARD_CHUNK_BYTES`` per side); cuBLAS turns it into
@@ -12,17 +13,16 @@ chunks in float32; weight and bias rows of a chunk are written once.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .. import launch
 from ..autograd import first_order_only
 from ..kernels import configs
-from ..kernels.kd_backward import _kd_backward_kernel
-from ..kernels.kd_forward import _kd_online_kernel, _kd_terms_kernel
+from ..kernels import kd_planes as plane
+from ..kernels.kd_backward import kd_backward_kernel
+from ..kernels.kd_forward import kd_online_kernel, kd_terms_kernel
 from .settings import DIVERGENCE_CODES, KDSettings
-from .torch_impl import _bad_labels, _reduce, _row_scale
+from .tokens import finish_forward, row_scale
 
 #: Bytes of one side's logit-gradient chunk [N, chunk of V] in backward.
 BACKWARD_CHUNK_BYTES = 64 << 20
@@ -61,7 +61,7 @@ def _combine_lse(m: torch.Tensor, sums: torch.Tensor):
 
 
 def _combine_centred(m, sums, acc, at, m_all, sums_all):
-    """Merge the per-split centred sums of a KL (see _kd_online_kernel): returns (acc / l, x_at), each [N].
+    """Merge the per-split centred sums of a KL (see kd_online_kernel): returns (acc / l, x_at), each [N].
 
     The split that holds the global maximum provides x_at; the others shift by l ((m - M) - (x_at_k - x_at)).
     """
@@ -89,43 +89,46 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
                   **_compile_switches(xs))
     grid = (row_blocks, splits)
     online = code if settings.divergence in ("forward_kl", "reverse_kl") else 0
-    stats = launch.buffer((9, n, splits), torch.float32, device)
-    _kd_online_kernel[grid](
+    stats = launch.buffer((plane.STAT_PLANES, n, splits), torch.float32, device)
+    kd_online_kernel[grid](
         XS, WS, BS, XT, WT, BT, XS if labels is None else labels, stats,
         n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t,
         DIVERGENCE=online, HAS_HARD=settings.has_hard, **common)
-    m_a, l_a, m_b, l_b, acc, m_c, l_c, target, at = stats.unbind(0)
-    ma, la = _combine_lse(m_a, l_a)
-    mb, lb = _combine_lse(m_b, l_b)
+    stat = stats.unbind(0)  # per split
+    rows = launch.buffer((plane.GRAD, n), torch.float32, device)  # per token: all planes but GRAD (backward's)
+    row = rows.unbind(0)
+    ma, la = _combine_lse(stat[plane.MAX_A], stat[plane.SUM_A])
+    mb, lb = _combine_lse(stat[plane.MAX_B], stat[plane.SUM_B])
     lla, llb = la.log(), lb.log()
-    if settings.divergence == "forward_kl":  # row slots: cp <- C = acc / l_b, cq <- a_at
-        c, a_at = _combine_centred(m_b, l_b, acc, at, mb, lb)
+    for k, value in ((plane.MAX_A, ma), (plane.SUM_A, lla), (plane.MAX_B, mb), (plane.SUM_B, llb)):
+        row[k].copy_(value)
+    if settings.divergence == "forward_kl":  # row planes: CP <- C = acc / l_b, CQ <- a_at
+        c, a_at = _combine_centred(stat[plane.MAX_B], stat[plane.SUM_B], stat[plane.ACC], stat[plane.AT], mb, lb)
         div = c - llb + (ma - a_at) + lla
         cp, cq = c, a_at
-    elif settings.divergence == "reverse_kl":  # row slots: cp <- b_at, cq <- C = acc / l_a
-        c, b_at = _combine_centred(m_a, l_a, acc, at, ma, la)
+    elif settings.divergence == "reverse_kl":  # row planes: CP <- b_at, CQ <- C = acc / l_a
+        c, b_at = _combine_centred(stat[plane.MAX_A], stat[plane.SUM_A], stat[plane.ACC], stat[plane.AT], ma, la)
         div = c - lla + (mb - b_at) + llb
         cp, cq = b_at, c
     else:
-        partial = launch.buffer((3, n, splits), torch.float32, device)
-        _kd_terms_kernel[grid](
-            XS, WS, BS, XT, WT, BT, torch.stack([ma, lla, mb, llb]), partial,
+        partial = launch.buffer((plane.TERM_PLANES, n, splits), torch.float32, device)
+        kd_terms_kernel[grid](
+            XS, WS, BS, XT, WT, BT, rows, partial,
             n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t, lw_p, lw_q,
             DIVERGENCE=code, **common)
-        div, cp, cq = partial.sum(2).unbind(0)
+        term = partial.sum(2).unbind(0)
+        div, cp, cq = term[plane.F_SUM], term[plane.GP_SUM], term[plane.GQ_SUM]
     per_token = settings.soft_weight * div
     mc, llc = torch.zeros_like(ma), torch.zeros_like(ma)
     if settings.has_hard:
-        mc, lc = _combine_lse(m_c, l_c)
+        mc, lc = _combine_lse(stat[plane.MAX_C], stat[plane.SUM_C])
         llc = lc.log()
-        ce = (mc - target.sum(1)) + llc
-        # A label outside [0, V) matches no column (target 0): make the token loud instead (NaN).
-        ce = torch.where(_bad_labels(labels, settings), torch.full_like(ce, math.nan), ce)
+        # A label outside [0, V) matches no column (target 0): finish_forward makes that token's loss NaN.
+        ce = (mc - stat[plane.TARGET].sum(1)) + llc
         per_token = per_token + settings.hard_weight * ce
-    counted = None if labels is None else labels != settings.ignore_index
-    if counted is not None:
-        per_token = torch.where(counted, per_token, torch.zeros_like(per_token))
-    return per_token, counted, torch.stack([ma, lla, mb, llb, mc, llc, cp, cq])
+    for k, value in ((plane.MAX_C, mc), (plane.SUM_C, llc), (plane.CP, cp), (plane.CQ, cq)):
+        row[k].copy_(value)
+    return per_token, rows
 
 
 def _linear_grads(dz, x, w, b, v0: int, v1: int, needs, grads):
@@ -164,7 +167,7 @@ def _backward(ctx, grad_out):
     if n == 0 or not (need_s or need_t):
         return (*gs, *gt, None, None)
 
-    rows = torch.cat([rows, _row_scale(grad_out, labels, settings, n, torch.float32)[None]])
+    rows = torch.cat([rows, row_scale(grad_out, labels, settings, n, torch.float32)[None]])  # the last plane, GRAD
     cfg = configs.pick("backward", xs.element_size(), n)
     lw_p, lw_q = settings.mix_log_weights
     XS, WS, BS, DS, sxs, sws, has_bs = _side_args(xs, ws, bs)
@@ -181,7 +184,7 @@ def _backward(ctx, grad_out):
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
         grid = (launch.cdiv(n, cfg.block_n), launch.cdiv(v1 - v0, cfg.block_v))
-        _kd_backward_kernel[grid](
+        kd_backward_kernel[grid](
             XS, WS, BS, XT, WT, BT, XS if labels is None else labels, rows,
             XS if dzs is None else dzs, XS if dzt is None else dzt,
             n, vocab, DS, DT, sxs, sws, sxt, swt,
@@ -204,20 +207,17 @@ def _backward(ctx, grad_out):
 class TritonKDFunction(torch.autograd.Function):
     """Fused KD loss on (hidden, weight, bias) pairs, or on logits when the weights are None.
 
-    Inputs as for ``promptkd.torch_impl.TorchKDFunction`` (flattened, vocab_size resolved), with unit
+    Inputs as for ``promptkd.kd.torch_impl.TorchKDFunction`` (flattened, vocab_size resolved), with unit
     stride along the last dimension (``triton_kd_loss``). First-order only: double backward raises.
     """
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
         if xs.shape[0] == 0:
-            per_token, counted = xs.new_zeros(0, dtype=torch.float32), None
-            rows = xs.new_zeros(8, 0, dtype=torch.float32)
+            per_token, rows = xs.new_zeros(0, dtype=torch.float32), xs.new_zeros(plane.GRAD, 0, dtype=torch.float32)
         else:
-            per_token, counted, rows = _forward(xs, ws, bs, xt, wt, bt, labels, settings)
-        ctx.settings = settings
-        ctx.save_for_backward(xs, ws, bs, xt, wt, bt, labels, rows)
-        return _reduce(per_token, counted, settings.reduction)
+            per_token, rows = _forward(xs, ws, bs, xt, wt, bt, labels, settings)
+        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, rows))
 
     @staticmethod
     @first_order_only("fused_linear_kd_loss / kd_loss (impl='triton')")
