@@ -134,12 +134,40 @@ def _ce_chunk(hidden, weight, bias, labels):
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def linear_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """Mean cross-entropy over tokens whose label is not -100, from hidden states and the output weight.
+def _torch_chunked_applies(hidden, weight, bias) -> bool:
+    """Whether torch's own chunked ``linear_cross_entropy`` (torch >= 2.13) takes these inputs here: float32
+    throughout and a gradient wanted (without one, the recomputing path is a plain chunked forward)."""
+    tensors = [hidden, weight] + ([] if bias is None else [bias])
+    return (hasattr(torch.nn, "LinearCrossEntropyOptions") and all(t.dtype == torch.float32 for t in tensors)
+            and torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
 
-    Logits exist one chunk of tokens at a time (``chunk_elements`` logits, 64 MB in float32) and are
-    recomputed in backward (activation checkpointing), so memory stays bounded by a chunk.
+
+def linear_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """Mean cross-entropy over tokens whose label is not -100, from hidden states and the output weight
+    (0, with zero gradients, when no token counts). Logits exist one chunk of ``chunk_elements`` (64 MB
+    in float32) at a time.
+
+    Float32 inputs that want a gradient go to torch's ``torch.nn.functional.linear_cross_entropy`` with
+    that chunk size (torch >= 2.13): it computes the gradients while a chunk's logits are at hand, three
+    logit-sized GEMMs instead of four, and on the CPU (N=2048, D=576, V=49152) ran at 0.48x the time of
+    :func:`recompute_cross_entropy` and 0.79x eager cross-entropy's, with errors no larger than either's
+    (bench/bench_cross_entropy.py). Its automatic chunk size is not used: on the CPU in float32 it was
+    2.4x slower than eager. Everything else goes to :func:`recompute_cross_entropy`.
     """
+    hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
+    labels = labels.reshape(-1)
+    if not _torch_chunked_applies(hidden, out.weight, out.bias):
+        return recompute_cross_entropy(out, labels, chunk_elements)
+    rows = max(1, chunk_elements // out.weight.shape[0])
+    options = torch.nn.LinearCrossEntropyOptions(acc_policy="compact", chunking_method=None, batch_chunk_size=rows)
+    total = torch.nn.functional.linear_cross_entropy(hidden, out.weight, labels, linear_bias=out.bias,
+                                                     ignore_index=IGNORE_INDEX, reduction="sum", options=options)
+    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
+def recompute_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
+    """:func:`linear_cross_entropy` for any dtype and torch version: logits (in float32) exist one chunk of
+    tokens at a time and are recomputed in backward (activation checkpointing)."""
     hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
     labels = labels.reshape(-1)
     rows = max(1, chunk_elements // out.weight.shape[0])
