@@ -149,10 +149,11 @@ def linear_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: in
 
     Float32 inputs that want a gradient go to torch's ``torch.nn.functional.linear_cross_entropy`` with
     that chunk size (torch >= 2.13): it computes the gradients while a chunk's logits are at hand, three
-    logit-sized GEMMs instead of four, and on the CPU (N=2048, D=576, V=49152) ran at 0.48x the time of
-    :func:`recompute_cross_entropy` and 0.79x eager cross-entropy's, with errors no larger than either's
-    (bench/bench_cross_entropy.py). Its automatic chunk size is not used: on the CPU in float32 it was
-    2.4x slower than eager. Everything else goes to :func:`recompute_cross_entropy`.
+    logit-sized GEMMs instead of four. On the CPU (N=2048, D=576, V=49152) it ran at 0.57x the time of
+    :func:`recompute_cross_entropy`, 0.88-1.02x eager cross-entropy's at 0.12x its memory, 1.16x the
+    GEMM floor, with errors no larger than either's (bench/bench_cross_entropy.py). Its automatic chunk
+    size and precision policy are not used: on the CPU in float32 they ran 2.4x slower than eager.
+    Everything else goes to :func:`recompute_cross_entropy`.
     """
     hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
     labels = labels.reshape(-1)
