@@ -49,9 +49,9 @@ def _check_eval_args(args) -> None:
             raise InputError(f"--data: no file {path!r}")
     if args.out and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(f"--out {args.out!r} is a file, not a directory")
-    from .train.config import _check_device
+    from .train.config import check_device
 
-    _check_device(args.device)
+    check_device(args.device)
 
 
 def _eval(args) -> int:

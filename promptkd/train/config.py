@@ -143,7 +143,7 @@ class TrainConfig:
                      "prompt_init_text"):
             if not isinstance(getattr(self, name), str):
                 raise InputTypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
-        _check_device(self.device)
+        check_device(self.device)
         if not self.prompt_init_text.strip():
             raise InputError("prompt_init_text must not be empty (the soft prompt is initialised from its tokens)")
         if not isinstance(self.extra, dict):
@@ -243,7 +243,7 @@ def parse_overrides(overrides) -> dict:
     return values
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str) -> None:
     """'auto', 'cpu', 'cuda' or 'cuda:N' (whether that device exists is checked when a run starts)."""
     if device == "auto":
         return
