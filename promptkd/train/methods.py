@@ -268,18 +268,15 @@ def baseline_step(d: Distillation, micro_batches, step: int, apply, lr) -> dict:
     """One optimizer step of a baseline. ``apply(step, what, total)`` averages, checks and applies the
     gradients of the ``what`` loss ("training", "prompt" or "student"; ``total`` its value) and returns
     (loss, gradient norm); ``lr(which)`` is the learning rate of the "student" or "prompt" optimizer."""
-    tokens = []
-
-    def losses():
-        for m, examples in enumerate(micro_batches):
-            loss, n = d.micro_loss(examples, step, m)
-            tokens.append(n)
-            yield loss
-
-    total = accumulate(losses(), 1.0 / len(micro_batches), d.device)
+    scale, total, tokens = 1.0 / len(micro_batches), torch.zeros((), device=d.device), 0
+    for m, examples in enumerate(micro_batches):
+        loss, n = d.micro_loss(examples, step, m)
+        (loss * scale).backward()
+        total += loss.detach() * scale
+        tokens += n
     student_lr = lr("student")
     value, norm = apply(step, "training", total)
-    return {"train/loss": value, "train/grad_norm": norm, "train/lr": student_lr, "tokens": sum(tokens)}
+    return {"train/loss": value, "train/grad_norm": norm, "train/lr": student_lr, "tokens": tokens}
 
 
 def promptkd_step(d: Distillation, micro_batches, step: int, total_steps: int, apply, lr) -> dict:

@@ -89,7 +89,7 @@ class Trainer:
             raise InputError("fsdp: true shards the models over several processes: launch with torchrun "
                              "--nproc_per_node N (N > 1), or turn fsdp off")
         self.run = RunDirectory(config.output_dir, self.procs, resume, overwrite)
-        self.run_dir, self.resume_from = config.output_dir, self.run.resume_from
+        self.run_dir = self.run.path
 
         # Everything that can be wrong with the inputs is found before any model is loaded.
         check_model_path("student", config.student)
@@ -114,13 +114,13 @@ class Trainer:
 
         self.train_digest = file_digest(config.train_file)
         self.start_step, self.best, self.changes = 0, {"rougeL": None, "step": None}, {}
-        if self.resume_from:
+        if self.run.resume_from:
             self.changes = self.run.check_resume(config, self.train_digest)
             self.start_step, self.best = self.run.resume_state["step"], self.run.resume_state["best"]
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.student, self.teacher, self.prompted = load_models(config, self.dtype, self.device, self.tokenizer,
-                                                                self.resume_from)
+                                                                self.run.resume_from)
         self.distill = Distillation(config, self.tokenizer, self.student, self.teacher, self.prompted, self.dtype,
                                     self.device, self.procs.rank)
         self._build_optimizers()
@@ -158,7 +158,7 @@ class Trainer:
         if self.prompted is not None:
             self.prompt_optimizer = adamw([self.prompted.soft_prompt], cfg.prompt_lr or cfg.lr)
             self.prompt_scheduler = torch.optim.lr_scheduler.LambdaLR(self.prompt_optimizer, schedule)
-        if not self.resume_from:
+        if not self.run.resume_from:
             return
         state = self.run.load("optimizer.pt", self.device)
         if cfg.fsdp:
@@ -270,10 +270,10 @@ class Trainer:
             self.run.start(cfg, self.start_step, self.changes, self._say)
         self.procs.barrier()
         metrics = MetricsLog(self.run_dir, self.procs.main, cfg.tensorboard,
-                             self.start_step if self.resume_from else None)
-        if self.resume_from:
+                             self.start_step if self.run.resume_from else None)
+        if self.run.resume_from:
             changed = "; ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in self.changes.items())
-            self._say(f"resuming from {self.resume_from} (step {self.start_step} of {self.total_steps})"
+            self._say(f"resuming from {self.run.resume_from} (step {self.start_step} of {self.total_steps})"
                       + (f" with changed settings: {changed}" if changed else ""))
         eval_every = cfg.eval_interval or self.order.steps_per_epoch
         save_every = cfg.save_interval or self.order.steps_per_epoch
