@@ -1,10 +1,43 @@
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 here = Path(__file__).parent
 version = re.search(r'__version__ = "([^"]+)"', (here / "promptkd" / "__init__.py").read_text()).group(1)
+
+
+
+class NativeKernels(build_ext):
+    """Builds the native CPU kernels (CMakeLists.txt) into promptkd/kernels/cpu/ (kernels/cpu/ in the
+    source tree for an editable install). A failed build (no compiler, no cmake) warns and leaves the
+    install working: promptkd then uses torch ops, and says so once at run time (``promptkd info``)."""
+
+    def run(self):
+        for ext in self.extensions:
+            out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+            try:
+                self._cmake(out_dir)
+            except (OSError, subprocess.CalledProcessError) as e:
+                print(f"promptkd: WARNING: the native CPU kernels were not built ({e}); promptkd will use "
+                      "torch ops instead (slower). See `promptkd info`.", file=sys.stderr)
+
+    def _cmake(self, out_dir: Path):
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise OSError("no cmake on PATH")
+        build_dir = Path(self.build_temp).resolve() / "native"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.check_call([cmake, "-S", str(here.resolve()), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release",
+                               f"-DPROMPTKD_NATIVE_DIR={out_dir}"])
+        subprocess.check_call([cmake, "--build", str(build_dir), "--parallel", str(os.cpu_count() or 1)])
+
 
 setup(
     name="promptkd",
@@ -16,6 +49,7 @@ setup(
     # The Triton kernels live in kernels/ and install as promptkd.kernels.
     packages=["promptkd", "promptkd.kd", "promptkd.attention", "promptkd.hf", "promptkd.train", "promptkd.demo",
               "promptkd.kernels"],
+    # CMakeLists.txt builds kernels/cpu/kd_rows.cpp; the source ships in the sdist (MANIFEST.in)
     package_dir={"promptkd": "promptkd", "promptkd.kernels": "kernels"},
     # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
     # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.
@@ -27,6 +61,10 @@ setup(
     # liger-kernel, if installed, adds a GPU baseline.
     extras_require={"test": ["pytest>=8", "pytest-xdist", "ruff", "peft>=0.17"], "tensorboard": ["tensorboard"]},
     package_data={"promptkd.train": ["configs/*.yaml"]},
+    # The native CPU kernels: a plain shared library built by CMake (no Python extension module), loaded
+    # with ctypes from promptkd/kernels/cpu/ (promptkd/kd/native.py).
+    ext_modules=[Extension("promptkd.kernels.cpu.libpromptkd_cpu", sources=[])],
+    cmdclass={"build_ext": NativeKernels},
     entry_points={"console_scripts": ["promptkd = promptkd.cli:main"]},
     license="Apache-2.0",
 )

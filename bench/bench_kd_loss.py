@@ -42,14 +42,33 @@ def make_inputs(n, d, v, dtype, device, seed=0):
             rnd(n, d), rnd(v, d, scale=d ** -0.5))
 
 
+def eager_kd(hs, ws, ht, wt, divergence):
+    """The loss as a user writes it in plain torch: full logits, log_softmax of both sides, KL, autograd."""
+    lq = torch.log_softmax((hs @ ws.t()).float(), dim=-1)
+    lp = torch.log_softmax((ht @ wt.t()).float(), dim=-1)
+    if divergence == "reverse_kl":
+        lp, lq = lq, lp
+    return torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="batchmean")
+
+
 def loss_fn(impl: str, divergence: str):
-    if impl == "liger":
+    """impl: reference (promptkd's oracle), eager / eager_compiled (plain torch, torch.compile'd),
+    liger / liger_compiled (Liger-Kernel's chunked LigerFusedLinearJSDLoss), or a promptkd impl with an
+    optional ``+torchops`` (PROMPTKD_CPU_KERNELS=torch: the elementwise pass in torch ops)."""
+    if impl.startswith("liger"):
         from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
         # Liger's generalized JSD: beta = 0 is forward KL(p||q), beta = 1 reverse KL; soft loss only.
         beta = {"forward_kl": 0.0, "reverse_kl": 1.0}[divergence]
-        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta)
+        module = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta,
+                                         compiled=impl == "liger_compiled")
         return lambda hs, ws, ht, wt, labels: module(hs, ws, ht, wt, labels)
+    if impl.startswith("eager"):
+        fn = torch.compile(eager_kd) if impl == "eager_compiled" else eager_kd
+        return lambda hs, ws, ht, wt, labels: fn(hs, ws, ht, wt, divergence)
     import promptkd
+    impl, _, ops = impl.partition("+")
+    if ops:
+        os.environ["PROMPTKD_CPU_KERNELS"] = "torch"
     return lambda hs, ws, ht, wt, labels: promptkd.fused_linear_kd_loss(
         hs, ws, ht, wt, labels, divergence=divergence, impl=impl)
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections import Counter
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -43,15 +46,51 @@ def make_labels(shape, vocab, ignored: str, seed=1, ignore_index=-100):
     return labels
 
 
-def run(fn, tensors: dict, dtype, labels, grad_out_seed=2, **kwargs):
-    """Loss and gradients of every tensor input, run in ``dtype``; upstream gradient != 1."""
-    leaves = {k: v.detach().to(dtype).requires_grad_() for k, v in tensors.items()}
-    loss = fn(**leaves, labels=labels, **kwargs)
-    g = torch.Generator().manual_seed(grad_out_seed)
-    grad_out = (torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5).to(loss.dtype)
-    loss.backward(grad_out)
+#: The CPU variants the loss tests run: the two chunked strategies with the native elementwise kernels,
+#: and the gradient-in-forward one with torch ops (``-torchops``: ``PROMPTKD_CPU_KERNELS=torch``).
+CPU_IMPLS = ["chunked", "chunked-torchops", "torch"]
+
+
+@contextlib.contextmanager
+def cpu_kernels(impl: str):
+    """Runs the block with the elementwise backend an ``impl`` variant names; yields the plain impl name.
+
+    ``chunked`` / ``torch`` use the native kernels: missing, the test is skipped, or fails where
+    PROMPTKD_REQUIRE_NATIVE=1 (CI, which builds them). ``*-torchops`` use torch ops."""
+    from promptkd.kd import native
+
+    name, _, ops = impl.partition("-")
+    backend = "torch" if ops == "torchops" else "native" if name in ("chunked", "torch") else None
+    if backend == "native" and native.library() is None:
+        message = f"the native CPU kernels are unavailable: {native.unavailable_reason()}"
+        if os.environ.get("PROMPTKD_REQUIRE_NATIVE") == "1":
+            pytest.fail(message + " (PROMPTKD_REQUIRE_NATIVE=1)")
+        pytest.skip(message)
+    old = os.environ.get("PROMPTKD_CPU_KERNELS")
+    if backend is not None:
+        os.environ["PROMPTKD_CPU_KERNELS"] = backend
+    try:
+        yield name
+    finally:
+        if backend is not None:
+            if old is None:
+                os.environ.pop("PROMPTKD_CPU_KERNELS", None)
+            else:
+                os.environ["PROMPTKD_CPU_KERNELS"] = old
+
+
+def run(fn, tensors: dict, dtype, labels, grad_out_seed=2, frozen=(), **kwargs):
+    """Loss and gradients of every tensor input but those named in ``frozen``, run in ``dtype``; upstream
+    gradient != 1. An ``impl`` variant of ``CPU_IMPLS`` runs with its elementwise backend
+    (``cpu_kernels``), forward and backward."""
+    leaves = {k: v.detach().to(dtype).requires_grad_(k not in frozen) for k, v in tensors.items()}
+    with cpu_kernels(kwargs.pop("impl", "auto")) as impl:
+        loss = fn(**leaves, labels=labels, impl=impl, **kwargs)
+        g = torch.Generator().manual_seed(grad_out_seed)
+        grad_out = (torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5).to(loss.dtype)
+        loss.backward(grad_out)
     out = {"loss": loss.detach().double()}
-    out.update({k: v.grad.double() for k, v in leaves.items()})
+    out.update({k: v.grad.double() for k, v in leaves.items() if k not in frozen})
     return out
 
 

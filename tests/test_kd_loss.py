@@ -14,6 +14,7 @@ import promptkd.kd.api
 import promptkd.kd.torch_impl
 import promptkd.kd.triton_impl
 from helpers import (
+    CPU_IMPLS,
     SIDES,
     CountOps,
     KernelLaunches,
@@ -36,7 +37,7 @@ def small_chunks_and_poison(monkeypatch):
     monkeypatch.setattr("promptkd.launch.POISON", float("nan"))
 
 
-IMPL_DTYPES = [("torch", torch.float32), ("triton", torch.float32), ("triton", torch.float16)]
+IMPL_DTYPES = [*((i, torch.float32) for i in CPU_IMPLS), ("triton", torch.float32), ("triton", torch.float16)]
 # (temperature, bias, hard_weight) rotate through all 8 combinations across the other axes.
 EXTRAS = list(itertools.product((1.0, 2.5), (False, True), (0.0, 0.3)))
 CASES = []
@@ -76,7 +77,25 @@ def test_triton_bfloat16(div):
     _check("triton", torch.bfloat16, div, "mean", "some", 2.5, True, 0.3)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("t,hard", [(1.0, 0.0), (1.0, 0.4), (2.5, 0.4)])
+def test_one_side_matches_fp64(impl, side, div, t, hard):
+    """Gradients to one side only, as in training (student) or tuning a teacher prompt (teacher): the
+    native kernel writes the gradient that needs no row sum in the same pass as the loss there."""
+    x = make_inputs(bias=True)
+    labels = make_labels((37,), 1001, "some")
+    frozen = [k for k in SIDES if not k.startswith(side)]
+    kwargs = dict(divergence=div, temperature=t, hard_weight=hard, beta=0.3, alpha=0.2, frozen=frozen)
+    truth = run(linear_loss, x, torch.float64, labels, impl="reference", **kwargs)
+    eager = run(linear_loss, x, torch.float32, labels, impl="reference", **kwargs)
+    fused = run(linear_loss, x, torch.float32, labels, impl=impl, **kwargs)
+    assert set(fused) == {"loss", *(k for k in SIDES if k.startswith(side))}
+    assert_close_to_truth(fused, eager, truth, torch.float32)
+
+
+@pytest.mark.parametrize("impl", [*CPU_IMPLS, "triton"])
 @pytest.mark.parametrize("div", DIVERGENCES)
 def test_different_vocabularies_with_padding(impl, div):
     """Vs != Vt: vocab_size real rows, the rest padding with zero gradient."""
@@ -112,7 +131,7 @@ NUMERICS = [("huge_logits", dict(logit_scale=1e4), 1.0), ("one_hot_teacher", dic
             ("T0.1", dict(logit_scale=5.0), 0.1), ("T10", dict(logit_scale=5.0), 10.0)]
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", [*CPU_IMPLS, "triton"])
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("name,scale,t", NUMERICS, ids=[n[0] for n in NUMERICS])
 def test_extreme_numerics(impl, div, name, scale, t):
@@ -142,7 +161,7 @@ def test_exact_truth_agrees_with_float64_on_ordinary_inputs():
             torch.testing.assert_close(truth[key], ref[key], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["chunked", "torch", "triton"])
 def test_leading_shape_and_module(impl):
     x = make_inputs(lead=(3, 11), vs=257)
     labels = make_labels((3, 11), 257, "some")
@@ -203,22 +222,27 @@ def work_setup(monkeypatch):
 
 
 def _check_backward_work(impl, pattern, x, labels, kw, want, kernel):
-    """Backward computes the gradients of exactly the inputs that require grad, and nothing for the others:
-    matmuls (hidden/weight gradients, and the logits recomputed per chunk), dim-0 sums (bias gradients),
-    and for Triton the backward kernel's launches and its NEED_S / NEED_T switches."""
+    """The gradients of exactly the inputs that require grad, and no work for the others: matmuls
+    (hidden/weight gradients, and the logits per chunk), dim-0 sums (bias gradients), and for Triton the
+    backward kernel's launches and its NEED_S / NEED_T switches. ``torch`` and ``triton`` count the
+    backward; ``chunked`` (gradients in forward) counts the forward, and its backward must do no matmul."""
     need = dict(zip(SIDES, pattern, strict=True))
     leaves = {k: v.float().requires_grad_(need[k]) for k, v in x.items()}
-    loss = linear_loss(**leaves, labels=labels, impl=impl, **kw)
+    with CountOps() as forward_ops:
+        loss = linear_loss(**leaves, labels=labels, impl=impl, **kw)
     kernel.launches.clear()
-    with CountOps() as ops:
+    with CountOps() as backward_ops:
         loss.backward()
+    ops = forward_ops if impl == "chunked" else backward_ops
     grads = int(need["student_hidden"]) + int(need["student_weight"]) + int(need["teacher_hidden"]) + \
         int(need["teacher_weight"])
     biases = int(need["student_bias"]) + int(need["teacher_bias"])
     name = _pattern_id(pattern)
-    if impl == "torch":  # token chunks; each recomputes both sides' logits (2 matmuls)
+    if impl in ("torch", "chunked"):  # token chunks; each computes both sides' logits (2 matmuls)
         chunks = launch.cdiv(10, promptkd.kd.torch_impl._chunk_rows(300))
         assert chunks == 3 and ops.matmuls == chunks * (2 + grads) and not kernel.launches, name
+        if impl == "chunked":
+            assert backward_ops.matmuls == 0 and backward_ops.dim0_sums == 0, name
     else:  # vocabulary chunks: one kernel launch each, logits recomputed inside it
         spans = [(args[20], args[21]) for _, args, _ in kernel.launches]  # (v_start, v_end) of each launch
         assert spans == [(0, 128), (128, 256), (256, 300)], name
@@ -232,9 +256,10 @@ def _check_backward_work(impl, pattern, x, labels, kw, want, kernel):
             torch.testing.assert_close(leaf.grad, want[key], rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
 
 
+@pytest.mark.parametrize("impl", ["chunked", "torch"])
 @pytest.mark.parametrize("pattern", PATTERNS, ids=_pattern_id)
-def test_torch_gradients_only_where_asked(pattern, work_setup):
-    _check_backward_work("torch", pattern, *work_setup)
+def test_cpu_gradients_only_where_asked(impl, pattern, work_setup):
+    _check_backward_work(impl, pattern, *work_setup)
 
 
 @pytest.mark.parametrize("pattern", TRITON_PATTERNS, ids=_pattern_id)
@@ -242,7 +267,7 @@ def test_triton_gradients_only_where_asked(pattern, work_setup):
     _check_backward_work("triton", pattern, *work_setup)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["chunked", "torch", "triton"])
 def test_no_backward_work_under_no_grad(impl, work_setup):
     """Under no_grad: no graph, and nothing beyond the forward's own logits (no backward kernel)."""
     x, labels, kw, _, kernel = work_setup
@@ -250,7 +275,7 @@ def test_no_backward_work_under_no_grad(impl, work_setup):
     with torch.no_grad(), CountOps() as ops:
         loss = linear_loss(**leaves, labels=labels, impl=impl, **kw)
     assert loss.grad_fn is None and not kernel.launches and ops.dim0_sums == 0
-    assert ops.matmuls == (2 * 3 if impl == "torch" else 0)
+    assert ops.matmuls == (0 if impl == "triton" else 2 * 3)  # the chunks' logits only
 
 
 @pytest.mark.parametrize("pattern", [(True, False), (False, True)], ids=["student", "teacher"])
@@ -263,7 +288,7 @@ def test_triton_logits_gradients_only_where_asked(pattern, work_setup):
     assert (s.grad is not None, t.grad is not None) == pattern
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["chunked", "torch", "triton"])
 @pytest.mark.parametrize("red", ["mean", "sum", "none"])
 def test_no_tokens(impl, red):
     x = {k: v.float().requires_grad_() for k, v in make_inputs(n=0, vs=129).items()}
@@ -277,7 +302,7 @@ def test_no_tokens(impl, red):
 BAD_LABELS = {3: 299 + 5, 7: -5}  # token -> label outside [0, 299): above, and negative (not ignore_index)
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", [*CPU_IMPLS, "triton"])
 @pytest.mark.parametrize("red", ["none", "sum", "mean"])
 def test_out_of_range_labels_without_host_check(impl, red, monkeypatch):
     """Where labels are not checked on the host (CUDA; forced here), a counted token with a label outside
@@ -312,6 +337,25 @@ def test_out_of_range_labels_without_host_check(impl, red, monkeypatch):
     want = run(linear_loss, x, torch.float32, valid, impl=impl, **kw)
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+@pytest.mark.parametrize("red", ["mean", "sum"])
+def test_chunked_gradients_survive_a_second_backward(red):
+    """The gradients kept by ``chunked``'s forward are scaled on the way out, never in place: a second
+    backward through the same graph (retain_graph), with another upstream gradient, gets its own."""
+    x = make_inputs(n=11, vs=129)
+    labels = make_labels((11,), 129, "some")
+    leaves = {k: v.float().requires_grad_() for k, v in x.items()}
+    loss = linear_loss(**leaves, labels=labels, impl="chunked", divergence="jsd", hard_weight=0.2, reduction=red)
+    want = linear_loss(**{k: v.detach() for k, v in leaves.items()}, labels=labels, impl="reference",
+                       divergence="jsd", hard_weight=0.2, reduction=red)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    first = torch.autograd.grad(loss, list(leaves.values()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(leaves.values()), grad_outputs=torch.tensor(2.5), retain_graph=True)
+    third = torch.autograd.grad(loss, list(leaves.values()))
+    for a, b, c in zip(first, second, third, strict=True):
+        torch.testing.assert_close(b, 2.5 * a, rtol=1e-6, atol=0)
+        assert torch.equal(a, c)
 
 
 def test_triton_is_deterministic():

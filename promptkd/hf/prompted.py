@@ -97,10 +97,10 @@ class PromptedTeacher(nn.Module):
                  init_text: str = DEFAULT_INIT_TEXT, tokenizer=None, init_embeddings: torch.Tensor | None = None,
                  gradient_checkpointing: bool = False, attention_impl: str = "auto"):
         super().__init__()
-        from ..impls import IMPLS
+        from ..impls import ATTENTION_IMPLS
 
-        if attention_impl not in IMPLS:
-            raise ValueError(f"attention_impl must be one of {IMPLS}, got {attention_impl!r}")
+        if attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         self.attention_impl = attention_impl
         self.model_type = check_supported(model)
         if isinstance(num_prompt_tokens, bool) or not isinstance(num_prompt_tokens, int) or num_prompt_tokens < 1:

@@ -264,8 +264,9 @@ def kd_loss_from_settings(student_logits, teacher_logits, labels, *, settings: K
 
 
 def _apply(impl: str, args) -> torch.Tensor:
-    if impl == "torch":
-        return TorchKDFunction.apply(*args)
+    if impl in ("chunked", "torch"):
+        # ctx.needs_input_grad ignores grad mode: under no_grad no gradient may be computed in forward
+        return TorchKDFunction.apply(*args, impl == "chunked" and torch.is_grad_enabled())
     from .triton_impl import triton_kd_loss  # imports triton only when asked for
 
     return triton_kd_loss(*args)

@@ -1,57 +1,71 @@
-"""``impl="torch"``: the CPU and fallback path, chunked over tokens, recomputing in backward.
+"""``impl="chunked"`` and ``impl="torch"``: the CPU (and fallback) paths, chunked over tokens.
 
-Each chunk holds full-vocabulary rows of student and teacher logits, at most ``CHUNK_BYTES``
-per [rows, V] float32 tensor, so the extra memory is O(N) row statistics plus one bounded chunk
-(a handful of [rows, V] temporaries), whatever N is. The forward keeps five float32 numbers per
-token (maximum and log-sum of exp for a = s/T, b = t/T and s, and the row sums cp, cq of
-``promptkd.kd.math``; log-softmax is formed as (x - max) - log-sum, since one stored log-sum-exp
-would round the log-sum away next to a large maximum); the
-backward recomputes each chunk's logits and turns the logit gradient straight into hidden,
-weight and bias gradients with GEMMs, for the inputs that require them only.
+Each chunk holds full-vocabulary rows of student and teacher logits, at most ``CHUNK_BYTES`` per
+[rows, V] float32 tensor, so the extra memory is one bounded chunk whatever N is. Per chunk: the two
+logit GEMMs (torch: MKL / oneDNN), then one fused elementwise pass (``promptkd.kd.rows``: native C++
+or torch ops) that yields each token's loss and, where gradients are computed, the logit gradients,
+which GEMMs turn into hidden, weight and bias gradients for the inputs that require them only.
+
+``chunked`` (gradient in forward): when the loss is reduced (``mean`` / ``sum``) and an input requires
+grad, the forward computes the gradients of the reduced loss while each chunk's logits are at hand
+and keeps them; the backward only multiplies them by the incoming gradient. 4 logit-sized GEMMs for
+student gradients (6 with teacher gradients), against 6 (8) when the logits are recomputed. The
+gradient buffers exist from the forward on (they would exist in the backward anyway).
+
+``torch`` (recompute): the forward computes losses only and keeps nothing but the inputs; the
+backward recomputes each chunk's logits. Used for ``reduction="none"`` (a per-token incoming gradient
+is not known in forward), for calls that need no gradient, and on request where memory is tightest
+(several losses built before one backward each hold their gradients under ``chunked``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
 
 from ..autograd import first_order_only
-from .math import logit_grads, row_stats
+from .rows import kd_rows
 from .settings import KDSettings
 from .tokens import finish_forward, row_scale
 
-#: Bytes of one float32 [rows, V] chunk tensor; rows = max(1, CHUNK_BYTES // (4 * V)).
-CHUNK_BYTES = 16 << 20
+#: Bytes of one float32 [rows, V] chunk tensor; rows = max(1, CHUNK_BYTES // (4 * V)). Two such
+#: tensors (student and teacher logits) are the loss's working memory beyond the gradients:
+#: ``PROMPTKD_CHUNK_MB`` sets it (smaller: less memory, more passes over the weight gradient).
+CHUNK_BYTES = int(float(os.environ.get("PROMPTKD_CHUNK_MB", "64")) * 2**20)
 
 
 def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def _log_softmax_(x: torch.Tensor, m_out: torch.Tensor, ll_out: torch.Tensor) -> torch.Tensor:
-    """In place: log_softmax of the rows of x as (x - max) - log-sum; max and log-sum go to m_out, ll_out.
-
-    The backward recomputes (x - max) - log-sum with the same operations, so both see the same bits.
-    """
-    m_out.copy_(x.amax(-1))
-    x.sub_(m_out[:, None])
-    ll_out.copy_(x.exp().sum(-1).log_())
-    return x.sub_(ll_out[:, None])
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: slice, vocab: int):
-    """Float32 (float64 for float64 inputs) logits of ``rows``: x[rows] @ weight[:V].T + bias[:V], or x[rows, :V].
-
-    Always a new tensor (callers work on it in place), never a view of the caller's logits.
-    """
+def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: slice, vocab: int,
+            buffer: torch.Tensor) -> torch.Tensor:
+    """Float32 (float64 for float64 inputs) logits of ``rows``: x[rows] @ weight[:V].T + bias[:V], or x[rows, :V],
+    written into the leading rows of ``buffer`` (one [chunk rows, V] tensor reused by every chunk of a call:
+    no allocation per chunk) and returned as a view of it, never a view of the caller's tensors."""
+    out = buffer[: rows.stop - rows.start]
     if weight is None:
-        return x[rows, :vocab].to(_compute_dtype(x.dtype), copy=True)
-    z = F.linear(x[rows], weight[:vocab], None if bias is None else bias[:vocab])
-    return z.to(_compute_dtype(x.dtype))
+        return out.copy_(x[rows, :vocab])
+    w, b = weight[:vocab], None if bias is None else bias[:vocab]
+    if x.dtype != out.dtype:
+        return out.copy_(F.linear(x[rows], w, b))
+    if b is None:
+        return torch.mm(x[rows], w.t(), out=out)
+    return torch.addmm(b, x[rows], w.t(), out=out)
+
+
+def _buffers(xs, n: int, vocab: int):
+    """The two chunk buffers of a call (student, teacher logits)."""
+    rows = min(n, _chunk_rows(vocab))
+    dtype = _compute_dtype(xs.dtype)
+    return (torch.empty(rows, vocab, dtype=dtype, device=xs.device),
+            torch.empty(rows, vocab, dtype=dtype, device=xs.device))
 
 
 def _side_grads(dz: torch.Tensor, x, weight, bias, rows: slice, needs, grads):
@@ -63,7 +77,7 @@ def _side_grads(dz: torch.Tensor, x, weight, bias, rows: slice, needs, grads):
         return
     dz_in = dz.to(x.dtype)
     if needs[0]:
-        grads[0][rows] = dz_in @ weight[:vocab]
+        torch.mm(dz_in, weight[:vocab], out=grads[0][rows])
     if needs[1]:
         grads[1][:vocab].addmm_(dz_in.t().to(grads[1].dtype), x[rows].to(grads[1].dtype))
     if bias is not None and needs[2]:
@@ -83,70 +97,99 @@ def _alloc_grads(x, weight, bias, needs):
     return out
 
 
+def _targets(labels, settings: KDSettings):
+    """Labels clamped into [0, V) (bad ones are made NaN by the row scale / finish_forward), or None."""
+    return labels.clamp(0, settings.vocab_size - 1) if settings.has_hard else None
+
+
+def _chunks(n: int, vocab: int):
+    step = _chunk_rows(vocab)
+    for r0 in range(0, n, step):
+        yield slice(r0, min(n, r0 + step))
+
+
 class TorchKDFunction(torch.autograd.Function):
     """Chunked KD loss over (hidden, weight, bias) pairs, or over logits when the weights are None.
 
     Inputs are flattened: x [N, D] (or logits [N, V']), labels [N] or None; ``settings.vocab_size``
-    is resolved. Returns the loss reduced per ``settings.reduction`` ([N] for ``none``), in float32
-    (float64 for float64 inputs). With hard_weight > 0, a counted token whose label lies outside
-    [0, vocab_size) gets a NaN loss and NaN gradient rows (``promptkd.kd.tokens``). First-order only: double
-    backward raises (``promptkd.autograd.first_order_only``).
+    is resolved. ``in_forward``: compute the gradients in the forward pass (``impl="chunked"``), honoured
+    when the loss is reduced and some input requires grad; otherwise logits are recomputed in backward.
+    Returns the loss reduced per ``settings.reduction`` ([N] for ``none``), in float32 (float64 for
+    float64 inputs). With hard_weight > 0, a counted token whose label lies outside [0, vocab_size)
+    gets a NaN loss and NaN gradient rows (``promptkd.kd.tokens``). First-order only: double backward
+    raises (``promptkd.autograd.first_order_only``).
     """
 
     @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
+    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, in_forward: bool):
         n, vocab = xs.shape[0], settings.vocab_size
-        inv_t = 1.0 / settings.temperature
-        stats = torch.zeros(8, n, dtype=_compute_dtype(xs.dtype), device=xs.device)
-        m_a, ll_a, m_b, ll_b, m_c, ll_c, cp, cq = stats
-        per_token = torch.empty(n, dtype=stats.dtype, device=xs.device)
-        step = _chunk_rows(vocab)
-        for r0 in range(0, n, step):
-            rows = slice(r0, min(n, r0 + step))
-            s = _logits(xs, ws, bs, rows, vocab)
-            t = _logits(xt, wt, bt, rows, vocab)
-            lq = _log_softmax_(s * inv_t if settings.has_hard else s.mul_(inv_t), m_a[rows], ll_a[rows])
-            lp = _log_softmax_(t.mul_(inv_t), m_b[rows], ll_b[rows])
-            div, cp[rows], cq[rows] = row_stats(lp, lq, settings)
-            per_token[rows] = settings.soft_weight * div
-            if settings.has_hard:
-                log_probs = _log_softmax_(s, m_c[rows], ll_c[rows])
-                target = labels[rows].clamp(0, vocab - 1)[:, None]
-                per_token[rows] -= settings.hard_weight * log_probs.gather(1, target)[:, 0]
-        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, stats))
+        need = ctx.needs_input_grad[:6]
+        need_s, need_t = any(need[0:3]), any(need[3:6])
+        in_forward = in_forward and (need_s or need_t) and settings.reduction != "none"
+        dtype = _compute_dtype(xs.dtype)
+        per_token = torch.empty(n, dtype=dtype, device=xs.device)
+        targets = _targets(labels, settings)
+        scale = gs = gt = None
+        if in_forward:  # the gradients of the reduced loss, d(loss)/d(per-token loss) known now
+            scale = row_scale(torch.ones((), dtype=dtype, device=xs.device), labels, settings, n, dtype)
+            gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
+        buf_s, buf_t = _buffers(xs, n, vocab)
+        for rows in _chunks(n, vocab):
+            s, t = _logits(xs, ws, bs, rows, vocab, buf_s), _logits(xt, wt, bt, rows, vocab, buf_t)
+            loss, ds, dt = kd_rows(s, t, None if targets is None else targets[rows],
+                                   None if scale is None else scale[rows], settings, need_s, need_t)
+            per_token[rows] = loss
+            if ds is not None:
+                _side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
+            if dt is not None:
+                _side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
+        ctx.in_forward = in_forward
+        if in_forward:
+            ctx.refs = [(x.dtype if x is not None else None) for x in (xs, ws, bs, xt, wt, bt)]
+            held = [g for g in (*gs, *gt) if g is not None]
+            ctx.held = [g is not None for g in (*gs, *gt)]
+            return finish_forward(ctx, settings, per_token, labels, tuple(held))
+        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels))
 
     @staticmethod
-    @first_order_only("fused_linear_kd_loss / kd_loss (impl='torch')")
+    @first_order_only("fused_linear_kd_loss / kd_loss (impl='chunked' / 'torch')")
     def backward(ctx, grad_out):
-        xs, ws, bs, xt, wt, bt, labels, stats = ctx.saved_tensors
+        if ctx.in_forward:
+            return (*_scaled(ctx, grad_out), None, None, None)
+        xs, ws, bs, xt, wt, bt, labels = ctx.saved_tensors
         settings: KDSettings = ctx.settings
         need = ctx.needs_input_grad
         need_s, need_t = any(need[0:3]), any(need[3:6])
         gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
         if need_s or need_t:
             n, vocab = xs.shape[0], settings.vocab_size
-            inv_t = 1.0 / settings.temperature
-            m_a, ll_a, m_b, ll_b, m_c, ll_c, cp, cq = stats
-            scale = row_scale(grad_out, labels, settings, n, stats.dtype)
-            step = _chunk_rows(vocab)
-            for r0 in range(0, n, step):
-                rows = slice(r0, min(n, r0 + step))
-                s = _logits(xs, ws, bs, rows, vocab)
-                t = _logits(xt, wt, bt, rows, vocab)
-                # log-softmax as in the forward, in place where the logits are not needed again
-                lq = (s * inv_t if settings.has_hard else s.mul_(inv_t)).sub_(m_a[rows, None]).sub_(ll_a[rows, None])
-                lp = t.mul_(inv_t).sub_(m_b[rows, None]).sub_(ll_b[rows, None])
-                da, db = logit_grads(lp, lq, cp[rows], cq[rows], settings, need_s, need_t)
-                sc = scale[rows, None]
-                if need_s:
-                    ds = da.mul_(settings.soft_weight * inv_t)
-                    if settings.has_hard:
-                        ds.add_(s.sub_(m_c[rows, None]).sub_(ll_c[rows, None]).exp_(), alpha=settings.hard_weight)
-                        ds.scatter_add_(1, labels[rows].clamp(0, vocab - 1)[:, None],
-                                        torch.full_like(ds[:, :1], -settings.hard_weight))
-                    _side_grads(ds.mul_(sc), xs, ws, bs, rows, need[0:3], gs)
-                if need_t:
-                    _side_grads(db.mul_(sc * (settings.soft_weight * inv_t)), xt, wt, bt, rows, need[3:6], gt)
+            scale = row_scale(grad_out, labels, settings, n, _compute_dtype(xs.dtype))
+            targets = _targets(labels, settings)
+            buf_s, buf_t = _buffers(xs, n, vocab)
+            for rows in _chunks(n, vocab):
+                s, t = _logits(xs, ws, bs, rows, vocab, buf_s), _logits(xt, wt, bt, rows, vocab, buf_t)
+                _, ds, dt = kd_rows(s, t, None if targets is None else targets[rows], scale[rows], settings,
+                                    need_s, need_t)
+                if ds is not None:
+                    _side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
+                if dt is not None:
+                    _side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
         gs = [None if g is None else g.to(ref.dtype) for g, ref in zip(gs, (xs, ws, bs), strict=True)]
         gt = [None if g is None else g.to(ref.dtype) for g, ref in zip(gt, (xt, wt, bt), strict=True)]
-        return (*gs, *gt, None, None)
+        return (*gs, *gt, None, None, None)
+
+
+def _scaled(ctx, grad_out: torch.Tensor) -> list:
+    """The gradients kept by the forward times ``grad_out``, each in its input's dtype. A CPU ``grad_out``
+    of exactly 1 (a plain ``loss.backward()``) returns them as they are (comparing costs no device sync
+    there); the kept buffers are never modified, so a second backward (``retain_graph``) sees them intact."""
+    held = iter(ctx.saved_tensors)
+    unit = grad_out.device.type == "cpu" and bool(grad_out == 1)
+    out = []
+    for has, dtype in zip(ctx.held, ctx.refs, strict=True):
+        if not has:
+            out.append(None)
+            continue
+        g = next(held)
+        out.append((g if unit else g * grad_out.to(g.dtype)).to(dtype))
+    return out

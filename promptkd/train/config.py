@@ -101,8 +101,7 @@ class TrainConfig:
                              "float16's size) or float32")
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("distillm_skew", self.distillm_skew, SKEWS)
-        from ..impls import IMPLS
-        from ..impls import IMPLS as ATTENTION_IMPLS
+        from ..impls import ATTENTION_IMPLS, IMPLS
 
         _one_of("loss_impl", self.loss_impl, IMPLS)
         _one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)

@@ -1,0 +1,97 @@
+"""The native CPU kernel library (``kernels/cpu/kd_rows.cpp``, built by ``CMakeLists.txt``), loaded with ctypes.
+
+``pip install -e .`` builds ``libpromptkd_cpu.so`` into ``kernels/cpu/`` (installed as
+``promptkd/kernels/cpu/``). ``PROMPTKD_NATIVE_LIB`` names another file. Where the library is missing or
+does not load, :func:`library` returns None and :func:`unavailable_reason` says why; the chunked KD
+loss then runs its elementwise pass with torch ops (``promptkd.kd.rows``).
+
+The library is a plain C ABI: no torch headers at build time, so building it never pulls a torch build.
+ctypes releases the GIL around each call.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from .settings import DIVERGENCE_CODES, KDSettings
+
+LIBRARY_NAME = "libpromptkd_cpu.so"
+#: The ABI version of kernels/cpu/kd_rows.cpp this module speaks.
+ABI_VERSION = 1
+#: How to build the library by hand (what ``pip install -e .`` runs).
+BUILD_COMMAND = "cmake -S . -B build/native && cmake --build build/native  (from the repository root)"
+
+
+def library_path() -> Path:
+    """Where the library is looked for: ``PROMPTKD_NATIVE_LIB`` or next to the installed kernels."""
+    override = os.environ.get("PROMPTKD_NATIVE_LIB")
+    if override:
+        return Path(override)
+    from .. import kernels
+
+    return Path(kernels.__file__).resolve().parent / "cpu" / LIBRARY_NAME
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    path = library_path()
+    if not path.is_file():
+        return None, f"{path} does not exist: the native build did not run or failed ({BUILD_COMMAND})"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"{path} does not load: {e}"
+    try:
+        version = lib.promptkd_cpu_abi_version()
+    except AttributeError:
+        return None, f"{path} is not promptkd's native library (no promptkd_cpu_abi_version)"
+    if version != ABI_VERSION:
+        return None, (f"{path} has ABI version {version}, this promptkd needs {ABI_VERSION}: "
+                      f"rebuild it ({BUILD_COMMAND})")
+    i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int32, ctypes.c_void_p
+    lib.promptkd_kd_rows.restype = i32
+    lib.promptkd_kd_rows.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i32, f32, f32, f32, f32, f32,
+                                     i32, i32]
+    return lib, None
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library, or None (see :func:`unavailable_reason`)."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why the library cannot be used, or None when it can."""
+    return _load()[1]
+
+
+def _ptr(x: torch.Tensor | None) -> int | None:
+    return None if x is None else x.data_ptr()
+
+
+def kd_rows(s: torch.Tensor, t: torch.Tensor, targets: torch.Tensor | None, scale: torch.Tensor | None,
+            settings: KDSettings, need_s: bool, need_t: bool) -> torch.Tensor:
+    """The native elementwise pass on one chunk (see ``promptkd.kd.rows.kd_rows``): float32 CPU [rows, V]
+    logits with unit column stride, overwritten with the scaled gradients where asked. Returns [rows] losses."""
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernels are unavailable: {unavailable_reason()}")
+    rows, vocab = s.shape
+    loss = torch.empty(rows, dtype=torch.float32)
+    if targets is not None:
+        targets = targets.contiguous()
+    if scale is not None:
+        scale = scale.to(torch.float32).contiguous()
+    lw_p, lw_q = settings.mix_log_weights
+    status = lib.promptkd_kd_rows(
+        rows, vocab, _ptr(s), s.stride(0), _ptr(t), t.stride(0), _ptr(targets), _ptr(scale), _ptr(loss),
+        DIVERGENCE_CODES[settings.divergence], 1.0 / settings.temperature, settings.soft_weight,
+        settings.hard_weight, lw_p, lw_q, int(need_s), int(need_t))
+    if status != 0:
+        raise RuntimeError(f"promptkd_kd_rows rejected its arguments (status {status})")
+    return loss
