@@ -4,6 +4,7 @@
     promptkd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
+    promptkd info [--json]
 
 Errors in the inputs (arguments, config, data, paths, run directories: ``promptkd.errors.InputError``)
 print one line and exit with status 2; a diverged run (NaN or infinite loss, gradient or weights)
@@ -105,6 +106,12 @@ def _demo(args) -> int:
     return 0
 
 
+def _info(args) -> int:
+    from .info import main as info_main
+
+    return info_main(["--json"] if args.json else [])
+
+
 def _run_flags(parser: argparse.ArgumentParser, what: str) -> None:
     flags = parser.add_mutually_exclusive_group()
     flags.add_argument("--resume", action="store_true", help=f"continue the {what} in the output directory")
@@ -150,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out", default=None, help="default: RUN_DIR/plots")
     plot.set_defaults(func=_plot)
+
+    info = sub.add_parser("info", help="which backends this installation can use (native CPU kernels, Triton, CUDA)")
+    info.add_argument("--json", action="store_true", help="print the report as JSON")
+    info.set_defaults(func=_info)
     return parser
 
 

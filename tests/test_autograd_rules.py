@@ -78,12 +78,13 @@ def _logits(impl, labels, **kw):
     return fn
 
 
-@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("impl", ["chunked", "torch", "triton"])
 @pytest.mark.parametrize("inputs", ["hidden", "logits"])
 def test_kd_double_backward_is_refused(impl, inputs):
     labels = make_labels((5,), 37, "some")
     kw = dict(divergence="jsd", hard_weight=0.3, temperature=2.0)
-    op = f"fused_linear_kd_loss / kd_loss (impl='{impl}')"
+    which = "'triton'" if impl == "triton" else "'chunked' / 'torch'"  # one Function runs both CPU impls
+    op = f"fused_linear_kd_loss / kd_loss (impl={which})"
     if inputs == "hidden":
         _check_first_order_only(_linear(impl, labels, **kw), _kd_leaves(), op)
     else:
@@ -193,7 +194,7 @@ def _check_autocast(fn, eager_fn, x: dict, plain: dict, truth: dict):
         assert torch.equal(inside[key], after[key]), f"{key}: backward inside autocast differs"
 
 
-@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "torch", "triton"])
 def test_kd_autocast(impl):
     x = make_inputs(n=20, ds=40, dt=24, vs=301)
     labels = make_labels((20,), 301, "some")
@@ -214,7 +215,7 @@ def test_kd_autocast(impl):
     _check_autocast(fused, eager, x, plain, truth)
 
 
-@pytest.mark.parametrize("impl", ["reference", "torch", "triton"])
+@pytest.mark.parametrize("impl", ["reference", "chunked", "torch", "triton"])
 def test_kd_loss_autocast_keeps_logits_and_promotes_mixed(impl):
     """kd_loss under autocast: logits are not cast to bfloat16; mixed dtypes go to the wider one."""
     g = torch.Generator().manual_seed(6)

@@ -108,11 +108,12 @@ struct Row {
 };
 
 // The hard loss's gradient at element v: softmax(s)_v (the label's -1 is added by the caller).
+// s_v: the student logit at v, read through the caller's (restrict) pointer before it is overwritten.
 template <int HARD>
-inline __attribute__((always_inline)) float hard_grad(const Row& r, float q, int64_t v) {
+inline __attribute__((always_inline)) float hard_grad(const Row& r, float q, float s_v) {
     if (HARD == 0) return 0.0f;
     if (HARD == 1) return r.kh * q;  // T == 1: softmax(s) is q
-    return r.kh * vexp(r.s[v] - r.ms - r.llc);
+    return r.kh * vexp((s_v - r.ms) - r.llc);
 }
 
 // Forward / reverse KL: the divergence and the gradients. FWD: D = sum p (lp - lq), dD/da = q - p,
@@ -131,7 +132,7 @@ double kl_row(const Row& r, int64_t V, float it) {
         float q = ea[v] * r.ra, p = eb[v] * r.rb;
         float lq = (s[v] * it - r.ma) - r.lla, lp = (t[v] * it - r.mb) - r.llb;
         d += FWD ? p * (lp - lq) : q * (lq - lp);
-        if (MERGE && FWD && NS) s[v] = r.ks * (q - p) + hard_grad<HARD>(r, q, v);
+        if (MERGE && FWD && NS) s[v] = r.ks * (q - p) + hard_grad<HARD>(r, q, s[v]);
         if (MERGE && !FWD && NT) t[v] = r.ks * (p - q);
     }
     if (!MERGE) {
@@ -142,7 +143,7 @@ double kl_row(const Row& r, int64_t V, float it) {
             float lq = (s[v] * it - r.ma) - r.lla, lp = (t[v] * it - r.mb) - r.llb;
             float gs = FWD ? q - p : q * (lq - lp - dd);
             float gt = FWD ? p * (lp - lq - dd) : p - q;
-            if (NS) s[v] = r.ks * gs + hard_grad<HARD>(r, q, v);
+            if (NS) s[v] = r.ks * gs + hard_grad<HARD>(r, q, s[v]);
             if (NT) t[v] = r.ks * gt;
         }
     }
@@ -209,7 +210,7 @@ double mix_row(const Row& r, int64_t V, float it, float wp, float wq) {
             float f, gp, gq;
             mix_terms<DIV>(p, q, lp, lq, l, w_mix, beta, one_m_beta, f, gp, gq);
             if (NT) t[v] = r.ks * (gp - p * fcp);
-            if (NS) s[v] = r.ks * (gq - q * fcq) + hard_grad<HARD>(r, q, v);
+            if (NS) s[v] = r.ks * (gq - q * fcq) + hard_grad<HARD>(r, q, s[v]);
         }
     }
     return d;

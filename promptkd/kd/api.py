@@ -105,8 +105,9 @@ def fused_linear_kd_loss(
     """Distillation loss straight from hidden states and output-embedding weights.
 
     The [tokens, vocab] logits ``hidden @ weight.T + bias`` are never materialized by the
-    ``torch`` and ``triton`` implementations: they are computed chunk by chunk (tile by tile on
-    the GPU), folded into per-token statistics, and recomputed in backward.
+    ``chunked``, ``torch`` and ``triton`` implementations: they are computed chunk by chunk (tile by
+    tile on the GPU) and folded into per-token losses; ``chunked`` computes the gradients in the same
+    pass (when the loss is reduced and a gradient is needed), the others recompute in backward.
 
     Shapes: student_hidden [..., Ds], student_weight [Vs, Ds], teacher_hidden [..., Dt] with the
     same leading shape, teacher_weight [Vt, Dt]; biases [Vs] / [Vt]; labels [...] integer.
@@ -144,12 +145,15 @@ def fused_linear_kd_loss(
     and backward (also when ``.backward()`` is called inside the autocast block). The result equals
     the same call outside autocast on inputs cast explicitly; gradients reach the leaves in their dtype.
 
-    Double backward: ``impl="reference"`` (plain autograd) supports it. ``torch`` and ``triton`` give
+    Double backward: ``impl="reference"`` (plain autograd) supports it. ``chunked``, ``torch`` and ``triton`` give
     first-order gradients, also under ``create_graph=True``, but differentiating those gradients again
     raises a RuntimeError (never a silently wrong or zero second derivative).
 
-    ``impl``: ``reference`` (full logits, plain torch), ``torch`` (chunked, CPU and fallback),
-    ``triton`` (fused kernels, CUDA), ``auto`` (triton on CUDA, torch otherwise).
+    ``impl``: ``reference`` (full logits, plain torch), ``chunked`` (token chunks, gradients computed
+    in forward; recomputed in backward for ``reduction="none"``), ``torch`` (token chunks, recomputed
+    in backward: the least memory between forward and backward), ``triton`` (fused kernels, CUDA),
+    ``auto`` (triton on CUDA, chunked otherwise). The chunked paths' elementwise pass runs in native
+    C++ where built (``PROMPTKD_CPU_KERNELS``, ``promptkd info``; see ``promptkd.kd.rows``).
     """
     settings = KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
                           soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,

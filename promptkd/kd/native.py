@@ -41,7 +41,7 @@ def library_path() -> Path:
 def _load() -> tuple[ctypes.CDLL | None, str | None]:
     path = library_path()
     if not path.is_file():
-        return None, f"{path} does not exist: the native build did not run or failed ({BUILD_COMMAND})"
+        return None, f"{path} does not exist: the native build did not run or failed"
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:

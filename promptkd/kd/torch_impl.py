@@ -146,17 +146,19 @@ class TorchKDFunction(torch.autograd.Function):
         ctx.in_forward = in_forward
         if in_forward:
             ctx.refs = [(x.dtype if x is not None else None) for x in (xs, ws, bs, xt, wt, bt)]
-            held = [g for g in (*gs, *gt) if g is not None]
             ctx.held = [g is not None for g in (*gs, *gt)]
-            return finish_forward(ctx, settings, per_token, labels, tuple(held))
-        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels))
+            held = tuple(g for g in (*gs, *gt) if g is not None)
+        else:
+            held = ()
+        # The inputs are saved in both cases (references, no copies): the double-backward guard links them.
+        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, *held))
 
     @staticmethod
     @first_order_only("fused_linear_kd_loss / kd_loss (impl='chunked' / 'torch')")
     def backward(ctx, grad_out):
         if ctx.in_forward:
             return (*_scaled(ctx, grad_out), None, None, None)
-        xs, ws, bs, xt, wt, bt, labels = ctx.saved_tensors
+        xs, ws, bs, xt, wt, bt, labels = ctx.saved_tensors[:7]
         settings: KDSettings = ctx.settings
         need = ctx.needs_input_grad
         need_s, need_t = any(need[0:3]), any(need[3:6])
@@ -183,7 +185,7 @@ def _scaled(ctx, grad_out: torch.Tensor) -> list:
     """The gradients kept by the forward times ``grad_out``, each in its input's dtype. A CPU ``grad_out``
     of exactly 1 (a plain ``loss.backward()``) returns them as they are (comparing costs no device sync
     there); the kept buffers are never modified, so a second backward (``retain_graph``) sees them intact."""
-    held = iter(ctx.saved_tensors)
+    held = iter(ctx.saved_tensors[7:])
     unit = grad_out.device.type == "cpu" and bool(grad_out == 1)
     out = []
     for has, dtype in zip(ctx.held, ctx.refs, strict=True):
