@@ -132,7 +132,7 @@ NUMERICS = [("huge_logits", dict(logit_scale=1e4), 1.0), ("one_hot_teacher", dic
             ("T0.1", dict(logit_scale=5.0), 0.1), ("T10", dict(logit_scale=5.0), 10.0)]
 
 
-@pytest.mark.parametrize("impl", [*CPU_IMPLS, "triton"])
+@pytest.mark.parametrize("impl", ["chunked", "chunked-torchops", "triton"])  # torch: the same pass as chunked
 @pytest.mark.parametrize("div", DIVERGENCES)
 @pytest.mark.parametrize("name,scale,t", NUMERICS, ids=[n[0] for n in NUMERICS])
 def test_extreme_numerics(impl, div, name, scale, t):
