@@ -51,21 +51,27 @@ def make_labels(shape, vocab, ignored: str, seed=1, ignore_index=-100):
 CPU_IMPLS = ["chunked", "chunked-torchops", "torch"]
 
 
-@contextlib.contextmanager
-def cpu_kernels(impl: str):
-    """Runs the block with the elementwise backend an ``impl`` variant names; yields the plain impl name.
-
-    ``chunked`` / ``torch`` use the native kernels: missing, the test is skipped, or fails where
-    PROMPTKD_REQUIRE_NATIVE=1 (CI, which builds them). ``*-torchops`` use torch ops."""
+def require_native() -> None:
+    """Skips the test without the native CPU kernels, or fails it where PROMPTKD_REQUIRE_NATIVE=1 (CI,
+    which builds them)."""
     from promptkd.kd import native
 
-    name, _, ops = impl.partition("-")
-    backend = "torch" if ops == "torchops" else "native" if name in ("chunked", "torch") else None
-    if backend == "native" and native.library() is None:
+    if native.library() is None:
         message = f"the native CPU kernels are unavailable: {native.unavailable_reason()}"
         if os.environ.get("PROMPTKD_REQUIRE_NATIVE") == "1":
             pytest.fail(message + " (PROMPTKD_REQUIRE_NATIVE=1)")
         pytest.skip(message)
+
+
+@contextlib.contextmanager
+def cpu_kernels(impl: str):
+    """Runs the block with the elementwise backend an ``impl`` variant names; yields the plain impl name.
+
+    ``chunked`` / ``torch`` use the native kernels (``require_native``). ``*-torchops`` use torch ops."""
+    name, _, ops = impl.partition("-")
+    backend = "torch" if ops == "torchops" else "native" if name in ("chunked", "torch") else None
+    if backend == "native":
+        require_native()
     old = os.environ.get("PROMPTKD_CPU_KERNELS")
     if backend is not None:
         os.environ["PROMPTKD_CPU_KERNELS"] = backend

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import promptkd
-from helpers import cpu_kernels
+from helpers import require_native
 from promptkd import cli
 from promptkd.kd import native, rows
 from promptkd.kd.settings import DIVERGENCES, KDSettings
@@ -101,8 +101,7 @@ ADVERSARIAL = {
 def test_native_matches_float64_on_adversarial_rows(div, case):
     """Row losses and logit gradients of both backends against a float64 evaluation (the torch backend on
     float64 rows), on rows that stress the exp/log polynomials: no worse than the torch backend in float32."""
-    with cpu_kernels("chunked"):
-        pass  # skips (or fails under PROMPTKD_REQUIRE_NATIVE=1) without the library
+    require_native()
     s, t = ADVERSARIAL[case](*_rows(1, 6, 1037))
     settings = KDSettings(divergence=div, beta=0.3, alpha=0.2, temperature=1.7, hard_weight=0.4, vocab_size=1037)
     targets = torch.tensor([0, 5, 1036, 17, 5, 999])
@@ -121,8 +120,7 @@ def test_native_matches_float64_on_adversarial_rows(div, case):
 
 
 def test_native_propagates_nan():
-    with cpu_kernels("chunked"):
-        pass
+    require_native()
     s, t = _rows(2, 3, 257)
     s[1, 40] = math.nan
     for div in DIVERGENCES:

@@ -35,12 +35,6 @@ inline __attribute__((always_inline)) float bits_to_float(int32_t i) {
     return f;
 }
 
-inline __attribute__((always_inline)) int32_t float_to_bits(float f) {
-    int32_t i;
-    std::memcpy(&i, &f, sizeof i);
-    return i;
-}
-
 // exp(x) for float x: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial; 0 below the
 // smallest normal exponent, +inf above the largest; NaN stays NaN (comparisons with NaN are false).
 inline __attribute__((always_inline)) float vexp(float x) {

@@ -108,6 +108,24 @@ def _chunks(n: int, vocab: int):
         yield slice(r0, min(n, r0 + step))
 
 
+def _run_chunks(xs, ws, bs, xt, wt, bt, targets, scale, settings: KDSettings, need, gs, gt, per_token=None):
+    """Every chunk: both sides' logits, the elementwise pass (``kd_rows``) with ``scale`` (None: losses only),
+    then the logit gradients into ``gs`` / ``gt`` for the inputs in ``need``; row losses into ``per_token``."""
+    n, vocab = xs.shape[0], settings.vocab_size
+    need_s, need_t = any(need[0:3]), any(need[3:6])
+    buf_s, buf_t = _buffers(xs, n, vocab)
+    for rows in _chunks(n, vocab):
+        s, t = _logits(xs, ws, bs, rows, vocab, buf_s), _logits(xt, wt, bt, rows, vocab, buf_t)
+        loss, ds, dt = kd_rows(s, t, None if targets is None else targets[rows],
+                               None if scale is None else scale[rows], settings, need_s, need_t)
+        if per_token is not None:
+            per_token[rows] = loss
+        if ds is not None:
+            _side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
+        if dt is not None:
+            _side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
+
+
 class TorchKDFunction(torch.autograd.Function):
     """Chunked KD loss over (hidden, weight, bias) pairs, or over logits when the weights are None.
 
@@ -122,36 +140,20 @@ class TorchKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, in_forward: bool):
-        n, vocab = xs.shape[0], settings.vocab_size
+        n = xs.shape[0]
         need = ctx.needs_input_grad[:6]
-        need_s, need_t = any(need[0:3]), any(need[3:6])
-        in_forward = in_forward and (need_s or need_t) and settings.reduction != "none"
+        in_forward = in_forward and any(need) and settings.reduction != "none"
         dtype = _compute_dtype(xs.dtype)
         per_token = torch.empty(n, dtype=dtype, device=xs.device)
-        targets = _targets(labels, settings)
-        scale = gs = gt = None
+        scale, gs, gt = None, [None] * 3, [None] * 3
         if in_forward:  # the gradients of the reduced loss, d(loss)/d(per-token loss) known now
             scale = row_scale(torch.ones((), dtype=dtype, device=xs.device), labels, settings, n, dtype)
             gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
-        buf_s, buf_t = _buffers(xs, n, vocab)
-        for rows in _chunks(n, vocab):
-            s, t = _logits(xs, ws, bs, rows, vocab, buf_s), _logits(xt, wt, bt, rows, vocab, buf_t)
-            loss, ds, dt = kd_rows(s, t, None if targets is None else targets[rows],
-                                   None if scale is None else scale[rows], settings, need_s, need_t)
-            per_token[rows] = loss
-            if ds is not None:
-                _side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
-            if dt is not None:
-                _side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
+        _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, need, gs, gt, per_token)
         ctx.in_forward = in_forward
-        if in_forward:
-            ctx.refs = [(x.dtype if x is not None else None) for x in (xs, ws, bs, xt, wt, bt)]
-            ctx.held = [g is not None for g in (*gs, *gt)]
-            held = tuple(g for g in (*gs, *gt) if g is not None)
-        else:
-            held = ()
         # The inputs are saved in both cases (references, no copies): the double-backward guard links them.
-        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, *held))
+        # Under in_forward the gradient buffers follow (None where nothing was asked).
+        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, *gs, *gt))
 
     @staticmethod
     @first_order_only("fused_linear_kd_loss / kd_loss (impl='chunked' / 'torch')")
@@ -160,22 +162,11 @@ class TorchKDFunction(torch.autograd.Function):
             return (*_scaled(ctx, grad_out), None, None, None)
         xs, ws, bs, xt, wt, bt, labels = ctx.saved_tensors[:7]
         settings: KDSettings = ctx.settings
-        need = ctx.needs_input_grad
-        need_s, need_t = any(need[0:3]), any(need[3:6])
+        need = ctx.needs_input_grad[:6]
         gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
-        if need_s or need_t:
-            n, vocab = xs.shape[0], settings.vocab_size
-            scale = row_scale(grad_out, labels, settings, n, _compute_dtype(xs.dtype))
-            targets = _targets(labels, settings)
-            buf_s, buf_t = _buffers(xs, n, vocab)
-            for rows in _chunks(n, vocab):
-                s, t = _logits(xs, ws, bs, rows, vocab, buf_s), _logits(xt, wt, bt, rows, vocab, buf_t)
-                _, ds, dt = kd_rows(s, t, None if targets is None else targets[rows], scale[rows], settings,
-                                    need_s, need_t)
-                if ds is not None:
-                    _side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
-                if dt is not None:
-                    _side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
+        if any(need):
+            scale = row_scale(grad_out, labels, settings, xs.shape[0], _compute_dtype(xs.dtype))
+            _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, need, gs, gt)
         gs = [None if g is None else g.to(ref.dtype) for g, ref in zip(gs, (xs, ws, bs), strict=True)]
         gt = [None if g is None else g.to(ref.dtype) for g, ref in zip(gt, (xt, wt, bt), strict=True)]
         return (*gs, *gt, None, None, None)
@@ -185,13 +176,8 @@ def _scaled(ctx, grad_out: torch.Tensor) -> list:
     """The gradients kept by the forward times ``grad_out``, each in its input's dtype. A CPU ``grad_out``
     of exactly 1 (a plain ``loss.backward()``) returns them as they are (comparing costs no device sync
     there); the kept buffers are never modified, so a second backward (``retain_graph``) sees them intact."""
-    held = iter(ctx.saved_tensors[7:])
+    saved = ctx.saved_tensors
+    inputs, grads = saved[:6], saved[7:]
     unit = grad_out.device.type == "cpu" and bool(grad_out == 1)
-    out = []
-    for has, dtype in zip(ctx.held, ctx.refs, strict=True):
-        if not has:
-            out.append(None)
-            continue
-        g = next(held)
-        out.append((g if unit else g * grad_out.to(g.dtype)).to(dtype))
-    return out
+    return [None if g is None else (g if unit else g * grad_out.to(g.dtype)).to(x.dtype)
+            for g, x in zip(grads, inputs, strict=True)]
