@@ -220,7 +220,7 @@ def model_flops(teacher: dict, student: dict, b: int, n: int, v: int) -> dict:
 
     (a) student and plain teacher forward; prompted teacher forward and backward to its inputs (1x forward);
     (b) prompted teacher forward; student forward and backward with weight gradients (2x forward).
-    Logits GEMMs: student 4, teacher 5; decoder passes (in forward units): student 4, teacher 4."""
+    Logits GEMMs: student 4, teacher 4; decoder passes (in forward units): student 4, teacher 4."""
     tokens = b * n
 
     def layers(spec):
@@ -232,12 +232,12 @@ def model_flops(teacher: dict, student: dict, b: int, n: int, v: int) -> dict:
     def logits(spec):
         return 2 * tokens * v * spec["hidden_size"]
 
-    logit = 4 * logits(student) + 5 * logits(teacher)
+    logit = 4 * logits(student) + 4 * logits(teacher)
     layer = 4 * layers(student) + 4 * layers(teacher)
-    # promptkd's loss: on the CPU (impl "chunked", gradients in forward) the model's GEMMs plus the prompted
-    # teacher's logits a second time (the prompt step's two KL terms are two calls); with the Triton loss
-    # (logits recomputed in backward) student 6 and teacher 10.
-    executed = dict(chunked=4 * logits(student) + 6 * logits(teacher),
+    # promptkd's loss: on the CPU (impl "chunked", gradients in forward; the prompt step's two KL terms are one
+    # fused_linear_kl_pair_loss call) student 4 and teacher 4; with the Triton loss (logits recomputed in
+    # backward, the two terms two calls) student 6 and teacher 10.
+    executed = dict(chunked=4 * logits(student) + 4 * logits(teacher),
                     recompute=6 * logits(student) + 10 * logits(teacher))
     return dict(logits=logit, layers=layer, total=logit + layer, promptkd_logit_gemms=executed)
 

@@ -4,10 +4,12 @@ from .attention import prefix_attention
 from .hf.prompted import PromptedTeacher, TeacherOutput
 from .kd.api import fused_linear_kd_loss, kd_loss
 from .kd.modules import FusedLinearKDLoss, KDLoss
+from .kd.pair import fused_linear_kl_pair_loss
 from .kd.settings import DIVERGENCES, REDUCTIONS, KDSettings
 
 __version__ = "0.2.0"
 
-__all__ = ["fused_linear_kd_loss", "kd_loss", "prefix_attention", "FusedLinearKDLoss", "KDLoss", "KDSettings",
+__all__ = ["fused_linear_kd_loss", "kd_loss", "fused_linear_kl_pair_loss", "prefix_attention",
+           "FusedLinearKDLoss", "KDLoss", "KDSettings",
            "PromptedTeacher", "TeacherOutput",
            "DIVERGENCES", "REDUCTIONS", "__version__"]

@@ -76,9 +76,11 @@ def test_every_method_trains(setup, tmp_path, method):
         assert "prompt/loss" in lines[0]
 
 
-def test_promptkd_step_equals_eager_formula(setup, tmp_path):
+@pytest.mark.parametrize("loss_impl", ["torch", "chunked"])  # two losses / one fused_linear_kl_pair_loss
+def test_promptkd_step_equals_eager_formula(setup, tmp_path, loss_impl):
     """One PromptKD step's prompt gradient and student loss against HF logits + eager KL in float64."""
-    cfg = config(setup, tmp_path / "run", method="promptkd", batch_size=3, max_steps=5, prompt_reg=0.7)
+    cfg = config(setup, tmp_path / "run", method="promptkd", batch_size=3, max_steps=5, prompt_reg=0.7,
+                 loss_impl=loss_impl)
     trainer = Trainer(cfg, log=lambda _: None)
     step = 2
     examples = [trainer.train_examples[i] for i in trainer.order.micro_batches(step, 0)[0]]

@@ -35,7 +35,9 @@ import torch
 from ..errors import InputError
 from ..hf.fsdp import shard
 from ..hf.models import LMOutput, linear_cross_entropy, lm_hidden, load_model
+from ..impls import pick_impl
 from ..kd.api import fused_linear_kd_loss
+from ..kd.pair import PAIR_IMPLS, fused_linear_kl_pair_loss
 from .config import TrainConfig
 from .data import Example, collate, collate_shared
 
@@ -207,16 +209,15 @@ class Distillation:
                             shared_prefix=self._shared(batch))
         return LMOutput(out.hidden_states, out.output_weight, out.output_bias)
 
+    def _cast(self, x):
+        return None if x is None else x.to(self.dtype)
+
     def kd(self, student: LMOutput, teacher: LMOutput, labels, divergence: str, **kwargs) -> torch.Tensor:
-        dt = self.dtype
-
-        def cast(x):
-            return None if x is None else x.to(dt)
-
-        return fused_linear_kd_loss(cast(student.hidden), cast(student.weight), cast(teacher.hidden),
-                                    cast(teacher.weight), labels, divergence=divergence,
-                                    student_bias=cast(student.bias), teacher_bias=cast(teacher.bias),
-                                    vocab_size=self.vocab_size, impl=self.cfg.loss_impl, **kwargs)
+        c = self._cast
+        return fused_linear_kd_loss(c(student.hidden), c(student.weight), c(teacher.hidden), c(teacher.weight),
+                                    labels, divergence=divergence, student_bias=c(student.bias),
+                                    teacher_bias=c(teacher.bias), vocab_size=self.vocab_size,
+                                    impl=self.cfg.loss_impl, **kwargs)
 
     # ---- the methods ----
 
@@ -238,15 +239,26 @@ class Distillation:
 
     def prompt_loss(self, batch, reg: float) -> torch.Tensor:
         """PromptKD's prompt phase: KL(p_TP || q_S) + reg * KL(p_TP || p_T), gradient to the soft prompt.
-        The prompted teacher sits on the teacher side: its gradient is the fused loss's teacher gradient."""
+
+        The prompted teacher sits on the teacher side: its gradient is the fused loss's teacher gradient.
+        With the chunked loss (the CPU default) both terms are one ``fused_linear_kl_pair_loss`` call, which
+        computes the prompted teacher's logits once and contracts its gradient once; the fused GPU kernels
+        take the two terms as two calls."""
+        labels = batch["labels"]
         with torch.no_grad():
             student = self.student(batch).detach()
-            plain = self.teacher(batch, prompted=False)
+            plain = self.teacher(batch, prompted=False) if reg > 0 else None
         prompted = self.teacher(batch, prompted=True)
-        loss = self.kd(student, prompted, batch["labels"], "forward_kl")
-        if reg > 0:
-            loss = loss + reg * self.kd(plain, prompted, batch["labels"], "forward_kl")
-        return loss
+        if plain is None:
+            return self.kd(student, prompted, labels, "forward_kl")
+        impl = pick_impl(self.cfg.loss_impl, self.device, self.dtype)
+        if impl in PAIR_IMPLS:
+            c = self._cast
+            return fused_linear_kl_pair_loss(c(prompted.hidden), c(prompted.weight), c(student.hidden),
+                                             c(student.weight), c(plain.hidden), c(plain.weight), labels,
+                                             anchor_scale=reg, bias=c(prompted.bias), student_bias=c(student.bias),
+                                             anchor_bias=c(plain.bias), vocab_size=self.vocab_size, impl=impl)
+        return self.kd(student, prompted, labels, "forward_kl") + reg * self.kd(plain, prompted, labels, "forward_kl")
 
     def student_loss(self, batch) -> torch.Tensor:
         """PromptKD's student phase: KL(q_S || p_TP) with the updated prompt, gradient to the student."""
