@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-gpu lint bench bench-quick
+.PHONY: install test test-gpu gpu-check lint bench bench-quick
 
 install:
 	$(PYTHON) -m pip install torch==2.13.0
@@ -17,6 +17,11 @@ test:
 
 test-gpu:
 	$(PYTHON) -m pytest -q -m gpu tests
+
+# On a machine with a GPU, one call under 8 minutes: environment, carried wheels (bench/wheels/), the gpu tests,
+# the GPU benchmarks; results in bench/results/gpu/ (bench/gpu_check.sh; GPU_CHECK_DRY=1 prints the commands only).
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh
 
 lint:
 	ruff check .

@@ -59,7 +59,8 @@ setup(
                       "safetensors", "tokenizers", "pyyaml", "tqdm", "rouge-score", "matplotlib"],
     # The benchmarks need nothing beyond the package and the test extra (PEFT: the prompt-tuning baseline);
     # liger-kernel, if installed, adds a GPU baseline.
-    extras_require={"test": ["pytest>=8", "pytest-xdist", "pytest-benchmark>=4", "ruff", "peft>=0.17"], "tensorboard": ["tensorboard"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "pytest-benchmark>=4", "ruff", "peft>=0.17"],
+                    "tensorboard": ["tensorboard"]},
     package_data={"promptkd.train": ["configs/*.yaml"]},
     # The native CPU kernels: a plain shared library built by CMake (no Python extension module), loaded
     # with ctypes from promptkd/kernels/cpu/ (promptkd/kd/native.py).

@@ -235,6 +235,7 @@ def main():
                         "(default: cpu eager,chunked,torch; cuda eager,torch,triton,liger)")
     p.add_argument("--reps", type=int)
     p.add_argument("--no-record", action="store_true", help="do not append to bench/results/kd_loss.csv")
+    p.add_argument("--out", type=Path, default=RESULTS / "kd_loss.csv", help="the CSV rows are appended to")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--impl", help=argparse.SUPPRESS)
     p.add_argument("--divergence", help=argparse.SUPPRESS)
@@ -289,7 +290,7 @@ def main():
                              reps=reps, gemm_floor_s=floor, time_vs_eager=t_ratio, memory_vs_eager=m_ratio,
                              **r))
     if not args.no_record:
-        append_rows(RESULTS / "kd_loss.csv", rows)
+        append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

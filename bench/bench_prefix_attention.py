@@ -207,6 +207,9 @@ def main():
     ap.add_argument("--cases", default=None, help="comma-separated: teacher, shared, kernel (cuda)")
     ap.add_argument("--reps", type=int)
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/results/prefix_attention.csv")
+    ap.add_argument("--out", type=Path, default=RESULTS / "prefix_attention.csv", help="the CSV rows are appended to")
+    ap.add_argument("--kernel-shapes", default="7:2048,256:256,1024:1024,2048:2048",
+                    help="the kernel case's prefix:sequence lengths, comma-separated")
     for name in ("child", "impl", "case", "dtype", "p", "b", "n", "groups", "per_group", "heads", "head_dim"):
         ap.add_argument(f"--{name}", help=argparse.SUPPRESS, **({"action": "store_true"} if name == "child" else {}))
     args = ap.parse_args()
@@ -235,7 +238,7 @@ def main():
     if "kernel" in cases:
         if not gpu:
             raise SystemExit("the kernel case needs --device cuda")
-        for p, n in ((7, 2048), (256, 256), (1024, 1024), (2048, 2048)):
+        for p, n in (map(int, pn.split(":")) for pn in args.kernel_shapes.split(",")):
             shape = dict(b=max(1, 16384 // n), heads=32, head_dim=128, p=p, n=n)
             plan.append(("kernel", shape, ["sdpa_flash", "sdpa_flash+expand", "flex", "triton"], "sdpa_flash"))
 
@@ -263,7 +266,7 @@ def main():
                              device=device_name, **info, case=case, shape=json.dumps(shape), dtype=dtype, reps=reps,
                              baseline=baseline, time_vs_baseline=t_ratio, memory_vs_baseline=m_ratio, **r))
     if rows and not args.no_record:
-        append_rows(RESULTS / "prefix_attention.csv", rows)
+        append_rows(args.out, rows)
 
 
 if __name__ == "__main__":

@@ -309,6 +309,8 @@ def main():
     ap.add_argument("--reps", type=int, help="timed steps after the first (default: 3 on the CPU, 10 on CUDA)")
     ap.add_argument("--threads", type=int, help="CPU threads (default: torch's default)")
     ap.add_argument("--no-record", action="store_true", help="do not append to bench/results/promptkd_step.csv")
+    ap.add_argument("--out", type=Path, help="the CSV rows are appended to (default: bench/results/promptkd_step.csv, "
+                    "promptkd_step_samples.csv with --samples > 1)")
     for name in ("child", "way", "assets"):
         ap.add_argument(f"--{name}", help=argparse.SUPPRESS, **({"action": "store_true"} if name == "child" else {}))
     args = ap.parse_args()
@@ -387,7 +389,7 @@ def main():
                          time_vs_reference=t_ratio, memory_vs_reference=m_ratio, bnv_tensors_at_peak=tensors,
                          **_agreement_fields(agreement, "shared" if way == "shared" else "promptkd"), **r))
     if not args.no_record:
-        append_rows(RESULTS / ("promptkd_step_samples.csv" if k > 1 else "promptkd_step.csv"), rows)
+        append_rows(args.out or RESULTS / ("promptkd_step_samples.csv" if k > 1 else "promptkd_step.csv"), rows)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Ahead-of-time compilation of every kernel configuration for NVIDIA targets, without a GPU.
 
 The interpreter runs kernels on the CPU but cannot see compile errors, shared-memory overflow or
-register spills. This compiles each kernel the launchers can pick (kernels/configs.py: KD and prefix attention) with
-``triton.compile`` for a ``GPUTarget`` and reads the resource use off the cubin.
+register spills. This compiles each kernel the launchers can pick (kernels/configs.py: KD and prefix attention;
+kernels/kd_rows.py: the chunked loss's row kernel) with ``triton.compile`` for a ``GPUTarget`` and reads the
+resource use off the cubin.
 
     python -m promptkd.kernels.aot            # table of shared memory, registers, spills
-    python -m promptkd.kernels.aot --case 3   # one case, as JSON (what tests/test_compile.py runs)
+    python -m promptkd.kernels.aot --case 3   # one case, as JSON
+    python -m promptkd.kernels.aot --cases 3,4,5   # JSON lines (what tests/test_compile.py runs, in batches)
 
 It must run without TRITON_INTERPRET=1 (under the interpreter, kernels cannot be compiled).
 """
@@ -28,6 +30,8 @@ from triton.backends.compiler import GPUTarget
 from . import configs
 from .kd_backward import kd_backward_kernel
 from .kd_forward import kd_online_kernel, kd_terms_kernel
+from .kd_rows import CONFIGS as ROWS_CONFIGS
+from .kd_rows import kd_rows_kernel
 from .prefix_attention_backward import (
     prefix_attention_dkdv_kernel,
     prefix_attention_dq_kernel,
@@ -43,6 +47,7 @@ _POINTERS = {
     "kd_online_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "STATS"),
     "kd_terms_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "ROWS", "PARTIAL"),
     "kd_backward_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "ROWS", "DZS", "DZT"),
+    "kd_rows_kernel": ("S", "T", "LABELS", "SCALE", "LOSS"),
     "prefix_attention_forward_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "LSE"),
     "prefix_attention_dq_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "DO", "LSE",
                                     "DELTA", "DQ"),
@@ -58,7 +63,7 @@ _POINTER_TYPES = {
 _FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight", "qk_scale", "scale")
 # The KD launchers turn fused multiply-adds off (promptkd/kd/triton_impl._compile_switches); the attention
 # launchers turn them on (promptkd/attention/triton_impl._switches).
-_NO_FP_FUSION = ("kd_online_kernel", "kd_terms_kernel", "kd_backward_kernel")
+_NO_FP_FUSION = ("kd_online_kernel", "kd_terms_kernel", "kd_backward_kernel", "kd_rows_kernel")
 
 
 @dataclass
@@ -172,6 +177,33 @@ def variants():
     yield fn, "fp32", {**_base(big32, False), **extra, "PRECISION": "tf32"}, big32.num_warps, big32.num_stages, (90,)
 
 
+# The chunked loss's row kernel (kernels/kd_rows.py), float32 only: 5 divergences x HAS_HARD x (NEED_S, NEED_T)
+# x the CONFIGS entries make 80 variants. Compiled: the heaviest (skew_forward_kl, every switch on) in every
+# configuration, and in the large-vocabulary one a set that takes every divergence, every switch value and
+# each sweep structure (loss only; a gradient merged into sweep 2; sweep 3) at least once, on every arch.
+_ROWS_VARIANTS = [
+    dict(DIVERGENCE=1, HAS_HARD=True, NEED_S=True, NEED_T=False),  # forward_kl, ds in sweep 2
+    dict(DIVERGENCE=2, HAS_HARD=False, NEED_S=False, NEED_T=True),  # reverse_kl, dt in sweep 2
+    dict(DIVERGENCE=2, HAS_HARD=True, NEED_S=True, NEED_T=True),
+    dict(DIVERGENCE=3, HAS_HARD=False, NEED_S=False, NEED_T=False),  # loss only
+    dict(DIVERGENCE=5, HAS_HARD=True, NEED_S=True, NEED_T=False),
+]
+_ROWS_HEAVIEST = dict(DIVERGENCE=4, HAS_HARD=True, NEED_S=True, NEED_T=True)
+
+
+def _rows_case(cfg, switches: dict):
+    cx = {**switches, "BLOCK_V": cfg.block_v}
+    return kd_rows_kernel, "fp32", cx, cfg.num_warps, cfg.num_stages, (80, 90)
+
+
+def rows_variants():
+    """The row kernel of the chunked loss (kernels/kd_rows.py): see _ROWS_VARIANTS."""
+    for cfg in ROWS_CONFIGS:
+        yield _rows_case(cfg, _ROWS_HEAVIEST)
+    for switches in _ROWS_VARIANTS:
+        yield _rows_case(ROWS_CONFIGS[-1], switches)
+
+
 _ATTENTION = {  # kernel -> (configuration table key, heaviest switches)
     prefix_attention_forward_kernel: ("forward", dict(HAS_LENGTHS=True, HAS_PADDING=True)),
     prefix_attention_dq_kernel: ("dq", dict(NEED_DQ=True, HAS_LENGTHS=True, HAS_PADDING=True)),
@@ -220,7 +252,7 @@ def attention_variants():
 
 def cases():
     """Flat list of (fn, dtype, constexprs, num_warps, num_stages, arch)."""
-    every = itertools.chain(variants(), attention_variants())
+    every = itertools.chain(variants(), attention_variants(), rows_variants())
     return [(fn, dtype, cx, w, s, arch) for fn, dtype, cx, w, s, archs in every for arch in archs]
 
 
@@ -232,11 +264,17 @@ def compile_case(case) -> Compiled:
 def main():
     parser = argparse.ArgumentParser(description="Compile the KD and attention kernels for sm_80, sm_90 without a GPU.")
     parser.add_argument("--case", type=int, help="compile one case (index into cases()) and print it as JSON")
+    parser.add_argument("--cases", help="compile cases i,j,... and print one JSON line per case (with its index)")
     args = parser.parse_args()
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
     if args.case is not None:
         print(json.dumps(dataclasses.asdict(compile_case(cases()[args.case]))))
+        return
+    if args.cases is not None:
+        every = cases()
+        for i in (int(x) for x in args.cases.split(",")):
+            print(json.dumps({"index": i, **dataclasses.asdict(compile_case(every[i]))}), flush=True)
         return
     for case in cases():
         c = compile_case(case)

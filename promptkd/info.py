@@ -75,6 +75,7 @@ def report() -> dict:
             "build": native.BUILD_COMMAND,
         },
         "cpu_elementwise_backend": cpu_backend,
+        "cuda_elementwise_backend": "triton" if triton_version is not None else "torch (Triton is not installed)",
         "chunk_mb": torch_impl.CHUNK_BYTES / 2**20,
         "torch_threads": torch.get_num_threads(),
         "triton_available": triton_version is not None,
@@ -97,7 +98,7 @@ def format_report(r: dict) -> str:
         f"triton {r['triton'] or 'not installed'}, transformers {r['transformers'] or 'not installed'})",
         f"{'native CPU kernels':24}{native_line}",
         f"{'chunked KD elementwise':24}{r['cpu_elementwise_backend']}; chunks of {r['chunk_mb']:g} MB per side "
-        f"(PROMPTKD_CHUNK_MB), {r['torch_threads']} threads",
+        f"(PROMPTKD_CHUNK_MB), {r['torch_threads']} threads; on CUDA: {r['cuda_elementwise_backend']}",
         f"{'Triton':24}" + (f"{r['triton']}" + (" (TRITON_INTERPRET=1: kernels run on CPU tensors)"
                                                  if r["triton_interpreter"] else "")
                             if r["triton_available"] else f"unavailable: {r['triton_error']}"),

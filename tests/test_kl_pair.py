@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from helpers import TOL, CountOps, cpu_kernels, err
 
 import promptkd
 import promptkd.kd.torch_impl
+from helpers import TOL, CountOps, cpu_kernels, err
 
 SIDES = ("hidden", "weight", "bias", "student_hidden", "student_weight", "student_bias",
          "anchor_hidden", "anchor_weight", "anchor_bias")
