@@ -59,7 +59,11 @@ setup(
                       "safetensors", "tokenizers", "pyyaml", "tqdm", "rouge-score", "matplotlib"],
     # The benchmarks need nothing beyond the package and the test extra (PEFT: the prompt-tuning baseline);
     # liger-kernel, if installed, adds a GPU baseline.
-    extras_require={"test": ["pytest>=8", "pytest-xdist", "pytest-benchmark>=4", "ruff", "peft>=0.17"],
+    # gguf: models from .gguf files (transformers' GGUF loader needs gguf >= 0.10 and accelerate). accelerate
+    # asks for torch>=2.0, which the torch promptkd requires already satisfies: it pulls no other torch build.
+    # The test extra has both (accelerate through PEFT) so that CI runs the GGUF tests.
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "pytest-benchmark>=4", "ruff", "peft>=0.17", "gguf>=0.10.0"],
+                    "gguf": ["gguf>=0.10.0", "accelerate"],
                     "tensorboard": ["tensorboard"]},
     package_data={"promptkd.train": ["configs/*.yaml"]},
     # The native CPU kernels: a plain shared library built by CMake (no Python extension module), loaded

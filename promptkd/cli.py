@@ -1,9 +1,10 @@
-"""The ``promptkd`` command: demo, train, eval, plot.
+"""The ``promptkd`` command: demo, train, eval, plot, init-student.
 
     promptkd demo [--quick] [--out runs/demo] [--resume | --overwrite]
     promptkd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
+    promptkd init-student --teacher PATH (--layers 0,3,6 | --keep N) --out DIR [--overwrite]
     promptkd info [--json]
 
 Errors in the inputs (arguments, config, data, paths, run directories: ``promptkd.errors.InputError``)
@@ -90,6 +91,18 @@ def _eval(args) -> int:
     return 0
 
 
+def _init_student(args) -> int:
+    import torch
+
+    from .hf.layer_drop import init_student, parse_layers
+
+    layers = None if args.layers is None else parse_layers(args.layers)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    kept = init_student(args.teacher, args.out, layers=layers, keep=args.keep, overwrite=args.overwrite, dtype=dtype)
+    print(f"{args.out}: a {len(kept)}-layer student from {args.teacher} (teacher layers {','.join(map(str, kept))})")
+    return 0
+
+
 def _plot(args) -> int:
     from .train.plot import plot_run
 
@@ -138,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="sampled generation and ROUGE-L / exact match on JSONL files")
-    ev.add_argument("--model", required=True, help="a model directory (e.g. RUN/best/model) or hub name")
+    ev.add_argument("--model", required=True, help="a model directory (e.g. RUN/best/model), hub name or .gguf file")
     ev.add_argument("--data", required=True, nargs="+", help="JSONL file(s)")
     ev.add_argument("--tokenizer", default="", help="default: the model's")
     ev.add_argument("--seeds", type=int, nargs="+", default=[10, 20, 30, 40, 50])
@@ -152,6 +165,22 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--out", default="", help="directory for scores.json and the generations")
     ev.set_defaults(func=_eval)
+
+    init = sub.add_parser("init-student", help="a student made from the teacher by dropping decoder layers",
+                          description="Writes a Hugging Face model directory: the teacher's embeddings, the kept "
+                                      "decoder layers (renumbered, in order), final norm, output head, config and "
+                                      "tokenizer. Families: GPT-2, Llama, Mistral, Qwen2, OPT.")
+    init.add_argument("--teacher", required=True, help="a model directory, hub name or .gguf file")
+    which = init.add_mutually_exclusive_group(required=True)
+    which.add_argument("--layers", help="the teacher layers to keep: ascending indices from 0, e.g. 0,3,6")
+    which.add_argument("--keep", type=int, metavar="N",
+                       help="keep N layers spread evenly over the teacher's, the first and the last included "
+                            "(N=1 keeps the first)")
+    init.add_argument("--out", required=True, help="the student's directory (must not exist or be empty)")
+    init.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    init.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                      help="the student's weights (default: as the teacher is stored)")
+    init.set_defaults(func=_init_student)
 
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     plot.add_argument("run_dirs", nargs="+")

@@ -1,4 +1,5 @@
-"""Loading the model pair and reading what the fused losses need from a causal LM.
+"""Loading the model pair (directories, hub names, ``.gguf`` files: :mod:`.gguf`) and reading what the
+fused losses need from a causal LM.
 
 The trainer never asks a model for logits: :func:`lm_hidden` returns the final hidden states and
 the output embedding, and the losses (:func:`promptkd.fused_linear_kd_loss`,
@@ -15,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..errors import InputError
 from ..kd.settings import IGNORE_INDEX
+from . import gguf
 from .fsdp import head_tied_to_input
 
 
@@ -37,9 +39,13 @@ def _hub_like(name: str) -> bool:
 
 
 def check_model_path(name: str, path: str) -> None:
-    """A local directory must exist and hold a config; anything else must look like a hub name."""
+    """A local directory must exist and hold a config, a ``.gguf`` path must be a local file (and the
+    GGUF packages installed); anything else must look like a hub name."""
     if not path:
         raise InputError(f"{name} is not set")
+    if gguf.is_gguf(path):
+        gguf.check_gguf_path(name, path)
+        return
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise InputError(f"{name}: {path!r} is a directory without config.json (not a saved model)")
@@ -48,10 +54,14 @@ def check_model_path(name: str, path: str) -> None:
         raise InputError(f"{name}: model path {path!r} does not exist")
 
 
-def load_model(name: str, path: str, dtype: torch.dtype, device: torch.device):
+def load_model(name: str, path: str, dtype: torch.dtype | str, device: torch.device):
+    """A causal LM from a directory, a hub name or a ``.gguf`` file (see :mod:`promptkd.hf.gguf`), in
+    ``dtype`` (``"auto"``: as stored) on ``device``."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(name, path)
+    if gguf.is_gguf(path):
+        return gguf.load_model(name, path, dtype).to(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError) as e:
@@ -63,10 +73,13 @@ def load_tokenizer(name: str, path: str):
     from transformers import AutoTokenizer
 
     check_model_path(name, path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{name}: could not load a tokenizer from {path!r}: {e}") from None
+    if gguf.is_gguf(path):
+        tokenizer = gguf.load_tokenizer(name, path)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{name}: could not load a tokenizer from {path!r}: {e}") from None
     if tokenizer.eos_token_id is None:
         raise InputError(f"{name}: the tokenizer at {path!r} has no eos token")
     if tokenizer.pad_token_id is None:
@@ -74,9 +87,22 @@ def load_tokenizer(name: str, path: str):
     return tokenizer
 
 
+def load_config(name: str, path: str):
+    """The model config of a directory, a hub name or a ``.gguf`` file, without its weights."""
+    from transformers import AutoConfig
+
+    check_model_path(name, path)
+    if gguf.is_gguf(path):
+        return gguf.load_config(name, path)
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{name}: could not load a model config from {path!r}: {e}") from None
+
+
 def has_tokenizer(path: str) -> bool:
     if not os.path.isdir(path):
-        return True  # a hub name: assume it ships one
+        return True  # a hub name, or a GGUF file (which carries its tokenizer): assume it ships one
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     return any(os.path.isfile(os.path.join(path, n)) for n in names)
 
