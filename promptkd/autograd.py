@@ -1,4 +1,4 @@
-"""Rules shared by the public functions and the custom autograd Functions: double backward and autocast.
+"""Rules shared by the public functions and the custom autograd Functions: double backward, autocast, tracing.
 
 Double backward. The fused implementations (``torch``, ``triton``) hand-derive first-order gradients;
 differentiating those gradients again (``create_graph=True`` followed by another backward, a
@@ -123,6 +123,22 @@ def first_order(op: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     for i, t in zip(where, _FirstOrder.apply(op, *(tensors[i] for i in where)), strict=True):
         out[i] = t
     return tuple(out)
+
+
+def tracing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is traced rather than computed: under ``torch.compile`` (Dynamo, and AOTAutograd tracing
+    the backward) or any other tracer (fake or functional tensors: ``torch.library.opcheck``, export). There a
+    custom op must run (the tracer sees its fake implementation), never its body, and no host read may branch."""
+    return torch.compiler.is_compiling() or type(x) not in (torch.Tensor, torch.nn.Parameter)
+
+
+def static_float(x):
+    """``x``, but a float that ``torch.compile`` made symbolic (it changed between calls: automatic dynamic
+    shapes) becomes its value again, guarded: each value compiles once. The ops' settings are constants of
+    the graph (validated with ``math.isfinite``, baked into the custom ops' arguments); anything else passes."""
+    if isinstance(x, float) and torch.compiler.is_compiling():
+        return float.fromhex(x.hex())  # a method Dynamo evaluates on the value: specialises
+    return x
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

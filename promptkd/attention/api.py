@@ -8,8 +8,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
+from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target, static_float, tracing
 from ..impls import FLOATS, pick_impl
+from .ops import check_index_range, checked_index, prefix_attention_triton
 from .reference import prefix_attention_reference
 from .torch_impl import prefix_attention_torch
 
@@ -25,9 +26,15 @@ def _index_tensor(name: str, x, length: int, low: int, high: int, device: torch.
     """An integer vector [length] with values in [low, high], as int64 on ``device``. Values are checked
     when ``x`` is a list or a CPU tensor; a CUDA tensor is taken as it is (checking would sync)."""
     if isinstance(x, Sequence) and not isinstance(x, (str, bytes)):
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in x):
+        values = list(x)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in values):
             raise TypeError(f"{name} must hold integers")
-        x = torch.tensor(list(x), dtype=torch.int64)
+        if len(values) != length:
+            raise ValueError(f"{name} must have shape [{length}], got {(len(values),)}")
+        if values and (min(values) < low or max(values) > high):  # checked on the Python ints: no tensor read
+            bad = min(values) if min(values) < low else max(values)
+            raise ValueError(f"{name} values must lie in [{low}, {high}], got {bad}")
+        return torch.tensor(values, dtype=torch.int64).to(device=device, non_blocking=True)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or a sequence of ints, got {type(x).__name__}")
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dtype == torch.bool:
@@ -35,10 +42,10 @@ def _index_tensor(name: str, x, length: int, low: int, high: int, device: torch.
     if tuple(x.shape) != (length,):
         raise ValueError(f"{name} must have shape [{length}], got {tuple(x.shape)}")
     if x.device.type == "cpu" and x.numel():
-        lo, hi = int(x.min()), int(x.max())
-        if lo < low or hi > high:
-            bad = lo if lo < low else hi
-            raise ValueError(f"{name} values must lie in [{low}, {high}], got {bad}")
+        if tracing(x):  # a host read would break the graph: the op checks the real tensor
+            x = checked_index(x, name, low, high)
+        else:
+            check_index_range(name, x, low, high)
     elif x.device != device:
         raise ValueError(f"{name} is on {x.device}, the inputs on {device} (pass it on the CPU or on {device})")
     return x.to(device=device, dtype=torch.int64, non_blocking=True)
@@ -97,6 +104,14 @@ def prefix_attention(
     ``impl``: ``reference`` (concatenated keys, explicit mask, plain torch: the oracle), ``torch``
     (scaled_dot_product_attention with a boolean mask; CPU and fallback), ``triton`` (fused kernels,
     CUDA, head dims up to 128), ``auto`` (triton on CUDA where it applies, torch otherwise).
+
+    torch.compile: a step calling this function compiles with ``fullgraph=True`` (no graph break) and gives
+    the eager output and gradients. ``torch`` and ``reference`` are traced as plain torch; ``triton`` runs
+    as custom ops (``promptkd::prefix_attention_triton`` and its backward, ``promptkd.attention.ops``). Index
+    lists are checked as Python ints; a CPU index tensor is checked inside the graph
+    (``promptkd::checked_index``, the same ValueError). A ``scale`` that changes between calls compiles once
+    per value. Second derivatives through a compiled graph are torch's to refuse (AOTAutograd has no
+    double backward); the first-order guard above is the eager rule.
     """
     for name, x in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):
         _tensor(name, x, 4)
@@ -145,6 +160,7 @@ def prefix_attention(
             raise ValueError(f"key_padding_mask must have shape [B={b}, N={n}], got {tuple(key_padding_mask.shape)}")
         if key_padding_mask.device != device:
             raise ValueError(f"key_padding_mask is on {key_padding_mask.device}, expected {device} like q")
+    scale = static_float(scale)
     if scale is None:
         scale = 1.0 / math.sqrt(d) if d else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -160,6 +176,4 @@ def prefix_attention(
             return prefix_attention_reference(*args)
         if impl == "torch":
             return prefix_attention_torch(*args)
-        from .triton_impl import prefix_attention_triton  # imports triton only when asked for
-
-        return prefix_attention_triton(*args)
+        return prefix_attention_triton(*args)  # promptkd.attention.ops; imports triton only now

@@ -1,4 +1,4 @@
-"""``impl="triton"``: launchers and the autograd Function around the fused prefix-attention kernels.
+"""``impl="triton"``: launchers of the fused prefix-attention kernels (the autograd glue: ``promptkd.attention.ops``).
 
 Forward (kernels/prefix_attention_forward.py): one program per (query block, sample x query head)
 walks the group's prefix keys and its own keys up to the diagonal with an online softmax in base 2,
@@ -12,8 +12,7 @@ order: the same bits on every run, no atomics. Only the requested gradients are 
 nothing waits on the device (no host synchronisation).
 
 Masked keys and values are read as 0 (masked loads) and the queries of rows that see nothing as 0 in
-the dK kernel, so NaN or inf stored there reaches no output and no gradient. First-order only: double
-backward raises (``promptkd.autograd.first_order_only``).
+the dK kernel, so NaN or inf stored there reaches no output and no gradient.
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ import math
 import torch
 
 from .. import launch
-from ..autograd import first_order_only
 from ..kernels import configs
 from ..kernels.prefix_attention_backward import (
     prefix_attention_dkdv_kernel,
@@ -74,7 +72,9 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def _forward(q, k, v, pk, pv, lengths, group, keep, scale):
+def triton_forward(q, k, v, pk, pv, lengths, group, key_padding_mask, scale: float):
+    """(output [B, Hq, N, D] in q's dtype, log-sum-exp [B, Hq, N] float32) on inputs laid out by :func:`prepare`."""
+    keep = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     b, hq, n, d = q.shape
     o = launch.buffer(q.shape, q.dtype, q.device)
     lse = launch.buffer((b, hq, n), torch.float32, q.device)
@@ -88,16 +88,16 @@ def _forward(q, k, v, pk, pv, lengths, group, keep, scale):
     return o, lse
 
 
-def _backward(ctx, grad_out):
-    q, k, v, pk, pv, o, lse, lengths, group, keep = ctx.saved_tensors
-    need = ctx.needs_input_grad[:5]
-    scale = ctx.scale
+def triton_backward(grad_out, q, k, v, pk, pv, o, lse, lengths, group, key_padding_mask, scale: float, need) -> list:
+    """The gradients of q, k, v, prefix_k, prefix_v flagged in ``need`` (None for the others), in their dtypes;
+    ``o`` and ``lse`` from :func:`triton_forward` on the same inputs."""
+    keep = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     b, hq, n, d = q.shape
     hkv, (g, _, p, _) = k.shape[1], pk.shape
     device = q.device
     grads = [None] * 5
     if not any(need):
-        return (*grads, None, None, None, None)
+        return grads
     do = grad_out.contiguous()  # shares the strides of o (contiguous)
     qk_scale = scale * math.log2(math.e)
     common = (n, d, hq, hq // hkv, qk_scale, scale)
@@ -148,45 +148,25 @@ def _backward(ctx, grad_out):
             # Sum over splits in a fixed order (deterministic), then cast.
             grads[3] = None if dpk is None else dpk.sum(0).to(pk.dtype)
             grads[4] = None if dpv is None else dpv.sum(0).to(pv.dtype)
-    return (*grads, None, None, None, None)
+    return grads
 
 
-class PrefixAttentionFunction(torch.autograd.Function):
-    """Fused prefix attention; arguments as ``prefix_attention_triton`` receives them."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, prefix_k, prefix_v, lengths, group, keep, scale):
-        o, lse = _forward(q, k, v, prefix_k, prefix_v, lengths, group, keep, scale)
-        ctx.scale = scale
-        ctx.save_for_backward(q, k, v, prefix_k, prefix_v, o, lse, lengths, group, keep)
-        return o
-
-    @staticmethod
-    @first_order_only("prefix_attention (impl='triton')")
-    def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
-
-
-def prefix_attention_triton(q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, scale):
-    """Arguments checked and normalised by ``promptkd.attention.api``: lengths int64 [G] or None,
-    group int64 [B] and key_padding_mask bool [B, N] or None, on the inputs' device; scale a float.
+def prepare(q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask):
+    """Arguments checked and normalised by ``promptkd.attention.api`` (lengths int64 [G] or None, group int64
+    [B] and key_padding_mask bool [B, N] or None, on the inputs' device), laid out as the kernels read them:
+    unit stride along D, keys and values (own, prefix) with one set of strides, index tensors contiguous.
     Head dims up to 128 (non-powers of two are masked)."""
     d = q.shape[-1]
     if d > configs.ATTENTION_MAX_HEAD_DIM:
         raise ValueError(f"impl='triton' supports head dims up to {configs.ATTENTION_MAX_HEAD_DIM}, got {d} "
                          "(use impl='torch')")
-    if q.numel() == 0:  # no query, or no query head: nothing to attend and zero gradients
-        return _empty_output(q, k, v, prefix_k, prefix_v)
-    q = _unit_stride(q)
     k, v = _same_strides(k, v)
     prefix_k, prefix_v = _same_strides(prefix_k, prefix_v)
-    group = group.contiguous()
-    lengths = None if lengths is None else lengths.contiguous()
-    keep = None if key_padding_mask is None else key_padding_mask.contiguous().view(torch.uint8)
-    return PrefixAttentionFunction.apply(q, k, v, prefix_k, prefix_v, lengths, group, keep, float(scale))
+    return (_unit_stride(q), k, v, prefix_k, prefix_v, None if lengths is None else lengths.contiguous(),
+            group.contiguous(), None if key_padding_mask is None else key_padding_mask.contiguous())
 
 
-def _empty_output(q, k, v, prefix_k, prefix_v):
+def empty_output(q, k, v, prefix_k, prefix_v):
     """The output of an empty query set, connected to the inputs so that their gradients are zeros."""
     zero = sum(x.sum() * 0 for x in (k, v, prefix_k, prefix_v))
     return q * 0 + zero

@@ -19,11 +19,15 @@ from dataclasses import replace
 
 import torch
 
-from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
+from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target, static_float, tracing
 from ..impls import FLOATS, pick_impl
+from .ops import check_label_range, checked_labels
+from .ops import kd_loss as kd_loss_op
 from .reference import fused_linear_kd_loss_reference, kd_loss_reference
 from .settings import KDSettings
-from .torch_impl import TorchKDFunction
+
+#: The float fields of KDSettings (constants of a compiled graph: ``_static_settings``).
+FLOAT_SETTINGS = ("beta", "alpha", "temperature", "soft_weight", "hard_weight")
 
 
 def _is_tensor(name: str, x, optional: bool = False):
@@ -54,13 +58,9 @@ def _check_labels(labels, lead: torch.Size, vocab: int, settings: KDSettings, de
     labels = labels.reshape(-1).long()
     # Elsewhere an out-of-range counted label makes that token's loss NaN (see fused_linear_kd_loss).
     if _labels_checked_on_host(labels.device) and labels.numel():
-        bad = (labels != settings.ignore_index) & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(
-                f"labels must lie in [0, {vocab}) or equal ignore_index={settings.ignore_index}; "
-                f"flattened position {i} holds {int(labels[i])}"
-            )
+        if tracing(labels):  # a host read would break the graph: the op checks the real tensor
+            return checked_labels(labels, vocab, settings.ignore_index)
+        check_label_range(labels, vocab, settings.ignore_index)
     return labels
 
 
@@ -75,6 +75,25 @@ def _resolve_vocab(vs: int, vt: int, settings: KDSettings) -> KDSettings:
     if settings.vocab_size > min(vs, vt):
         raise ValueError(f"vocab_size={settings.vocab_size} exceeds the smaller vocabulary ({min(vs, vt)})")
     return settings
+
+
+def _settings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index, reduction,
+              vocab_size) -> KDSettings:
+    """The keyword settings, validated; floats kept constant under torch.compile (``static_float``)."""
+    if torch.compiler.is_compiling():
+        beta, alpha, temperature, soft_weight, hard_weight = map(static_float, (beta, alpha, temperature,
+                                                                             soft_weight, hard_weight))
+    return KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
+                      soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
+                      reduction=reduction, vocab_size=vocab_size)
+
+
+def _static_settings(settings: KDSettings) -> KDSettings:
+    """``settings`` itself; under torch.compile with its floats kept constant (``static_float``: a module's
+    settings that changed between calls would otherwise be symbolic)."""
+    if not torch.compiler.is_compiling():
+        return settings
+    return replace(settings, **{name: static_float(getattr(settings, name)) for name in FLOAT_SETTINGS})
 
 
 def _check_float(name: str, x: torch.Tensor, dtype, device, ndim=None, cast=None):
@@ -154,10 +173,18 @@ def fused_linear_kd_loss(
     in backward: the least memory between forward and backward), ``triton`` (fused kernels, CUDA),
     ``auto`` (triton on CUDA, chunked otherwise). The chunked paths' elementwise pass runs in native
     C++ where built (``PROMPTKD_CPU_KERNELS``, ``promptkd info``; see ``promptkd.kd.rows``).
+
+    torch.compile: ``chunked``, ``torch`` and ``triton`` run as custom ops (``promptkd::kd_loss`` and its
+    backward, ``promptkd.kd.ops``) with fake implementations and a registered autograd formula, so a step
+    calling this function compiles with ``fullgraph=True`` (no graph break) and gives the eager loss and
+    gradients; ``reference`` is traced as plain torch. The CPU label check runs inside the graph
+    (``promptkd::checked_labels``) and raises the same ValueError. The keyword settings are constants of
+    the graph: a float that changes between calls (a scheduled ``hard_weight``) compiles once per value.
+    Second derivatives through a compiled graph are torch's to refuse (AOTAutograd has no double
+    backward); the first-order guard above is the eager rule.
     """
-    settings = KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
-                          soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
-                          reduction=reduction, vocab_size=vocab_size)
+    settings = _settings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index, reduction,
+                         vocab_size)
     return fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                               student_bias, teacher_bias, settings=settings, impl=impl)
 
@@ -166,6 +193,7 @@ def fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_h
                                        student_bias, teacher_bias, *, settings: KDSettings, impl: str) -> torch.Tensor:
     """:func:`fused_linear_kd_loss` with its keyword settings already validated in ``settings`` (what
     ``FusedLinearKDLoss`` holds): checks the tensors and ``impl``, then runs."""
+    settings = _static_settings(settings)
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
         _is_tensor(name, x)
@@ -230,15 +258,15 @@ def kd_loss(
     cast to ``torch.promote_types`` of the two (outside autocast that is a ValueError), and the op runs
     with autocast disabled, forward and backward.
     """
-    settings = KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
-                          soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
-                          reduction=reduction, vocab_size=vocab_size)
+    settings = _settings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index, reduction,
+                         vocab_size)
     return kd_loss_from_settings(student_logits, teacher_logits, labels, settings=settings, impl=impl)
 
 
 def kd_loss_from_settings(student_logits, teacher_logits, labels, *, settings: KDSettings, impl: str) -> torch.Tensor:
     """:func:`kd_loss` with its keyword settings already validated in ``settings`` (what ``KDLoss``
     holds): checks the tensors and ``impl``, then runs."""
+    settings = _static_settings(settings)
     _is_tensor("student_logits", student_logits)
     _is_tensor("teacher_logits", teacher_logits)
     dtype, device = student_logits.dtype, student_logits.device
@@ -268,9 +296,4 @@ def kd_loss_from_settings(student_logits, teacher_logits, labels, *, settings: K
 
 
 def _apply(impl: str, args) -> torch.Tensor:
-    if impl in ("chunked", "torch"):
-        # ctx.needs_input_grad ignores grad mode: under no_grad no gradient may be computed in forward
-        return TorchKDFunction.apply(*args, impl == "chunked" and torch.is_grad_enabled())
-    from .triton_impl import triton_kd_loss  # imports triton only when asked for
-
-    return triton_kd_loss(*args)
+    return kd_loss_op(*args, impl)  # promptkd.kd.ops; imports triton only when impl is triton

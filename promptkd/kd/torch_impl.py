@@ -16,6 +16,9 @@ gradient buffers exist from the forward on (they would exist in the backward any
 backward recomputes each chunk's logits. Used for ``reduction="none"`` (a per-token incoming gradient
 is not known in forward), for calls that need no gradient, and on request where memory is tightest
 (several losses built before one backward each hold their gradients under ``chunked``).
+
+The autograd glue (what is saved, scaling the kept gradients, the first-order rule) and the custom ops that
+torch.compile sees are in ``promptkd.kd.ops``.
 """
 
 from __future__ import annotations
@@ -25,10 +28,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..autograd import first_order_only
 from .rows import kd_rows
 from .settings import KDSettings
-from .tokens import finish_forward, row_scale
+from .tokens import row_scale
 
 #: Bytes of one float32 [rows, V] chunk tensor; rows = max(1, CHUNK_BYTES // (4 * V)). Two such
 #: tensors (student and teacher logits) are the loss's working memory beyond the gradients:
@@ -126,58 +128,32 @@ def _run_chunks(xs, ws, bs, xt, wt, bt, targets, scale, settings: KDSettings, ne
             _side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
 
 
-class TorchKDFunction(torch.autograd.Function):
-    """Chunked KD loss over (hidden, weight, bias) pairs, or over logits when the weights are None.
+def torch_forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, grads) -> tuple[torch.Tensor, list, list]:
+    """The forward of ``chunked`` / ``torch`` on flattened inputs (x [N, D] with its weight [V', D] and bias, or
+    logits [N, V'] when the weight is None; labels int64 [N] or None; ``settings.vocab_size`` resolved).
 
-    Inputs are flattened: x [N, D] (or logits [N, V']), labels [N] or None; ``settings.vocab_size``
-    is resolved. ``in_forward``: compute the gradients in the forward pass (``impl="chunked"``), honoured
-    when the loss is reduced and some input requires grad; otherwise logits are recomputed in backward.
-    Returns the loss reduced per ``settings.reduction`` ([N] for ``none``), in float32 (float64 for
-    float64 inputs). With hard_weight > 0, a counted token whose label lies outside [0, vocab_size)
-    gets a NaN loss and NaN gradient rows (``promptkd.kd.tokens``). First-order only: double backward
-    raises (``promptkd.autograd.first_order_only``).
+    ``grads``: which of the six inputs (xs, ws, bs, xt, wt, bt) get the gradient of the reduced loss computed
+    here (the chunked strategy: d(loss)/d(per-token loss) is known in forward), none for recompute. Returns
+    (per-token losses [N] in float32, float64 for float64 inputs, before the label rules of
+    ``promptkd.kd.tokens``; [dxs, dws, dbs]; [dxt, dwt, dbt]), None where not computed; hidden and logit
+    gradients in their input's dtype, weight and bias gradients in the compute dtype.
     """
-
-    @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, in_forward: bool):
-        n = xs.shape[0]
-        need = ctx.needs_input_grad[:6]
-        in_forward = in_forward and any(need) and settings.reduction != "none"
-        dtype = _compute_dtype(xs.dtype)
-        per_token = torch.empty(n, dtype=dtype, device=xs.device)
-        scale, gs, gt = None, [None] * 3, [None] * 3
-        if in_forward:  # the gradients of the reduced loss, d(loss)/d(per-token loss) known now
-            scale = row_scale(torch.ones((), dtype=dtype, device=xs.device), labels, settings, n, dtype)
-            gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
-        _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, need, gs, gt, per_token)
-        ctx.in_forward = in_forward
-        # The inputs are saved in both cases (references, no copies): the double-backward guard links them.
-        # Under in_forward the gradient buffers follow (None where nothing was asked).
-        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, *gs, *gt))
-
-    @staticmethod
-    @first_order_only("fused_linear_kd_loss / kd_loss (impl='chunked' / 'torch')")
-    def backward(ctx, grad_out):
-        if ctx.in_forward:
-            return (*_scaled(ctx, grad_out), None, None, None)
-        xs, ws, bs, xt, wt, bt, labels = ctx.saved_tensors[:7]
-        settings: KDSettings = ctx.settings
-        need = ctx.needs_input_grad[:6]
-        gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
-        if any(need):
-            scale = row_scale(grad_out, labels, settings, xs.shape[0], _compute_dtype(xs.dtype))
-            _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, need, gs, gt)
-        gs = [None if g is None else g.to(ref.dtype) for g, ref in zip(gs, (xs, ws, bs), strict=True)]
-        gt = [None if g is None else g.to(ref.dtype) for g, ref in zip(gt, (xt, wt, bt), strict=True)]
-        return (*gs, *gt, None, None, None)
+    n = xs.shape[0]
+    dtype = _compute_dtype(xs.dtype)
+    per_token = torch.empty(n, dtype=dtype, device=xs.device)
+    scale, gs, gt = None, [None] * 3, [None] * 3
+    if any(grads):
+        scale = row_scale(torch.ones((), dtype=dtype, device=xs.device), labels, settings, n, dtype)
+        gs, gt = _alloc_grads(xs, ws, bs, grads[0:3]), _alloc_grads(xt, wt, bt, grads[3:6])
+    _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, grads, gs, gt, per_token)
+    return per_token, gs, gt
 
 
-def _scaled(ctx, grad_out: torch.Tensor) -> list:
-    """The gradients kept by the forward times ``grad_out``, each in its input's dtype. A CPU ``grad_out``
-    of exactly 1 (a plain ``loss.backward()``) returns them as they are (comparing costs no device sync
-    there); the kept buffers are never modified, so a second backward (``retain_graph``) sees them intact."""
-    saved = ctx.saved_tensors
-    inputs, grads = saved[:6], saved[7:]
-    unit = grad_out.device.type == "cpu" and bool(grad_out == 1)
-    return [None if g is None else (g if unit else g * grad_out.to(g.dtype)).to(x.dtype)
-            for g, x in zip(grads, inputs, strict=True)]
+def torch_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, need) -> list:
+    """Recompute: the gradients of ``grad_out`` (a scalar, or [N] for ``reduction="none"``) for the inputs
+    flagged in ``need``, each in its input's dtype; None for the others."""
+    gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
+    if any(need):
+        scale = row_scale(grad_out, labels, settings, xs.shape[0], _compute_dtype(xs.dtype))
+        _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, need, gs, gt)
+    return [None if g is None else g.to(ref.dtype) for g, ref in zip((*gs, *gt), (xs, ws, bs, xt, wt, bt), strict=True)]

@@ -1,4 +1,4 @@
-"""``impl="triton"``: launchers and the autograd Function around the fused KD kernels.
+"""``impl="triton"``: launchers of the fused KD kernels (the autograd glue: ``promptkd.kd.ops``).
 
 Forward: one Triton pass (forward/reverse KL) or two (log-sum-exps, then the mixture sums of JSD
 and the skew KLs) over (token block x vocabulary split) programs; per-split statistics combine
@@ -16,13 +16,12 @@ from __future__ import annotations
 import torch
 
 from .. import launch
-from ..autograd import first_order_only
 from ..kernels import configs
 from ..kernels import kd_planes as plane
 from ..kernels.kd_backward import kd_backward_kernel
 from ..kernels.kd_forward import kd_online_kernel, kd_terms_kernel
 from .settings import DIVERGENCE_CODES, KDSettings
-from .tokens import finish_forward, row_scale
+from .tokens import row_scale
 
 #: Bytes of one side's logit-gradient chunk [N, chunk of V] in backward.
 BACKWARD_CHUNK_BYTES = 64 << 20
@@ -48,10 +47,6 @@ def _side_args(x, w, b):
     if w is None:
         return x, x, x, 0, x.stride(0), 0, False
     return x, w, (x if b is None else b), x.shape[1], x.stride(0), w.stride(0), b is not None
-
-
-def _unit_stride(x):
-    return x if x is None or x.stride(-1) == 1 else x.contiguous()
 
 
 def _combine_lse(m: torch.Tensor, sums: torch.Tensor):
@@ -144,10 +139,10 @@ def _linear_grads(dz, x, w, b, v0: int, v1: int, needs, grads):
         grads[2][v0:v1] = dz.sum(0, dtype=torch.float32)
 
 
-def _backward(ctx, grad_out):
-    xs, ws, bs, xt, wt, bt, labels, rows = ctx.saved_tensors
-    settings: KDSettings = ctx.settings
-    need = ctx.needs_input_grad
+def triton_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, rows, settings: KDSettings, need) -> list:
+    """The gradients of ``grad_out`` (scalar, or [N] for ``reduction="none"``) for the inputs flagged in
+    ``need`` (xs, ws, bs, xt, wt, bt), each in its input's dtype, None for the others. ``rows``: the
+    per-token statistics of :func:`triton_forward`."""
     need_s, need_t = any(need[0:3]), any(need[3:6])
     n, vocab, device = xs.shape[0], settings.vocab_size, xs.device
     from_logits = ws is None
@@ -165,7 +160,7 @@ def _backward(ctx, grad_out):
                 grads[i] = launch.buffer(param.shape, param.dtype, device)
                 grads[i][vocab if n else 0:].zero_()
     if n == 0 or not (need_s or need_t):
-        return (*gs, *gt, None, None)
+        return [*gs, *gt]
 
     rows = torch.cat([rows, row_scale(grad_out, labels, settings, n, torch.float32)[None]])  # the last plane, GRAD
     cfg = configs.pick("backward", xs.element_size(), n)
@@ -201,32 +196,18 @@ def _backward(ctx, grad_out):
                 _linear_grads(dzt[:, : v1 - v0], xt, wt, bt, v0, v1, need[3:6], gt)
     gs[0] = None if gs[0] is None else gs[0].to(xs.dtype)
     gt[0] = None if gt[0] is None else gt[0].to(xt.dtype)
-    return (*gs, *gt, None, None)
+    return [*gs, *gt]
 
 
-class TritonKDFunction(torch.autograd.Function):
-    """Fused KD loss on (hidden, weight, bias) pairs, or on logits when the weights are None.
-
-    Inputs as for ``promptkd.kd.torch_impl.TorchKDFunction`` (flattened, vocab_size resolved), with unit
-    stride along the last dimension (``triton_kd_loss``). First-order only: double backward raises.
-    """
-
-    @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
-        if xs.shape[0] == 0:
-            per_token, rows = xs.new_zeros(0, dtype=torch.float32), xs.new_zeros(plane.GRAD, 0, dtype=torch.float32)
-        else:
-            per_token, rows = _forward(xs, ws, bs, xt, wt, bt, labels, settings)
-        return finish_forward(ctx, settings, per_token, labels, (xs, ws, bs, xt, wt, bt, labels, rows))
-
-    @staticmethod
-    @first_order_only("fused_linear_kd_loss / kd_loss (impl='triton')")
-    def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
+def triton_forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-token losses [N] float32, before the label rules of ``promptkd.kd.tokens``; the per-token
+    statistics [GRAD, N] float32 that :func:`triton_backward` reads). Inputs as for
+    ``promptkd.kd.torch_impl.torch_forward``, with unit stride along the last dimension."""
+    if xs.shape[0] == 0:
+        return xs.new_zeros(0, dtype=torch.float32), xs.new_zeros(plane.GRAD, 0, dtype=torch.float32)
+    return _forward(xs, ws, bs, xt, wt, bt, labels, settings)
 
 
-def triton_kd_loss(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings) -> torch.Tensor:
-    """``TritonKDFunction`` on inputs made unit-stride along the last dimension (outside the Function, so
-    that the tensors it saves are its inputs, linked to the caller's graph)."""
-    xs, ws, bs, xt, wt, bt = (_unit_stride(t) for t in (xs, ws, bs, xt, wt, bt))
-    return TritonKDFunction.apply(xs, ws, bs, xt, wt, bt, labels, settings)
+def unit_stride(x: torch.Tensor | None) -> torch.Tensor | None:
+    """``x`` with unit stride along its last dimension (what the kernels read), or None."""
+    return x if x is None or x.stride(-1) == 1 else x.contiguous()
