@@ -30,7 +30,7 @@ from .settings import KDSettings
 FLOAT_SETTINGS = ("beta", "alpha", "temperature", "soft_weight", "hard_weight")
 
 
-def _is_tensor(name: str, x, optional: bool = False):
+def check_tensor(name: str, x, optional: bool = False):
     if x is None and optional:
         return
     if not isinstance(x, torch.Tensor):
@@ -43,12 +43,12 @@ def _labels_checked_on_host(device: torch.device) -> bool:
     return device.type == "cpu"
 
 
-def _check_labels(labels, lead: torch.Size, vocab: int, settings: KDSettings, device):
+def check_labels(labels, lead: torch.Size, vocab: int, settings: KDSettings, device):
     if labels is None:
         if settings.has_hard:
             raise ValueError("labels are required when hard_weight > 0")
         return None
-    _is_tensor("labels", labels)
+    check_tensor("labels", labels)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
     if labels.shape != lead:
@@ -96,7 +96,7 @@ def _static_settings(settings: KDSettings) -> KDSettings:
     return replace(settings, **{name: static_float(getattr(settings, name)) for name in FLOAT_SETTINGS})
 
 
-def _check_float(name: str, x: torch.Tensor, dtype, device, ndim=None, cast=None):
+def check_float(name: str, x: torch.Tensor, dtype, device, ndim=None, cast=None):
     """``cast``: the autocast dtype (None: autocast off); x's dtype is compared as autocast_target makes it."""
     if x.dtype not in FLOATS:
         raise ValueError(f"{name} must be a floating tensor (float32, float16, bfloat16, float64), got {x.dtype}")
@@ -153,10 +153,12 @@ def fused_linear_kd_loss(
     Gradients flow to every input that requires grad (student hidden, weight, bias; teacher
     hidden, weight, bias), and only to those: no work is spent on the others.
 
-    Labels: with ``hard_weight == 0`` a label only says whether the token counts (!= ignore_index).
-    With ``hard_weight > 0``, labels of counted tokens must lie in [0, vocab_size): on CPU tensors this is
-    checked with a ValueError; elsewhere (a check would synchronise with the device) such a token gets
-    a NaN loss, so the reduced loss is NaN too, and NaN gradient rows: never a finite, wrong value.
+    Labels: a token counts when its label is not ``ignore_index``; with ``hard_weight > 0`` the label is
+    also the cross-entropy's target. Labels of counted tokens must lie in [0, vocab_size) whatever
+    hard_weight is: on CPU tensors this is checked with a ValueError; elsewhere (a check would
+    synchronise with the device) such a token gets a NaN loss, so the reduced loss is NaN too, and NaN
+    gradient rows: never a finite, wrong value (a padding label that is not ``ignore_index`` would
+    otherwise count silently).
 
     Autocast: when autocast is enabled for the inputs' device type, the floating inputs other than
     float64 are first cast to ``torch.get_autocast_dtype(device_type)`` (as autocast casts a matmul's
@@ -196,18 +198,18 @@ def fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_h
     settings = _static_settings(settings)
     for name, x in (("student_hidden", student_hidden), ("student_weight", student_weight),
                     ("teacher_hidden", teacher_hidden), ("teacher_weight", teacher_weight)):
-        _is_tensor(name, x)
-    _is_tensor("student_bias", student_bias, optional=True)
-    _is_tensor("teacher_bias", teacher_bias, optional=True)
+        check_tensor(name, x)
+    check_tensor("student_bias", student_bias, optional=True)
+    check_tensor("teacher_bias", teacher_bias, optional=True)
     device = student_hidden.device
     cast = autocast_dtype(device)  # checks see the dtypes after the autocast rule; casting waits for them
-    _check_float("student_hidden", student_hidden, None, None)
+    check_float("student_hidden", student_hidden, None, None)
     dtype = autocast_target(student_hidden.dtype, cast)
     if student_hidden.ndim < 1:
         raise ValueError("student_hidden must have at least one dimension [..., Ds]")
-    _check_float("student_weight", student_weight, dtype, device, ndim=2, cast=cast)
-    _check_float("teacher_hidden", teacher_hidden, dtype, device, cast=cast)
-    _check_float("teacher_weight", teacher_weight, dtype, device, ndim=2, cast=cast)
+    check_float("student_weight", student_weight, dtype, device, ndim=2, cast=cast)
+    check_float("teacher_hidden", teacher_hidden, dtype, device, cast=cast)
+    check_float("teacher_weight", teacher_weight, dtype, device, ndim=2, cast=cast)
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
         raise ValueError(f"teacher_hidden leading shape {tuple(teacher_hidden.shape[:-1])} differs from "
@@ -222,11 +224,11 @@ def fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_h
     vs, vt = student_weight.shape[0], teacher_weight.shape[0]
     for name, bias, v in (("student_bias", student_bias, vs), ("teacher_bias", teacher_bias, vt)):
         if bias is not None:
-            _check_float(name, bias, dtype, device, ndim=1, cast=cast)
+            check_float(name, bias, dtype, device, ndim=1, cast=cast)
             if bias.shape[0] != v:
                 raise ValueError(f"{name} must have shape [{v}], got {tuple(bias.shape)}")
     settings = _resolve_vocab(vs, vt, settings)
-    labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
+    labels = check_labels(labels, lead, settings.vocab_size, settings, device)
     impl = pick_impl(impl, device, dtype)
 
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
@@ -267,22 +269,22 @@ def kd_loss_from_settings(student_logits, teacher_logits, labels, *, settings: K
     """:func:`kd_loss` with its keyword settings already validated in ``settings`` (what ``KDLoss``
     holds): checks the tensors and ``impl``, then runs."""
     settings = _static_settings(settings)
-    _is_tensor("student_logits", student_logits)
-    _is_tensor("teacher_logits", teacher_logits)
+    check_tensor("student_logits", student_logits)
+    check_tensor("teacher_logits", teacher_logits)
     dtype, device = student_logits.dtype, student_logits.device
-    _check_float("student_logits", student_logits, None, None)
+    check_float("student_logits", student_logits, None, None)
     if student_logits.ndim < 1:
         raise ValueError("student_logits must have at least one dimension [..., Vs]")
     promote = autocast_dtype(device) is not None
     if promote and teacher_logits.dtype in FLOATS:  # under autocast: the narrower logits go to the wider dtype
         dtype = torch.promote_types(dtype, teacher_logits.dtype)
-    _check_float("teacher_logits", teacher_logits, None if promote else dtype, device)
+    check_float("teacher_logits", teacher_logits, None if promote else dtype, device)
     lead = student_logits.shape[:-1]
     if teacher_logits.shape[:-1] != lead:
         raise ValueError(f"teacher_logits leading shape {tuple(teacher_logits.shape[:-1])} differs from "
                          f"student_logits's {tuple(lead)}")
     settings = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], settings)
-    labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
+    labels = check_labels(labels, lead, settings.vocab_size, settings, device)
     impl = pick_impl(impl, device, dtype)
 
     student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)  # no-ops but under autocast

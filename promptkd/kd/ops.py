@@ -42,7 +42,7 @@ import torch
 from ..autograd import first_order_only, static_float, tracing
 from .settings import KDSettings
 from .tokens import finish_forward
-from .torch_impl import _alloc_grads, _compute_dtype, torch_backward, torch_forward
+from .torch_impl import alloc_grads, compute_dtype, torch_backward, torch_forward
 
 Tensor = torch.Tensor
 OP = {"chunked": "fused_linear_kd_loss / kd_loss (impl='chunked' / 'torch')",
@@ -135,9 +135,9 @@ def _(xs, ws, bs, xt, wt, bt, labels, divergence, beta, alpha, temperature, soft
       reduction, vocab_size, impl, grads):
     n = xs.shape[0]
     triton = impl == "triton"
-    dtype = torch.float32 if triton else _compute_dtype(xs.dtype)
+    dtype = torch.float32 if triton else compute_dtype(xs.dtype)
     loss = xs.new_empty((n,) if reduction == "none" else (), dtype=dtype)
-    kept = [*_alloc_grads(xs, ws, bs, grads[0:3]), *_alloc_grads(xt, wt, bt, grads[3:6])]
+    kept = [*alloc_grads(xs, ws, bs, grads[0:3]), *alloc_grads(xt, wt, bt, grads[3:6])]
     stats = xs.new_empty((TRITON_STAT_PLANES, n), dtype=torch.float32) if triton else _empty(xs)
     return (loss, *(_empty(xs) if g is None else g.new_empty(g.shape) for g in kept), stats)
 

@@ -23,12 +23,12 @@ import torch
 
 from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target, first_order_only
 from . import torch_impl
-from .api import _check_float, _check_labels, _is_tensor
+from .api import check_float, check_labels, check_tensor
 from .reference import fused_linear_kd_loss_reference
 from .rows import kd_rows
-from .settings import KDSettings, _number
+from .settings import KDSettings, number
 from .tokens import finish_forward, row_scale
-from .torch_impl import _alloc_grads, _compute_dtype, _logits, _side_grads
+from .torch_impl import alloc_grads, chunk_logits, compute_dtype, side_grads
 
 #: The values of ``fused_linear_kl_pair_loss``'s ``impl=``.
 PAIR_IMPLS = ("auto", "reference", "chunked")
@@ -53,7 +53,8 @@ def fused_linear_kl_pair_loss(
 
     Shapes: hidden [..., D], weight [V, D]; the student and anchor pairs likewise, each with its own
     hidden size and the same leading shape; biases [V] of their weight; labels [...] integer, only a mask
-    here (tokens equal to ``ignore_index`` count zero). All floating inputs share one dtype and device
+    here (tokens equal to ``ignore_index`` count zero; the others must lie in [0, V), as for
+    ``fused_linear_kd_loss``). All floating inputs share one dtype and device
     (after autocast, as for ``fused_linear_kd_loss``). ``vocab_size``: how many leading weight rows are
     real tokens, required when the three vocabularies differ. ``reduction``: ``mean`` (over counted
     tokens) or ``sum``; for per-token values call ``fused_linear_kd_loss`` twice. With
@@ -67,7 +68,7 @@ def fused_linear_kl_pair_loss(
     """
     settings = KDSettings(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
                           vocab_size=vocab_size)
-    anchor_scale = _number("anchor_scale", anchor_scale)
+    anchor_scale = number("anchor_scale", anchor_scale)
     if anchor_scale < 0.0:
         raise ValueError(f"anchor_scale must be >= 0, got {anchor_scale}")
     if reduction == "none":
@@ -78,26 +79,26 @@ def fused_linear_kl_pair_loss(
     sides = ((hidden, weight, bias), (student_hidden, student_weight, student_bias),
              (anchor_hidden, anchor_weight, anchor_bias))
     for prefix, (x, w, b) in zip(_SIDES, sides, strict=True):
-        _is_tensor(prefix + "hidden", x)
-        _is_tensor(prefix + "weight", w)
-        _is_tensor(prefix + "bias", b, optional=True)
+        check_tensor(prefix + "hidden", x)
+        check_tensor(prefix + "weight", w)
+        check_tensor(prefix + "bias", b, optional=True)
     device = hidden.device
     cast = autocast_dtype(device)
-    _check_float("hidden", hidden, None, None)
+    check_float("hidden", hidden, None, None)
     if hidden.ndim < 1:
         raise ValueError("hidden must have at least one dimension [..., D]")
     dtype, lead = autocast_target(hidden.dtype, cast), hidden.shape[:-1]
     vocabs = []
     for prefix, (x, w, b) in zip(_SIDES, sides, strict=True):
-        _check_float(prefix + "hidden", x, dtype, device, cast=cast)
-        _check_float(prefix + "weight", w, dtype, device, ndim=2, cast=cast)
+        check_float(prefix + "hidden", x, dtype, device, cast=cast)
+        check_float(prefix + "weight", w, dtype, device, ndim=2, cast=cast)
         if x.shape[:-1] != lead:
             raise ValueError(f"{prefix}hidden leading shape {tuple(x.shape[:-1])} differs from hidden's {tuple(lead)}")
         if w.shape[1] != x.shape[-1]:
             raise ValueError(f"{prefix}weight must be [V, {x.shape[-1]}] to match {prefix}hidden, "
                              f"got {tuple(w.shape)}")
         if b is not None:
-            _check_float(prefix + "bias", b, dtype, device, ndim=1, cast=cast)
+            check_float(prefix + "bias", b, dtype, device, ndim=1, cast=cast)
             if b.shape[0] != w.shape[0]:
                 raise ValueError(f"{prefix}bias must have shape [{w.shape[0]}], got {tuple(b.shape)}")
         vocabs.append(w.shape[0])
@@ -109,7 +110,7 @@ def fused_linear_kl_pair_loss(
         settings = replace(settings, vocab_size=vocabs[0])
     elif vocab_size > min(vocabs):
         raise ValueError(f"vocab_size={vocab_size} exceeds the smallest vocabulary ({min(vocabs)})")
-    labels = _check_labels(labels, lead, settings.vocab_size, settings, device)
+    labels = check_labels(labels, lead, settings.vocab_size, settings, device)
 
     flat = autocast_inputs(cast, *(t for side in sides for t in side))
     with autocast_off(device.type):
@@ -141,10 +142,10 @@ class KLPairFunction(torch.autograd.Function):
         if not anchor:
             need = (*need[:6], False, False, False)
         need_p, need_q, need_a = any(need[0:3]), any(need[3:6]), any(need[6:9])
-        dtype = _compute_dtype(xp.dtype)
+        dtype = compute_dtype(xp.dtype)
         scale = None
         inputs = (xp, wp, bp, xq, wq, bq, xa, wa, ba)
-        kept = [_alloc_grads(*inputs[i:i + 3], need[i:i + 3]) for i in (0, 3, 6)]
+        kept = [alloc_grads(*inputs[i:i + 3], need[i:i + 3]) for i in (0, 3, 6)]
         if any(need):
             scale = row_scale(torch.ones((), dtype=dtype, device=xp.device), labels, settings, n, dtype)
         second = replace(settings, soft_weight=anchor_scale)
@@ -155,22 +156,22 @@ class KLPairFunction(torch.autograd.Function):
         for r0 in range(0, n, step):
             rows = slice(r0, min(n, r0 + step))
             sc = None if scale is None else scale[rows]
-            p = _logits(xp, wp, bp, rows, vocab, buf_p)
+            p = chunk_logits(xp, wp, bp, rows, vocab, buf_p)
             p2 = buf_p2[: rows.stop - r0].copy_(p) if anchor else None  # each pass may overwrite its p
-            loss, dq, dp = kd_rows(_logits(xq, wq, bq, rows, vocab, buf_q), p, None, sc, settings, need_q, need_p)
+            loss, dq, dp = kd_rows(chunk_logits(xq, wq, bq, rows, vocab, buf_q), p, None, sc, settings, need_q, need_p)
             if anchor:
-                loss2, da, dp2 = kd_rows(_logits(xa, wa, ba, rows, vocab, buf_a), p2, None, sc, second, need_a,
+                loss2, da, dp2 = kd_rows(chunk_logits(xa, wa, ba, rows, vocab, buf_a), p2, None, sc, second, need_a,
                                          need_p)
                 loss = loss + loss2
                 if da is not None:
-                    _side_grads(da, xa, wa, ba, rows, need[6:9], kept[2])
+                    side_grads(da, xa, wa, ba, rows, need[6:9], kept[2])
                 if dp is not None:
                     dp.add_(dp2)
             per_token[rows] = loss
             if dq is not None:
-                _side_grads(dq, xq, wq, bq, rows, need[3:6], kept[1])
+                side_grads(dq, xq, wq, bq, rows, need[3:6], kept[1])
             if dp is not None:
-                _side_grads(dp, xp, wp, bp, rows, need[0:3], kept[0])
+                side_grads(dp, xp, wp, bp, rows, need[0:3], kept[0])
         if not anchor and grads:  # anchor_scale == 0: the anchor's gradients are zero
             kept[2] = [torch.zeros_like(x) if asked else None
                        for x, asked in zip(inputs[6:9], ctx.needs_input_grad[6:9], strict=True)]

@@ -14,7 +14,7 @@ IGNORE_INDEX = -100
 DIVERGENCE_CODES = {name: i + 1 for i, name in enumerate(DIVERGENCES)}
 
 
-def _number(name: str, value) -> float:
+def number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python int or float, got {type(value).__name__}")
     value = float(value)
@@ -47,7 +47,7 @@ class KDSettings:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         for name in ("beta", "alpha", "temperature", "soft_weight", "hard_weight"):
-            object.__setattr__(self, name, _number(name, getattr(self, name)))
+            object.__setattr__(self, name, number(name, getattr(self, name)))
         if self.divergence == "jsd" and not 0.0 < self.beta < 1.0:
             raise ValueError(
                 f"beta must lie strictly between 0 and 1 for divergence='jsd', got {self.beta}; "

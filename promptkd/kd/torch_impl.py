@@ -42,11 +42,11 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: slice, vocab: int,
+def chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, rows: slice, vocab: int,
             buffer: torch.Tensor) -> torch.Tensor:
     """Float32 (float64 for float64 inputs) logits of ``rows``: x[rows] @ weight[:V].T + bias[:V], or x[rows, :V],
     written into the leading rows of ``buffer`` (one [chunk rows, V] tensor reused by every chunk of a call:
@@ -65,12 +65,12 @@ def _logits(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
 def _buffers(xs, n: int, vocab: int):
     """The two chunk buffers of a call (student, teacher logits)."""
     rows = min(n, _chunk_rows(vocab))
-    dtype = _compute_dtype(xs.dtype)
+    dtype = compute_dtype(xs.dtype)
     return (torch.empty(rows, vocab, dtype=dtype, device=xs.device),
             torch.empty(rows, vocab, dtype=dtype, device=xs.device))
 
 
-def _side_grads(dz: torch.Tensor, x, weight, bias, rows: slice, needs, grads):
+def side_grads(dz: torch.Tensor, x, weight, bias, rows: slice, needs, grads):
     """Adds the gradients of one chunk's logit gradient dz [rows, V] to ``grads`` = [dx, dweight, dbias]."""
     vocab = dz.shape[1]
     if weight is None:  # logits input
@@ -86,9 +86,9 @@ def _side_grads(dz: torch.Tensor, x, weight, bias, rows: slice, needs, grads):
         grads[2][:vocab] += dz.sum(0).to(grads[2].dtype)
 
 
-def _alloc_grads(x, weight, bias, needs):
+def alloc_grads(x, weight, bias, needs):
     """Gradient buffers for the inputs that need them; weight/bias accumulate in >= float32."""
-    acc = _compute_dtype(x.dtype)
+    acc = compute_dtype(x.dtype)
     out = [None, None, None]
     if needs[0]:
         out[0] = torch.zeros_like(x) if weight is None else torch.empty_like(x)
@@ -117,15 +117,15 @@ def _run_chunks(xs, ws, bs, xt, wt, bt, targets, scale, settings: KDSettings, ne
     need_s, need_t = any(need[0:3]), any(need[3:6])
     buf_s, buf_t = _buffers(xs, n, vocab)
     for rows in _chunks(n, vocab):
-        s, t = _logits(xs, ws, bs, rows, vocab, buf_s), _logits(xt, wt, bt, rows, vocab, buf_t)
+        s, t = chunk_logits(xs, ws, bs, rows, vocab, buf_s), chunk_logits(xt, wt, bt, rows, vocab, buf_t)
         loss, ds, dt = kd_rows(s, t, None if targets is None else targets[rows],
                                None if scale is None else scale[rows], settings, need_s, need_t)
         if per_token is not None:
             per_token[rows] = loss
         if ds is not None:
-            _side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
+            side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
         if dt is not None:
-            _side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
+            side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
 
 
 def torch_forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, grads) -> tuple[torch.Tensor, list, list]:
@@ -139,12 +139,12 @@ def torch_forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, grads) -
     gradients in their input's dtype, weight and bias gradients in the compute dtype.
     """
     n = xs.shape[0]
-    dtype = _compute_dtype(xs.dtype)
+    dtype = compute_dtype(xs.dtype)
     per_token = torch.empty(n, dtype=dtype, device=xs.device)
     scale, gs, gt = None, [None] * 3, [None] * 3
     if any(grads):
         scale = row_scale(torch.ones((), dtype=dtype, device=xs.device), labels, settings, n, dtype)
-        gs, gt = _alloc_grads(xs, ws, bs, grads[0:3]), _alloc_grads(xt, wt, bt, grads[3:6])
+        gs, gt = alloc_grads(xs, ws, bs, grads[0:3]), alloc_grads(xt, wt, bt, grads[3:6])
     _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, grads, gs, gt, per_token)
     return per_token, gs, gt
 
@@ -152,8 +152,8 @@ def torch_forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, grads) -
 def torch_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, need) -> list:
     """Recompute: the gradients of ``grad_out`` (a scalar, or [N] for ``reduction="none"``) for the inputs
     flagged in ``need``, each in its input's dtype; None for the others."""
-    gs, gt = _alloc_grads(xs, ws, bs, need[0:3]), _alloc_grads(xt, wt, bt, need[3:6])
+    gs, gt = alloc_grads(xs, ws, bs, need[0:3]), alloc_grads(xt, wt, bt, need[3:6])
     if any(need):
-        scale = row_scale(grad_out, labels, settings, xs.shape[0], _compute_dtype(xs.dtype))
+        scale = row_scale(grad_out, labels, settings, xs.shape[0], compute_dtype(xs.dtype))
         _run_chunks(xs, ws, bs, xt, wt, bt, _targets(labels, settings), scale, settings, need, gs, gt)
     return [None if g is None else g.to(ref.dtype) for g, ref in zip((*gs, *gt), (xs, ws, bs, xt, wt, bt), strict=True)]
