@@ -1,7 +1,7 @@
 """Per-token bookkeeping shared by the ``torch`` and ``triton`` implementations: which tokens count,
 which labels are bad, the reduction, and its gradient per token. No host synchronisation anywhere.
 
-With hard_weight > 0, a counted token whose label lies outside [0, vocab_size) gets a NaN loss (and so
+A counted token whose label lies outside [0, vocab_size) gets a NaN loss (and so
 a NaN reduced loss) and NaN gradient rows: where no host check ran (``promptkd.kd.api`` checks labels
 on CPU tensors only), no finite but wrong value comes out.
 """
@@ -16,9 +16,10 @@ from .settings import KDSettings
 
 
 def _bad_labels(labels: torch.Tensor | None, settings: KDSettings) -> torch.Tensor | None:
-    """[N] bool: counted tokens whose label lies outside [0, vocab_size), or None when labels cannot matter
-    (no labels, or hard_weight == 0: the label is then only a mask)."""
-    if labels is None or not settings.has_hard:
+    """[N] bool: counted tokens whose label lies outside [0, vocab_size) (None without labels). Also with
+    hard_weight == 0: such a label is a caller's mistake (a padding value that is not ``ignore_index``,
+    another vocabulary) whatever the loss uses it for, and the CPU check refuses it too."""
+    if labels is None:
         return None
     return (labels != settings.ignore_index) & ((labels < 0) | (labels >= settings.vocab_size))
 
