@@ -1,10 +1,11 @@
-"""The ``promptkd`` command: demo, train, eval, plot, init-student.
+"""The ``promptkd`` command: demo, train, eval, plot, init-student, exposure.
 
     promptkd demo [--quick] [--out runs/demo] [--resume | --overwrite]
     promptkd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
     promptkd init-student --teacher PATH (--layers 0,3,6 | --keep N) --out DIR [--overwrite]
+    promptkd exposure --teacher PATH --student [NAME=]PATH [...] --data FILE --max-length L --samples K --out DIR
     promptkd info [--json]
 
 Errors in the inputs (arguments, config, data, paths, run directories: ``promptkd.errors.InputError``)
@@ -103,6 +104,93 @@ def _init_student(args) -> int:
     return 0
 
 
+EXPOSURE_FILES = ("exposure.json", "exposure.png")
+
+
+def _students(values: list[str]) -> dict[str, str]:
+    """``--student`` values, ``NAME=PATH`` or ``PATH`` (named after its last path component), by name."""
+    students = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or "/" in name or os.sep in name:
+            name, path = os.path.basename(os.path.normpath(value)), value
+        if name in students:
+            raise InputError(f"--student: two students named {name!r}; name them with --student NAME=PATH")
+        students[name] = path
+    return students
+
+
+def _check_exposure_args(args) -> dict[str, str]:
+    """Everything ``exposure`` can check before it loads a model; returns the students by name."""
+    for name in ("max_length", "samples", "batch_size", "max_prompt_length"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise InputError(f"--limit must be >= 1, got {args.limit}")
+    if args.seed < 0:
+        raise InputError(f"--seed must be >= 0, got {args.seed}")
+    if not os.path.isfile(args.data):
+        raise InputError(f"--data: no file {args.data!r}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise InputError(f"--out {args.out!r} is a file, not a directory")
+    taken = [f for f in EXPOSURE_FILES if os.path.lexists(os.path.join(args.out, f))]
+    if taken and not args.overwrite:
+        raise InputError(f"--out {args.out!r} holds {' and '.join(taken)} of a previous run; pass --overwrite "
+                         "to replace them")
+    from .hf.models import check_model_path
+    from .train.config import check_device
+
+    check_device(args.device)
+    students = _students(args.student)
+    check_model_path("--teacher", args.teacher)
+    for name, path in students.items():
+        check_model_path(f"--student {name}", path)
+    return students
+
+
+def _exposure(args) -> int:
+    import torch
+
+    from .files import write_text
+    from .hf.models import check_same_tokens, has_tokenizer, load_model, load_tokenizer
+    from .train.data import load_examples
+    from .train.exposure import exposure_bias, json_ready, plot_exposure, sample_continuations
+
+    students = _check_exposure_args(args)
+    device = torch.device(args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device!r}: CUDA is not available on this machine")
+    tokenizer_path = args.tokenizer or args.teacher
+    tokenizer = load_tokenizer("tokenizer", tokenizer_path)
+    for name, path in students.items():
+        if not args.tokenizer and has_tokenizer(path):
+            check_same_tokens(load_tokenizer(f"--student {name}", path), tokenizer, path, tokenizer_path)
+    dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda"
+                                                                      else torch.float32)
+    examples, stats = load_examples(args.data, tokenizer, args.max_prompt_length,
+                                    args.max_prompt_length + args.max_length + 1, limit=args.limit)
+    prompts = [e.prompt_ids for e in examples]
+    settings = dict(samples=args.samples, max_length=args.max_length, seed=args.seed, batch_size=args.batch_size)
+    teacher = load_model("teacher", args.teacher, dtype, device).eval()
+    teacher_samples = sample_continuations(teacher, tokenizer, prompts, **settings)
+    curves = {}
+    for name, path in students.items():
+        student = load_model(f"--student {name}", path, dtype, device).eval()
+        curves[name] = exposure_bias(teacher, student, tokenizer, prompts, teacher_samples=teacher_samples, **settings)
+        del student
+        curve = curves[name]
+        print(f"{name}: ExAccErr {curve['exaccerr'][-1]:.1f}% at length {args.max_length} (R {curve['R'][-1]:.4g}, "
+              f"l*eps {curve['accumulated_eps'][-1]:.4g}; {len(prompts)} prompts x {args.samples} samples)")
+    os.makedirs(args.out, exist_ok=True)
+    report = {"teacher": args.teacher, "data": args.data, "num_prompts": len(prompts),
+              "dropped_long_prompt": stats.dropped_long_prompt, "dtype": str(dtype).removeprefix("torch."),
+              **settings, "students": {name: {"path": students[name], **json_ready(c)} for name, c in curves.items()}}
+    write_text(os.path.join(args.out, EXPOSURE_FILES[0]), json.dumps(report, indent=2))
+    plot_exposure(curves, os.path.join(args.out, EXPOSURE_FILES[1]))
+    print(f"{args.out}: {' and '.join(EXPOSURE_FILES)}")
+    return 0
+
+
 def _plot(args) -> int:
     from .train.plot import plot_run
 
@@ -181,6 +269,30 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                       help="the student's weights (default: as the teacher is stored)")
     init.set_defaults(func=_init_student)
+
+    ex = sub.add_parser("exposure", help="exposure bias: ExAccErr(l) of students against their teacher, JSON and PNG",
+                        description="ExAccErr(l) = 100 (R(l) - l eps(l)) / (l eps(l)) for l = 1..L: R(l) sums the "
+                                    "student's error KL(teacher || student) over its own sampled prefixes, l eps(l) "
+                                    "over the teacher's (Arora et al. 2022, MiniLLM, PromptKD; see "
+                                    "promptkd.train.exposure). Writes OUT/exposure.json and OUT/exposure.png.")
+    ex.add_argument("--teacher", required=True, help="the oracle: a model directory, hub name or .gguf file")
+    ex.add_argument("--student", required=True, action="append", metavar="[NAME=]PATH",
+                    help="a student to measure (repeat for several; NAME labels it, default the path's last part)")
+    ex.add_argument("--data", required=True, help="JSONL file whose prompts are continued")
+    ex.add_argument("--max-length", type=int, required=True, help="L: the longest generation length measured")
+    ex.add_argument("--samples", type=int, required=True, help="K: responses sampled per prompt and model")
+    ex.add_argument("--seed", type=int, default=10)
+    ex.add_argument("--out", required=True, help="directory for exposure.json and exposure.png")
+    ex.add_argument("--overwrite", action="store_true", help="replace the exposure.json / exposure.png of --out")
+    ex.add_argument("--tokenizer", default="", help="default: the teacher's")
+    ex.add_argument("--max-prompt-length", type=int, default=256, help="longer prompts are dropped")
+    ex.add_argument("--limit", type=int, default=None, help="use the first N prompts of --data")
+    ex.add_argument("--batch-size", type=int, default=16)
+    ex.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                    help="the models' weights (auto: bfloat16 on CUDA, float32 on the CPU); the KL is computed in "
+                         "float32")
+    ex.add_argument("--device", default="auto")
+    ex.set_defaults(func=_exposure)
 
     plot = sub.add_parser("plot", help="PNG curves of a run's metrics.jsonl")
     plot.add_argument("run_dirs", nargs="+")
