@@ -67,6 +67,7 @@ class Unavailable(Exception):
 class Case:
     step: Callable[[], torch.Tensor]  # forward + backward; returns the loss (detached)
     result: Callable[[], dict]  # the loss and the gradients of the last step, for the agreement check
+    drop: Callable[[], None] = lambda: None  # frees the gradients of the last step
 
 
 def dtype_for(device: str) -> torch.dtype:
@@ -150,7 +151,10 @@ class _Mixture(torch.autograd.Function):
         settings = KDSettings(soft_weight=1.0 + lam, vocab_size=v)
         scale = torch.full((n,), 1.0 / n)
         grad, losses = torch.empty_like(hp), torch.empty(n)
-        for r in _chunks(n, v, 8):  # four [rows, V] blocks in the bytes of the floor's two
+        from promptkd.kd import torch_impl
+
+        step = max(1, torch_impl.CHUNK_BYTES // (8 * v))  # four [rows, V] blocks: the pair's chunk
+        for r in (slice(r0, min(n, r0 + step)) for r0 in range(0, n, step)):
             p, q, a = hp[r] @ wp.t(), hq[r] @ wq.t(), ha[r] @ wa.t()
             extra = torch.logsumexp(q, -1).add_(torch.logsumexp(a, -1), alpha=lam)
             m = q.add_(a, alpha=lam).div_(1.0 + lam)
@@ -272,7 +276,11 @@ def build(group: str, way: str, size: str = "default", device: str = "cpu") -> C
     def result():
         return {"loss": last["loss"].float(), **{f"grad{i}": leaves[i].grad.float() for i in _trainable(group)}}
 
-    return Case(step=step, result=result)
+    def drop():
+        for t in leaves:
+            t.grad = None
+
+    return Case(step=step, result=result, drop=drop)
 
 
 #: The environment of the peak-memory process: glibc returns every block of 64 KB or more to the system
@@ -283,12 +291,14 @@ PEAK_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 def peak(group: str, way: str, size: str, device: str) -> float:
     """Peak memory (MB) of one step of ``way`` beyond its inputs, gradients included, after a warm-up step
-    (one-time loads and compilation are not the loss's). CPU: the RSS high-water mark, in a process with
-    ``PEAK_ENV``; CUDA: max_memory_allocated. Run it in a fresh process."""
+    (one-time loads and compilation are not the loss's) whose gradients are freed before the measured step
+    starts. CPU: the RSS high-water mark, in a process with ``PEAK_ENV``; CUDA: max_memory_allocated. Run
+    it in a fresh process."""
     case = build(group, way, size, device)
     if device == "cpu":
-        case.step()  # (peak_extra_bytes warms up on CUDA itself)
-    return peak_extra_bytes(case.step, device) / 2**20
+        case.step()  # (peak_extra_bytes warms up on CUDA itself, then calls drop)
+        case.drop()
+    return peak_extra_bytes(case.step, device, after_warmup=case.drop) / 2**20
 
 
 def main():
