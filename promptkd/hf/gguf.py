@@ -67,25 +67,26 @@ def _unreadable(name: str, path: str, what: str, error: Exception) -> InputError
     return InputError(f"{name}: could not read {what} from the GGUF file {path!r}: {type(error).__name__}: {error}")
 
 
-def load_config(name: str, path: str):
-    """The model config stated by a GGUF file's metadata (no weights are read)."""
-    from transformers import AutoConfig
+def _from_gguf(auto_class: str, name: str, path: str, what: str, **kwargs):
+    """``transformers.<auto_class>.from_pretrained`` on a GGUF file, its read errors an InputError naming ``what``."""
+    import transformers
 
     check_gguf_path(name, path)
     folder, file = _split(path)
     try:
-        return AutoConfig.from_pretrained(folder, gguf_file=file)
+        return getattr(transformers, auto_class).from_pretrained(folder, gguf_file=file, **kwargs)
     except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise _unreadable(name, path, "a model config", e) from None
+        raise _unreadable(name, path, what, e) from None
+
+
+def load_config(name: str, path: str):
+    """The model config stated by a GGUF file's metadata (no weights are read)."""
+    return _from_gguf("AutoConfig", name, path, "a model config")
 
 
 def load_model(name: str, path: str, dtype: torch.dtype | str):
     """A causal LM from a GGUF file, its weights dequantised to ``dtype`` (``"auto"``: the file's float
     type), returned as a plain model that ``save_pretrained`` accepts."""
-    from transformers import AutoModelForCausalLM
-
-    check_gguf_path(name, path)
-    folder, file = _split(path)
     kwargs = {}
     try:  # newer transformers can keep some architectures' blocks packed (untrainable): ask for dense weights
         from transformers import GgufConfig
@@ -93,11 +94,7 @@ def load_model(name: str, path: str, dtype: torch.dtype | str):
         kwargs["quantization_config"] = GgufConfig(dequantize=True)
     except ImportError:  # older ones always dequantise
         pass
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=file, dtype=dtype, **kwargs)
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise _unreadable(name, path, "a causal LM", e) from None
-    return make_plain(model)
+    return make_plain(_from_gguf("AutoModelForCausalLM", name, path, "a causal LM", dtype=dtype, **kwargs))
 
 
 def make_plain(model):
@@ -117,11 +114,4 @@ def make_plain(model):
 
 def load_tokenizer(name: str, path: str):
     """The tokenizer a GGUF file describes (its vocabulary, merges, special tokens, chat template)."""
-    from transformers import AutoTokenizer
-
-    check_gguf_path(name, path)
-    folder, file = _split(path)
-    try:
-        return AutoTokenizer.from_pretrained(folder, gguf_file=file)
-    except (OSError, ValueError, KeyError, NotImplementedError) as e:
-        raise _unreadable(name, path, "a tokenizer", e) from None
+    return _from_gguf("AutoTokenizer", name, path, "a tokenizer")
