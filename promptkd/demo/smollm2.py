@@ -179,29 +179,35 @@ def _evaluate(model_dir: str, paths: dict, settings: ExperimentSettings) -> dict
     return scores
 
 
-def prompt_cost(teacher_dir: str, prompt_dir: str | None, paths: dict, settings: ExperimentSettings,
-                init_text: str) -> dict:
+def prompt_cost(teacher_dir: str, prompt_dirs: dict[str, str], paths: dict, settings: ExperimentSettings,
+                init_text: str, known: dict | None = None) -> dict:
     """The teacher's cross-entropy (nats per response token) on the test responses: without the soft
-    prompt, with the initial text prompt, and with the prompt in ``prompt_dir`` (PromptKD's, learned)."""
+    prompt (``no_prompt``), with the initial text prompt of ``settings.prompt_length`` tokens
+    (``initial_prompt``), and with each prompt PromptKD learned (``learned``: run name -> value, from
+    ``prompt_dirs``, PEFT adapter directories). Values already in ``known`` (an earlier result) are kept."""
     import torch
+    from safetensors.torch import load_file
 
     from ..hf.models import LMOutput, linear_cross_entropy, load_model, load_tokenizer
-    from ..hf.prompted import PromptedTeacher
+    from ..hf.prompted import ADAPTER_WEIGHTS, PromptedTeacher
     from ..train.data import collate, load_examples
 
+    known = known or {}
+    result = {"no_prompt": known.get("no_prompt"), "initial_prompt": known.get("initial_prompt"),
+              "learned": {k: v for k, v in known.get("learned", {}).items() if k in prompt_dirs}}
+    todo = [k for k in prompt_dirs if k not in result["learned"]]
+    if result["no_prompt"] is not None and result["initial_prompt"] is not None and not todo:
+        return {**result, "num_examples": known["num_examples"]}
     tokenizer = load_tokenizer("teacher", teacher_dir)
     model = load_model("teacher", teacher_dir, torch.float32, torch.device("cpu"))
     examples, _ = load_examples(paths["test"], tokenizer, settings.max_prompt_length, settings.max_length)
-    prompted = PromptedTeacher(model, settings.prompt_length, init="text", init_text=init_text,
-                               tokenizer=tokenizer, attention_impl="torch").eval()
+    batches = [collate([e.prompt_ids for e in examples[i:i + 32]], [e.response_ids for e in examples[i:i + 32]],
+                       tokenizer.pad_token_id, tokenizer.eos_token_id) for i in range(0, len(examples), 32)]
 
-    def cross_entropy(use_prompt: bool) -> float:
+    def cross_entropy(prompted: PromptedTeacher, use_prompt: bool = True) -> float:
         total, count = 0.0, 0
         with torch.no_grad():
-            for i in range(0, len(examples), 32):
-                part = examples[i:i + 32]
-                batch = collate([e.prompt_ids for e in part], [e.response_ids for e in part],
-                                tokenizer.pad_token_id, tokenizer.eos_token_id)
+            for batch in batches:
                 out = prompted(batch["input_ids"], batch["attention_mask"], use_prompt=use_prompt)
                 n = int((batch["labels"] != -100).sum())
                 loss = linear_cross_entropy(LMOutput(out.hidden_states, out.output_weight, out.output_bias),
@@ -209,12 +215,17 @@ def prompt_cost(teacher_dir: str, prompt_dir: str | None, paths: dict, settings:
                 total, count = total + float(loss) * n, count + n
         return total / count
 
-    result = {"no_prompt": cross_entropy(False), "initial_prompt": cross_entropy(True)}
-    if prompt_dir is not None:
-        prompted.load_prompt(prompt_dir)
-        result["learned_prompt"] = cross_entropy(True)
-    result["num_examples"] = len(examples)
-    return result
+    initial = PromptedTeacher(model, settings.prompt_length, init="text", init_text=init_text, tokenizer=tokenizer,
+                              attention_impl="torch").eval()
+    if result["no_prompt"] is None:
+        result["no_prompt"] = cross_entropy(initial, use_prompt=False)
+    if result["initial_prompt"] is None:
+        result["initial_prompt"] = cross_entropy(initial)
+    for name in todo:
+        prompt = load_file(os.path.join(prompt_dirs[name], ADAPTER_WEIGHTS))["prompt_embeddings"]
+        learned = PromptedTeacher(model, prompt.shape[0], init_embeddings=prompt, attention_impl="torch").eval()
+        result["learned"][name] = cross_entropy(learned)
+    return {**result, "num_examples": len(examples)}
 
 
 def exposure(teacher_dir: str, students: dict[str, str], paths: dict, settings: ExperimentSettings, seed: int,
@@ -254,7 +265,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     from ..hf.layer_drop import init_student
     from ..hf.models import check_model_path
     from ..train.plot import bar_chart, plot_comparison
-    from .stages import best_model, best_weights, cached, start, table, train_stage
+    from .stages import best_model, best_weights, cached, start, table, train_stage, verdict
 
     hf_logging.disable_progress_bar()
     settings = settings or (QUICK if quick else ExperimentSettings())
@@ -310,15 +321,21 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
             os.path.join(out, "scores", f"{file}.json"), lambda: _evaluate(best_model(run_dir), paths, s)))
         log(f"{name}: test ROUGE-L {rows[name]['test']['rougeL']:.1f} ± {rows[name]['test']['rougeL_std']:.1f}")
     init_text = TrainConfig().prompt_init_text
-    cost = timed("prompt_cost", lambda: cached(os.path.join(out, "prompt_cost.json"), lambda: prompt_cost(
-        teacher_dir, os.path.join(best_weights(runs["promptkd"]), "prompt"), paths, s, init_text)))
+    cost_path = os.path.join(out, "prompt_cost.json")
+    known = None
+    if os.path.isfile(cost_path):
+        with open(cost_path) as f:
+            known = json.load(f)
+    prompt_dirs = {k: os.path.join(best_weights(v), "prompt") for k, v in runs.items() if k.startswith("promptkd")}
+    cost = timed("prompt_cost", lambda: prompt_cost(teacher_dir, prompt_dirs, paths, s, init_text, known))
+    if cost != known:
+        write_text(cost_path, json.dumps(cost, indent=2))
     students = {name: best_model(runs[name]) for name in runs if name != "teacher"}
     exposure_dir = os.path.join(out, "exposure")
     curves = timed("exposure", lambda: cached(os.path.join(exposure_dir, "exposure.json"),
                                               lambda: exposure(teacher_dir, students, paths, s, seed, exposure_dir)))
 
-    text = "\n\n".join([table({k: v for k, v in rows.items()}, len(s.eval_seeds)), _cost_text(cost),
-                        _exposure_text(curves)])
+    text = "\n\n".join([table(rows, len(s.eval_seeds)), verdict(rows), _cost_text(cost), _exposure_text(curves)])
     log(text)
     results = {"settings": asdict(s), "seed": seed, "teacher": teacher, "variants": parsed, "scores": rows,
                "prompt_cost": cost, "exposure": curves, "seconds": {**seconds, "total": round(
@@ -334,7 +351,8 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     plot_comparison(distilled, "valid/rougeL", os.path.join(plots, "valid_rougeL.png"), "Validation ROUGE-L")
     plot_comparison({k: v for k, v in distilled.items() if k.startswith("promptkd")}, "prompt/loss",
                     os.path.join(plots, "prompt_loss.png"), "PromptKD prompt loss")
-    bar_chart({k.replace("_", " "): v for k, v in cost.items() if k != "num_examples"},
+    bar_chart({"no prompt": cost["no_prompt"], "initial prompt": cost["initial_prompt"],
+               **{f"learned: {k}": v for k, v in cost["learned"].items()}},
               os.path.join(plots, "teacher_ce.png"), "Teacher cross-entropy on test responses", "nats per token")
     log(f"experiment finished in {results['seconds']['total']:.0f} s; results in {out}/results.md, plots in {plots}")
     return results
@@ -357,8 +375,10 @@ def _check_variant(run_dir: str, changes: dict) -> None:
 
 
 def _cost_text(cost: dict) -> str:
-    lines = ["Teacher cross-entropy on the test responses (nats per token):", ""]
-    lines += [f"- {k.replace('_', ' ')}: {v:.3f}" for k, v in cost.items() if k != "num_examples"]
+    lines = [f"The SFT teacher's cross-entropy on the {cost['num_examples']} test responses (nats per token):", "",
+             f"- without the soft prompt: {cost['no_prompt']:.3f}",
+             f"- with the initial prompt (before PromptKD): {cost['initial_prompt']:.3f}"]
+    lines += [f"- with the prompt {k} learned (after PromptKD): {v:.3f}" for k, v in cost["learned"].items()]
     return "\n".join(lines)
 
 

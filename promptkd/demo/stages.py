@@ -104,3 +104,30 @@ def table(rows: dict, seeds: int) -> str:
                  f"{first['test']['num_examples']} test and {first['test_heldout']['num_examples']} held-out-template "
                  "examples.")
     return "\n".join(lines)
+
+
+def verdict(rows: dict, control: str = "sft", baseline: str = "sft_init") -> str:
+    """What a table can and cannot show, in words computed from it: each row's test ROUGE-L against
+    ``baseline`` (where every distillation starts) and the ``control`` (continued SFT), called apart
+    only when the gap exceeds twice the larger sampling-seed standard deviation."""
+    def gap(name: str, other: str) -> str:
+        a, b = rows[name]["test"], rows[other]["test"]
+        diff, noise = a["rougeL"] - b["rougeL"], 2 * max(a["rougeL_std"], b["rougeL_std"])
+        word = "above" if diff > noise else "below" if diff < -noise else "within noise of"
+        return f"{word} {other} ({diff:+.1f})"
+
+    names = [n for n in rows if n not in ("teacher", baseline, control)]
+    lines = ["What this table can show (test ROUGE-L; 'noise' = twice the larger sampling-seed std; each "
+             "model was trained once, so training-seed variation is not in these error bars):"]
+    if control in rows and baseline in rows:
+        lines.append(f"- {control} (continued SFT, the control): {gap(control, baseline)}")
+    for name in names:
+        parts = [gap(name, baseline)] + ([gap(name, control)] if control in rows else [])
+        lines.append(f"- {name}: " + ", ".join(parts))
+    if names:
+        best = max(names, key=lambda n: rows[n]["test"]["rougeL"])
+        others = [n for n in names if n != best]
+        if others:
+            runner = max(others, key=lambda n: rows[n]["test"]["rougeL"])
+            lines.append(f"- best distilled: {best}, {gap(best, runner)}")
+    return "\n".join(lines)

@@ -27,7 +27,7 @@ class TrainConfig:
 
     # What to train
     method: str = "promptkd"          # sft | kd | rkl | gkd | distillm | promptkd
-    student: str = ""                 # local directory or Hugging Face hub name of a causal LM
+    student: str = ""                 # local directory, .gguf file or Hugging Face hub name of a causal LM
     teacher: str = ""                 # the same, for every method but sft
     tokenizer: str = ""               # defaults to the student's directory / name
     output_dir: str = "runs/promptkd"
