@@ -135,6 +135,27 @@ def check_resume_keeps_every_stage(run):
         assert f"{name}: trained earlier" in log
     assert again["scores"] == results["scores"] and again["prompt_cost"] == results["prompt_cost"]
     assert again["exposure"] == results["exposure"]
+    # A variant added later: only it trains and is measured; every earlier figure is kept as it was.
+    log = []
+    more = smollm2.run_experiment(out, teacher=teacher, quick=True, resume=True, log=log.append,
+                                  variants=("plen3:prompt_length=3", "reg0:prompt_reg=0",
+                                            "sft11:method=sft,seed=11,lr=2e-4"))
+    assert any(line.startswith("promptkd[reg0]: trained in") for line in log)
+    assert "promptkd[plen3]: trained earlier" in log
+    new = ["promptkd[reg0]", "sft[sft11]"]
+    assert list(more["scores"]) == list(results["scores"]) + new
+    assert {k: v for k, v in more["scores"].items() if k not in new} == results["scores"]
+    assert set(more["prompt_cost"]["learned"]) == {"promptkd", "promptkd[plen3]", "promptkd[reg0]"}
+    assert {k: v for k, v in more["prompt_cost"].items() if k != "learned"} == \
+        {k: v for k, v in results["prompt_cost"].items() if k != "learned"}
+    students = more["exposure"]["students"]
+    assert {k: v for k, v in students.items() if k not in new} == results["exposure"]["students"]
+    assert len(students["promptkd[reg0]"]["exaccerr"]) == smollm2.QUICK.exposure_length
+    import yaml
+
+    with open(os.path.join(out, "variants", "sft11", "config.yaml")) as f:
+        config = yaml.safe_load(f)
+    assert (config["method"], config["seed"], config["lr"], config["eval_seeds"]) == ("sft", 11, 2e-4, [10])
 
 
 def check_refusals_of_a_run(run):
@@ -150,6 +171,7 @@ def check_refusals_of_a_run(run):
 def test_bad_variants_and_a_missing_teacher(teacher, tmp_path, monkeypatch, capsys):
     for bad, match in (("plen3", "expected NAME:key=value"), ("a b:prompt_length=3", "NAME of letters"),
                        ("x:prompt_length", "is not key=value"), ("x:max_steps=3", "cannot change"),
+                       ("x:method=ce", "method must be one of"),
                        ("x:prompt_lenght=3", "unknown"), ("x:prompt_length=0", "prompt_length")):
         with pytest.raises(InputError, match=match):
             smollm2.run_experiment(str(tmp_path / "new"), teacher=teacher, quick=True, variants=(bad,))

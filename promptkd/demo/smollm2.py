@@ -92,35 +92,44 @@ def packaged_teacher() -> str:
 
 def parse_variant(text: str) -> tuple[str, dict]:
     """``NAME:key=value[,key=value...]`` (``--variant``): a promptkd run from ``sft_init`` with these
-    :class:`TrainConfig` changes (values parsed as YAML), shown as ``promptkd[NAME]``."""
-    import yaml
+    :class:`TrainConfig` changes (values parsed as YAML), shown as ``promptkd[NAME]``. A ``method=`` change
+    makes it a run of that method instead (``sft_seed11:method=sft,seed=11`` is shown as ``sft[sft_seed11]``),
+    e.g. for a second training seed of a baseline."""
+    from dataclasses import fields
+
+    from ..train.config import parse_overrides
 
     name, sep, rest = text.partition(":")
     if not sep or not name or not name.replace("_", "").replace("-", "").isalnum():
         raise InputError(f"--variant {text!r}: expected NAME:key=value[,key=value], NAME of letters, digits, - and _")
-    changes = {}
     for item in rest.split(","):
-        key, eq, value = item.partition("=")
-        if not eq or not key.strip():
+        if "=" not in item or not item.partition("=")[0].strip():
             raise InputError(f"--variant {text!r}: {item!r} is not key=value")
-        changes[key.strip()] = yaml.safe_load(value)
-    from dataclasses import fields
-
+    changes = parse_overrides(rest.split(","))
     unknown = sorted(set(changes) - {f.name for f in fields(TrainConfig)})
     if unknown:
         raise InputError(f"--variant {text!r}: unknown config key(s) {', '.join(unknown)}")
-    fixed = {"method", "student", "teacher", "output_dir", "train_file", "valid_file", "max_steps", "batch_size"}
+    for f in fields(TrainConfig):  # YAML reads 1e-4 (no dot) as a string, as TrainConfig.from_dict knows
+        if f.type == "float" and isinstance(changes.get(f.name), str):
+            try:
+                changes[f.name] = float(changes[f.name])
+            except ValueError:
+                raise InputError(f"--variant {text!r}: {f.name} must be a number") from None
+    if changes.get("method", "promptkd") not in BASELINES:
+        raise InputError(f"--variant {text!r}: method must be one of {', '.join(BASELINES)}")
+    fixed = {"student", "teacher", "output_dir", "train_file", "valid_file", "max_steps", "batch_size"}
     if fixed & set(changes):
         raise InputError(f"--variant {text!r}: {', '.join(sorted(fixed & set(changes)))} cannot change (a "
                          "variant is a promptkd run from sft_init at the same steps and batches)")
     return name, changes
 
 
-def _config(settings: ExperimentSettings, paths: dict, out: str, seed: int, **changes) -> TrainConfig:
+def _config(settings: ExperimentSettings, paths: dict, out: str, experiment_seed: int, **changes) -> TrainConfig:
+    """A stage's config; ``changes`` may set another training ``seed`` (validation keeps the experiment's)."""
     s = settings
     base = dict(train_file=paths["train"], valid_file=paths["valid"], max_length=s.max_length,
-                max_prompt_length=s.max_prompt_length, batch_size=s.batch_size, seed=seed,
-                warmup_steps=s.warmup_steps, weight_decay=0.01, clip_grad_norm=1.0, eval_seeds=(seed,),
+                max_prompt_length=s.max_prompt_length, batch_size=s.batch_size, seed=experiment_seed,
+                warmup_steps=s.warmup_steps, weight_decay=0.01, clip_grad_norm=1.0, eval_seeds=(experiment_seed,),
                 eval_max_new_tokens=s.max_new_tokens, eval_batch_size=64, max_new_tokens=s.max_new_tokens,
                 prompt_length=s.prompt_length, keep_checkpoints=1, progress=False, tensorboard=False,
                 output_dir=out, dtype="float32")
@@ -229,27 +238,35 @@ def prompt_cost(teacher_dir: str, prompt_dirs: dict[str, str], paths: dict, sett
 
 
 def exposure(teacher_dir: str, students: dict[str, str], paths: dict, settings: ExperimentSettings, seed: int,
-             out: str) -> dict:
-    """ExAccErr curves of ``students`` (name -> model directory) against the SFT teacher on test prompts."""
+             out: str, known: dict | None = None) -> dict:
+    """ExAccErr curves of ``students`` (name -> model directory) against the SFT teacher on test prompts,
+    plotted to ``out/exposure.png``. Curves already in ``known`` (an earlier result with the same
+    settings) are kept: the teacher's samples are drawn from ``seed``, so they are the same samples."""
     import torch
 
     from ..hf.models import load_model, load_tokenizer
     from ..train.data import load_examples
     from ..train.exposure import exposure_bias, json_ready, plot_exposure, sample_continuations
 
-    tokenizer = load_tokenizer("teacher", teacher_dir)
-    examples, _ = load_examples(paths["test"], tokenizer, settings.max_prompt_length, settings.max_length,
-                                limit=settings.exposure_prompts)
-    prompts = [e.prompt_ids for e in examples]
     options = dict(samples=settings.exposure_samples, max_length=settings.exposure_length, seed=seed, batch_size=40)
-    teacher = load_model("teacher", teacher_dir, torch.float32, torch.device("cpu")).eval()
-    teacher_samples = sample_continuations(teacher, tokenizer, prompts, **options)
-    curves = {}
-    for name, path in students.items():
-        student = load_model(name, path, torch.float32, torch.device("cpu")).eval()
-        curves[name] = exposure_bias(teacher, student, tokenizer, prompts, teacher_samples=teacher_samples, **options)
-    plot_exposure(curves, os.path.join(out, "exposure.png"), "Exposure bias (ExAccErr) against the SFT teacher")
-    return {"num_prompts": len(prompts), **options, "students": {k: json_ready(v) for k, v in curves.items()}}
+    done = {k: v for k, v in (known or {}).get("students", {}).items() if k in students}
+    todo = [k for k in students if k not in done]
+    if todo:
+        tokenizer = load_tokenizer("teacher", teacher_dir)
+        examples, _ = load_examples(paths["test"], tokenizer, settings.max_prompt_length, settings.max_length,
+                                    limit=settings.exposure_prompts)
+        prompts = [e.prompt_ids for e in examples]
+        teacher = load_model("teacher", teacher_dir, torch.float32, torch.device("cpu")).eval()
+        teacher_samples = sample_continuations(teacher, tokenizer, prompts, **options)
+        for name in todo:
+            student = load_model(name, students[name], torch.float32, torch.device("cpu")).eval()
+            done[name] = json_ready(exposure_bias(teacher, student, tokenizer, prompts,
+                                                  teacher_samples=teacher_samples, **options))
+        known = {"num_prompts": len(prompts)}
+    curves = {k: done[k] for k in students}
+    drawn = {k: {**v, "exaccerr": [math.nan if x is None else x for x in v["exaccerr"]]} for k, v in curves.items()}
+    plot_exposure(drawn, os.path.join(out, "exposure.png"), "Exposure bias (ExAccErr) against the SFT teacher")
+    return {"num_prompts": known["num_prompts"], **options, "students": curves}
 
 
 def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick: bool = False, seed: int = 10,
@@ -275,7 +292,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     teacher = teacher or packaged_teacher()
     check_model_path("--teacher", teacher)
     for changes in parsed.values():  # a bad key or value is an error now, not after an hour of training
-        _config(settings, dict.fromkeys(("train", "valid"), "x"), "x", seed, method="promptkd", **changes)
+        _config(settings, dict.fromkeys(("train", "valid"), "x"), "x", seed, **{"method": "promptkd", **changes})
     manifest = {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed,
                 "teacher": os.path.basename(os.path.normpath(teacher))}
     started = time.perf_counter()
@@ -312,7 +329,8 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     for name, changes in parsed.items():
         run_dir = os.path.join(out, "variants", name)
         _check_variant(run_dir, changes)
-        runs[f"promptkd[{name}]"] = stage(f"promptkd[{name}]", run_dir, method="promptkd", **{**common, **changes})
+        row = f"{changes.get('method', 'promptkd')}[{name}]"
+        runs[row] = stage(row, run_dir, **{"method": "promptkd", **common, **changes})
 
     rows = {}
     for name, run_dir in runs.items():
@@ -331,9 +349,16 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     if cost != known:
         write_text(cost_path, json.dumps(cost, indent=2))
     students = {name: best_model(runs[name]) for name in runs if name != "teacher"}
-    exposure_dir = os.path.join(out, "exposure")
-    curves = timed("exposure", lambda: cached(os.path.join(exposure_dir, "exposure.json"),
-                                              lambda: exposure(teacher_dir, students, paths, s, seed, exposure_dir)))
+    exposure_path = os.path.join(out, "exposure", "exposure.json")
+    known_curves = None
+    if os.path.isfile(exposure_path):
+        with open(exposure_path) as f:
+            known_curves = json.load(f)
+    os.makedirs(os.path.dirname(exposure_path), exist_ok=True)
+    curves = timed("exposure", lambda: exposure(teacher_dir, students, paths, s, seed,
+                                                os.path.dirname(exposure_path), known_curves))
+    if curves != known_curves:
+        write_text(exposure_path, json.dumps(curves, indent=2))
 
     text = "\n\n".join([table(rows, len(s.eval_seeds)), verdict(rows), _cost_text(cost), _exposure_text(curves)])
     log(text)
