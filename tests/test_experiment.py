@@ -119,11 +119,11 @@ def check_prompt_cost_is_the_teachers_cross_entropy(run):
 
     cost = results["prompt_cost"]
     assert cost["num_examples"] == len(examples)
-    assert cost["no_prompt"] == pytest.approx(ce(None), rel=1e-4)
-    assert cost["initial_prompt"] == pytest.approx(ce(initial.soft_prompt.detach()), rel=1e-4)
-    assert cost["learned"]["promptkd"] == pytest.approx(ce(learned.soft_prompt.detach()), rel=1e-4)
-    assert cost["learned"]["promptkd[plen3]"] == pytest.approx(ce(variant.soft_prompt.detach()), rel=1e-4)
-    assert cost["learned"]["promptkd"] != cost["initial_prompt"]  # the prompt was trained
+    assert cost["no_prompt"] == pytest.approx(ce(None), rel=2e-5)
+    assert cost["initial_prompt"] == pytest.approx(ce(initial.soft_prompt.detach()), rel=2e-5)
+    assert cost["learned"]["promptkd"] == pytest.approx(ce(learned.soft_prompt.detach()), rel=2e-5)
+    assert cost["learned"]["promptkd[plen3]"] == pytest.approx(ce(variant.soft_prompt.detach()), rel=2e-5)
+    assert abs(cost["learned"]["promptkd"] - cost["initial_prompt"]) > 1e-3  # the prompt was trained
 
 
 def check_resume_keeps_every_stage(run):

@@ -73,7 +73,7 @@ class ExperimentSettings:
 #: A smoke test's sizes (tests run it on tiny GGUF models written on the spot).
 QUICK = ExperimentSettings(n_train=96, n_valid=4, n_test=6, keep_layers=2, max_length=160, max_prompt_length=120,
                            max_new_tokens=6, batch_size=4, teacher_steps=3, sft_steps=3, distill_steps=2,
-                           warmup_steps=0, eval_seeds=(10, 20), exposure_prompts=3, exposure_samples=1,
+                           prompt_lr=0.05, warmup_steps=0, eval_seeds=(10, 20), exposure_prompts=3, exposure_samples=1,
                            exposure_length=4)
 
 
