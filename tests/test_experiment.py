@@ -135,6 +135,9 @@ def check_resume_keeps_every_stage(run):
         assert f"{name}: trained earlier" in log
     assert again["scores"] == results["scores"] and again["prompt_cost"] == results["prompt_cost"]
     assert again["exposure"] == results["exposure"]
+    for stage in ("teacher", "sft_init", "promptkd"):  # the time of a stage is its first invocation's, plus ~0
+        assert results["seconds"][stage] <= again["seconds"][stage] <= results["seconds"][stage] + 1.0
+    assert again["seconds"]["total"] > results["seconds"]["total"]
     # A variant added later: only it trains and is measured; every earlier figure is kept as it was.
     log = []
     more = smollm2.run_experiment(out, teacher=teacher, quick=True, resume=True, log=log.append,
@@ -203,3 +206,6 @@ def test_verdict_calls_apart_only_gaps_beyond_twice_the_seed_std():
     assert lines[4] == "- rkl: below sft_init (-1.1), below sft (-2.1)"
     assert lines[5] == "- best distilled: kd, above promptkd (+2.1)"
     assert "teacher" not in verdict(rows)
+    rows["sft[seed11]"] = row(30, 0.5)  # a replicate of the control is compared, never the best distilled
+    assert verdict(rows).splitlines()[-2:] == ["- sft[seed11]: above sft_init (+10.0), above sft (+9.0)",
+                                               "- best distilled: kd, above promptkd (+2.1)"]

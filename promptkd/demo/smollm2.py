@@ -297,7 +297,12 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
                 "teacher": os.path.basename(os.path.normpath(teacher))}
     started = time.perf_counter()
     start(out, manifest, resume, overwrite, manifest_name="experiment.json", entries=ENTRIES, what="experiment")
-    seconds = {}
+    # Seconds per stage, summed over the invocations of a resumed run (a stage trained earlier adds ~0).
+    seconds, earlier = {}, os.path.join(out, "results.json")
+    if resume and os.path.isfile(earlier):
+        with open(earlier) as f:
+            seconds = json.load(f).get("seconds", {})
+    total = seconds.pop("total", 0.0)
 
     def timed(name, fn):
         t0 = time.perf_counter()
@@ -364,7 +369,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     log(text)
     results = {"settings": asdict(s), "seed": seed, "teacher": teacher, "variants": parsed, "scores": rows,
                "prompt_cost": cost, "exposure": curves, "seconds": {**seconds, "total": round(
-                   time.perf_counter() - started, 1)}}
+                   total + time.perf_counter() - started, 1)}}
     write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
     write_text(os.path.join(out, "results.md"), text + "\n")
     plots = os.path.join(out, "plots")

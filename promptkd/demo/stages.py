@@ -124,9 +124,10 @@ def verdict(rows: dict, control: str = "sft", baseline: str = "sft_init") -> str
     for name in names:
         parts = [gap(name, baseline)] + ([gap(name, control)] if control in rows else [])
         lines.append(f"- {name}: " + ", ".join(parts))
-    if names:
-        best = max(names, key=lambda n: rows[n]["test"]["rougeL"])
-        others = [n for n in names if n != best]
+    distilled = [n for n in names if not n.startswith(f"{control}[")]  # not the control's replicates
+    if distilled:
+        best = max(distilled, key=lambda n: rows[n]["test"]["rougeL"])
+        others = [n for n in distilled if n != best]
         if others:
             runner = max(others, key=lambda n: rows[n]["test"]["rougeL"])
             lines.append(f"- best distilled: {best}, {gap(best, runner)}")
