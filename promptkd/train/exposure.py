@@ -234,9 +234,11 @@ def plot_exposure(curves: dict[str, dict], path: str, title: str = "Exposure bia
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
+    from .plot import legend, legend_width, line_style
+
     if not curves:
         raise ValueError("curves must name at least one student")
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = Figure(figsize=(legend_width(len(curves)), 4), layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
     ax.set_xlabel("generation length l (tokens)")
@@ -244,10 +246,10 @@ def plot_exposure(curves: dict[str, dict], path: str, title: str = "Exposure bia
     ax.grid(True, alpha=0.3)
     ax.axhline(0.0, color="0.5", linewidth=0.8)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    for name, curve in curves.items():
+    for index, (name, curve) in enumerate(curves.items()):
         ax.plot(curve["length"], curve["exaccerr"], label=str(name), marker="o" if len(curve["length"]) <= 50
-                else None, markersize=3)
-    ax.legend()
+                else None, markersize=3, **line_style(index))
+    legend(ax, len(curves))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     FigureCanvasAgg(fig)
     return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100), suffix=".png")

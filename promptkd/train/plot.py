@@ -83,8 +83,8 @@ def _save(fig: Figure, path: str) -> str:
     return path
 
 
-def _axes(title: str, xlabel: str, ylabel: str):
-    fig = Figure(figsize=(6, 4), layout="constrained")
+def _axes(title: str, xlabel: str, ylabel: str, width: float = 6.0):
+    fig = Figure(figsize=(width, 4), layout="constrained")
     ax = fig.add_subplot()
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -93,9 +93,33 @@ def _axes(title: str, xlabel: str, ylabel: str):
     return fig, ax
 
 
-def _plot_line(ax, steps: list[int], values: list[float], label: str | None = None) -> None:
+#: Lines past matplotlib's ten colours repeat them with another dash pattern, so no two lines look alike.
+_DASHES = ("-", "--", ":", "-.")
+
+
+def line_style(index: int) -> dict:
+    """Plot keywords for the ``index``-th line of a figure: a colour of the tab10 cycle, and for
+    lines 10 and later a dash pattern, so every (colour, dash) pair is distinct for 40 lines."""
+    return {"color": f"C{index % 10}", "linestyle": _DASHES[(index // 10) % len(_DASHES)]}
+
+
+def legend(ax, count: int) -> None:
+    """A legend inside the axes for a few lines, beside them (right) for more than five, where it
+    would hide the lines it names; the caller sizes the figure (``legend_width``)."""
+    if count > 5:
+        ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
+    else:
+        ax.legend()
+
+
+def legend_width(count: int) -> float:
+    """Figure width (inches) for ``count`` labelled lines: room for an outside legend past five."""
+    return 8.0 if count > 5 else 6.0
+
+
+def _plot_line(ax, steps: list[int], values: list[float], label: str | None = None, index: int = 0) -> None:
     # Sparse metrics (a validation point every N steps) read better with markers.
-    ax.plot(steps, values, label=label, marker="o" if len(steps) <= 50 else None, markersize=3)
+    ax.plot(steps, values, label=label, marker="o" if len(steps) <= 50 else None, markersize=3, **line_style(index))
 
 
 def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
@@ -130,7 +154,7 @@ def plot_comparison(run_dirs: dict[str, str], metric: str, path: str, title: str
         raise ValueError("run_dirs must be a non-empty dict of label -> run directory")
     if not isinstance(metric, str) or not metric:
         raise ValueError(f"metric must be a non-empty str, got {metric!r}")
-    fig, ax = _axes(title if title is not None else metric, "step", metric)
+    fig, ax = _axes(title if title is not None else metric, "step", metric, width=legend_width(len(run_dirs)))
     plotted = 0
     for label, run_dir in run_dirs.items():
         metrics_path = os.path.join(run_dir, METRICS_FILE)
@@ -138,11 +162,11 @@ def plot_comparison(run_dirs: dict[str, str], metric: str, path: str, title: str
         if metric not in series:
             warnings.warn(f"plot_comparison: run {label!r} ({run_dir}) has no {metric!r}; skipped", stacklevel=2)
             continue
-        _plot_line(ax, *series[metric], label=str(label))
+        _plot_line(ax, *series[metric], label=str(label), index=plotted)
         plotted += 1
     if plotted == 0:
         raise ValueError(f"metric {metric!r} is in none of run_dirs {list(run_dirs)}")
-    ax.legend()
+    legend(ax, plotted)
     return _save(fig, path)
 
 
@@ -166,11 +190,14 @@ def bar_chart(values: dict[str, float], path: str, title: str, ylabel: str,
     labels = [str(k) for k in values]
     heights = [float(v) for v in values.values()]
     yerr = [float(errors.get(k, 0.0)) for k in values]
-    fig, ax = _axes(title, "", ylabel)
+    # Wider for many bars, so that neither the value labels nor the rotated names overlap.
+    fig, ax = _axes(title, "", ylabel, width=max(6.0, 0.6 * len(labels) + 1.5))
     ax.grid(False)
     ax.grid(True, axis="y", alpha=0.3)
-    bars = ax.bar(labels, heights, yerr=yerr if any(yerr) else None, capsize=4)
-    ax.bar_label(bars, fmt="%.2f", padding=2)
+    bars = ax.bar(range(len(labels)), heights, yerr=yerr if any(yerr) else None, capsize=4)
+    ax.bar_label(bars, fmt="%.3g", padding=2, fontsize="small")  # 3 digits: 46.6, 0.426
     if len(labels) > 4:
-        ax.tick_params(axis="x", labelrotation=30)
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(len(labels)), labels)
     return _save(fig, path)
