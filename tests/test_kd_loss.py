@@ -77,6 +77,23 @@ def test_triton_bfloat16(div):
     _check("triton", torch.bfloat16, div, "mean", "some", 2.5, True, 0.3)
 
 
+@pytest.mark.parametrize("vs", [301, 1001])  # one chunk narrower than its buffer; several, the last partial
+def test_triton_backward_hands_each_chunk_to_the_gemms_contiguous(vs, monkeypatch):
+    """The hidden and weight gradients' GEMMs get each vocabulary chunk's logit gradient as a contiguous
+    [N, width] tensor: torch 2.13's CPU bfloat16 GEMM (AVX-512 Xeons) reads a column slice's padding
+    columns, where the buffer's poison (or stale values) then reached the student's hidden gradient."""
+    seen, linear_grads = [], promptkd.kd.triton_impl._linear_grads
+
+    def spy(dz, *args):
+        seen.append((dz.is_contiguous(), tuple(dz.shape)))
+        return linear_grads(dz, *args)
+
+    monkeypatch.setattr(promptkd.kd.triton_impl, "_linear_grads", spy)
+    _check("triton", torch.bfloat16, "jsd", "mean", "some", 2.0, True, 0.3, vs=vs)
+    assert seen and all(contiguous for contiguous, _ in seen), seen
+    assert sum(shape[1] for _, shape in seen) == 2 * vs  # every column once per side
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("side", ["student", "teacher"])
 @pytest.mark.parametrize("div", DIVERGENCES)

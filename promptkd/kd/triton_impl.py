@@ -178,12 +178,18 @@ def triton_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, rows, settings: KD
         dzt = launch.buffer((n, chunk), xt.dtype, device) if need_t else None
     for v0 in range(0, vocab, chunk):
         v1 = min(vocab, v0 + chunk)
+        # A chunk's logit gradients are a contiguous [N, v1 - v0] view of the buffer's leading elements, not
+        # its columns [:, :v1 - v0]: torch 2.13's CPU bfloat16 GEMM (AVX-512 Xeons) reads a column-sliced
+        # operand's padding columns, so stale or NaN values past v1 - v0 leaked into the hidden gradient.
+        # (From logits, the kernel writes the logit gradient itself, columns [0, vocab) of its rows.)
+        cs, ct = (dz if dz is None or from_logits else dz.view(-1)[: n * (v1 - v0)].view(n, v1 - v0)
+                  for dz in (dzs, dzt))
         grid = (launch.cdiv(n, cfg.block_n), launch.cdiv(v1 - v0, cfg.block_v))
         kd_backward_kernel[grid](
             XS, WS, BS, XT, WT, BT, XS if labels is None else labels, rows,
-            XS if dzs is None else dzs, XS if dzt is None else dzt,
+            XS if cs is None else cs, XS if ct is None else ct,
             n, vocab, DS, DT, sxs, sws, sxt, swt,
-            0 if dzs is None else dzs.stride(0), 0 if dzt is None else dzt.stride(0),
+            0 if cs is None else cs.stride(0), 0 if ct is None else ct.stride(0),
             v0, v1, 1.0 / settings.temperature, lw_p, lw_q, settings.soft_weight, settings.hard_weight,
             DIVERGENCE=DIVERGENCE_CODES[settings.divergence], HAS_HARD=settings.has_hard,
             HAS_BIAS_S=has_bs, HAS_BIAS_T=has_bt, NEED_S=need_s, NEED_T=need_t, FROM_LOGITS=from_logits,
@@ -191,9 +197,9 @@ def triton_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, rows, settings: KD
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_compile_switches(xs))
         if not from_logits:
             if need_s:
-                _linear_grads(dzs[:, : v1 - v0], xs, ws, bs, v0, v1, need[0:3], gs)
+                _linear_grads(cs, xs, ws, bs, v0, v1, need[0:3], gs)
             if need_t:
-                _linear_grads(dzt[:, : v1 - v0], xt, wt, bt, v0, v1, need[3:6], gt)
+                _linear_grads(ct, xt, wt, bt, v0, v1, need[3:6], gt)
     gs[0] = None if gs[0] is None else gs[0].to(xs.dtype)
     gt[0] = None if gt[0] is None else gt[0].to(xt.dtype)
     return [*gs, *gt]
