@@ -180,7 +180,7 @@ def triton_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, rows, settings: KD
         v1 = min(vocab, v0 + chunk)
         # A chunk's logit gradients are a contiguous [N, v1 - v0] view of the buffer's leading elements, not
         # its columns [:, :v1 - v0]: torch 2.13's CPU bfloat16 GEMM (AVX-512 Xeons) reads a column-sliced
-        # operand's padding columns, so stale or NaN values past v1 - v0 leaked into the hidden gradient.
+        # operand's padding columns (times zero), so NaN or Inf there leaked into the hidden gradient.
         # (From logits, the kernel writes the logit gradient itself, columns [0, vocab) of its rows.)
         cs, ct = (dz if dz is None or from_logits else dz.view(-1)[: n * (v1 - v0)].view(n, v1 - v0)
                   for dz in (dzs, dzt))

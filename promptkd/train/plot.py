@@ -103,18 +103,22 @@ def line_style(index: int) -> dict:
     return {"color": f"C{index % 10}", "linestyle": _DASHES[(index // 10) % len(_DASHES)]}
 
 
+#: Up to this many labelled lines the legend goes inside the axes; past it, beside them.
+_LEGEND_INSIDE = 5
+
+
 def legend(ax, count: int) -> None:
-    """A legend inside the axes for a few lines, beside them (right) for more than five, where it
-    would hide the lines it names; the caller sizes the figure (``legend_width``)."""
-    if count > 5:
+    """A legend inside the axes for a few lines, beside them (right) for more, where it would hide
+    the lines it names; the caller sizes the figure (``legend_width``)."""
+    if count > _LEGEND_INSIDE:
         ax.legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize="small")
     else:
         ax.legend()
 
 
 def legend_width(count: int) -> float:
-    """Figure width (inches) for ``count`` labelled lines: room for an outside legend past five."""
-    return 8.0 if count > 5 else 6.0
+    """Figure width (inches) for ``count`` labelled lines: room for a legend beside the axes."""
+    return 8.0 if count > _LEGEND_INSIDE else 6.0
 
 
 def _plot_line(ax, steps: list[int], values: list[float], label: str | None = None, index: int = 0) -> None:
