@@ -47,9 +47,9 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # The Triton kernels live in kernels/ and install as promptkd.kernels.
-    packages=["promptkd", "promptkd.kd", "promptkd.attention", "promptkd.hf", "promptkd.train", "promptkd.demo",
-              "promptkd.kernels"],
-    # CMakeLists.txt builds kernels/cpu/kd_rows.cpp; the source ships in the sdist (MANIFEST.in)
+    packages=["promptkd", "promptkd.kd", "promptkd.sparse", "promptkd.attention", "promptkd.hf", "promptkd.train",
+              "promptkd.demo", "promptkd.kernels"],
+    # CMakeLists.txt builds kernels/cpu/*.cpp; the sources ship in the sdist (MANIFEST.in)
     package_dir={"promptkd": "promptkd", "promptkd.kernels": "kernels"},
     # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
     # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.

@@ -21,8 +21,9 @@ import torch
 from .settings import DIVERGENCE_CODES, KDSettings
 
 LIBRARY_NAME = "libpromptkd_cpu.so"
-#: The ABI version of kernels/cpu/kd_rows.cpp this module speaks.
-ABI_VERSION = 1
+#: The ABI version of the library (kernels/cpu/kd_rows.cpp, sparse_rows.cpp) this module speaks; 2 added the
+#: offline-distillation rows (promptkd_topk_rows, promptkd_sample_rows, promptkd_sparse_rows).
+ABI_VERSION = 2
 #: How to build the library by hand (what ``pip install -e .`` runs).
 BUILD_COMMAND = "cmake -S . -B build/native && cmake --build build/native  (from the repository root)"
 
@@ -57,6 +58,14 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.promptkd_kd_rows.restype = i32
     lib.promptkd_kd_rows.argtypes = [i64, i64, ptr, i64, ptr, i64, ptr, ptr, ptr, i32, f32, f32, f32, f32, f32,
                                      i32, i32]
+    for name, args in (("promptkd_topk_rows", [i64, i64, ptr, i64, i32, f32, ptr, ptr]),
+                       ("promptkd_sample_rows", [i64, i64, ptr, i64, i32, i32, f32, ptr, ptr, ptr, ptr]),
+                       ("promptkd_sparse_rows", [i64, i64, ptr, i64, i32, ptr, ptr, ptr, ptr, ptr, i32, f32, f32,
+                                                 f32])):
+        getattr(lib, name).restype = i32
+        getattr(lib, name).argtypes = args
+    lib.promptkd_philox.restype = None
+    lib.promptkd_philox.argtypes = [ctypes.c_uint64, ptr]
     return lib, None
 
 
@@ -95,3 +104,66 @@ def kd_rows(s: torch.Tensor, t: torch.Tensor, targets: torch.Tensor | None, scal
     if status != 0:
         raise RuntimeError(f"promptkd_kd_rows rejected its arguments (status {status})")
     return loss
+
+
+def _lib() -> ctypes.CDLL:
+    lib = library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernels are unavailable: {unavailable_reason()}")
+    return lib
+
+
+def topk_rows(x: torch.Tensor, k: int, inv_t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native top-k pass (``promptkd.sparse.rows``) on float32 CPU logits [rows, V] with unit column
+    stride: (ids [rows, k] int64, log-probabilities [rows, k] float32)."""
+    rows, vocab = x.shape
+    ids = torch.empty(rows, k, dtype=torch.int64)
+    lp = torch.empty(rows, k, dtype=torch.float32)
+    status = _lib().promptkd_topk_rows(rows, vocab, _ptr(x), x.stride(0), k, inv_t, _ptr(ids), _ptr(lp))
+    if status != 0:
+        raise RuntimeError(f"promptkd_topk_rows rejected its arguments (status {status})")
+    return ids, lp
+
+
+def sample_rows(x: torch.Tensor, samples: int, width: int, inv_t: float, keys: torch.Tensor,
+                counters: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native sampling pass (``promptkd.sparse.rows``): ``samples`` draws per row of float32 CPU logits
+    [rows, V], row i with Philox key ``keys[i]`` and counter ``counters[i]`` (int64 [rows]); (ids [rows, width]
+    int64, log(count / samples) [rows, width] float32), padded with -1 / -inf."""
+    rows, vocab = x.shape
+    ids = torch.empty(rows, width, dtype=torch.int64)
+    lp = torch.empty(rows, width, dtype=torch.float32)
+    keys, counters = keys.contiguous(), counters.contiguous()
+    status = _lib().promptkd_sample_rows(rows, vocab, _ptr(x), x.stride(0), samples, width, inv_t, _ptr(keys),
+                                         _ptr(counters), _ptr(ids), _ptr(lp))
+    if status != 0:
+        raise RuntimeError(f"promptkd_sample_rows rejected its arguments (status {status})")
+    return ids, lp
+
+
+def sparse_rows(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, targets: torch.Tensor | None,
+                scale: torch.Tensor | None, tail: bool, inv_t: float, soft_weight: float,
+                hard_weight: float) -> torch.Tensor:
+    """The native pass of the sparse KD loss (``promptkd.sparse.rows``) on float32 CPU student logits [rows, V]
+    (unit column stride, overwritten with the scaled gradient when ``scale`` is given); ids int64 and lp float32
+    [rows, k]. Returns [rows] losses."""
+    rows, vocab = s.shape
+    loss = torch.empty(rows, dtype=torch.float32)
+    ids, lp = ids.contiguous(), lp.to(torch.float32).contiguous()
+    if targets is not None:
+        targets = targets.contiguous()
+    if scale is not None:
+        scale = scale.to(torch.float32).contiguous()
+    status = _lib().promptkd_sparse_rows(rows, vocab, _ptr(s), s.stride(0), ids.shape[1], _ptr(ids), _ptr(lp),
+                                         _ptr(targets), _ptr(scale), _ptr(loss), int(tail), inv_t, soft_weight,
+                                         hard_weight)
+    if status != 0:
+        raise RuntimeError(f"promptkd_sparse_rows rejected its arguments (status {status})")
+    return loss
+
+
+def philox(key: int, counter: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    """The four Philox4x32-10 words the native kernels draw from ``key`` (uint64) and ``counter`` (four uint32)."""
+    words = (ctypes.c_uint32 * 4)(*counter)
+    _lib().promptkd_philox(key & (2**64 - 1), ctypes.addressof(words))
+    return tuple(words)

@@ -1,0 +1,103 @@
+"""The chunked paths of offline distillation (CPU, and CUDA through torch's GEMMs): chunks of token rows.
+
+Each chunk holds full-vocabulary rows of logits, at most ``promptkd.kd.torch_impl.CHUNK_BYTES`` per [rows, V]
+float32 tensor (``PROMPTKD_CHUNK_MB``), so the extra memory is one bounded chunk whatever N is; the row
+passes are ``promptkd.sparse.rows``.
+
+Targets: per chunk one GEMM (the teacher's head) and the top-k or sampling pass.
+
+The loss, ``chunked`` (gradient in forward, when the loss is reduced and an input requires grad): per chunk
+the logit GEMM, the row pass that yields the losses and the logit gradient, and the GEMMs that turn it into
+the hidden, weight and bias gradients the inputs need: three logit-sized GEMMs for hidden and weight, as
+cross-entropy. ``torch`` (recompute): the forward computes losses only; the backward recomputes each chunk's
+logits (``reduction="none"``, calls without a gradient, or on request).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kd import torch_impl as kd_torch
+from ..kd.tokens import row_scale
+from .rows import sample_rows, sparse_rows, topk_rows
+from .settings import SparseKDSettings
+
+
+def _chunks(n: int, vocab: int):
+    step = max(1, kd_torch.CHUNK_BYTES // (4 * vocab))
+    for r0 in range(0, n, step):
+        yield slice(r0, min(n, r0 + step))
+
+
+def _buffer(x: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    rows = min(n, max(1, kd_torch.CHUNK_BYTES // (4 * vocab)))
+    return torch.empty(rows, vocab, dtype=kd_torch.compute_dtype(x.dtype), device=x.device)
+
+
+def targets_forward(x, w, b, k: int, temperature: float, vocab: int, samples: int, keys, counters):
+    """Teacher targets of flattened hidden states x [N, D] (logits x [N, V'] when ``w`` is None): (ids [N, k]
+    int64, log-probabilities [N, k] float32, float64 for float64 inputs); top-k when ``samples`` is 0, else
+    ``samples`` draws per row with Philox keys / counters [N]."""
+    n = x.shape[0]
+    lp_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    ids = torch.empty(n, k, dtype=torch.int64, device=x.device)
+    lp = torch.empty(n, k, dtype=lp_dtype, device=x.device)
+    buffer = _buffer(x, n, vocab)
+    for rows in _chunks(n, vocab):
+        logits = kd_torch.chunk_logits(x, w, b, rows, vocab, buffer)
+        if samples:
+            ids[rows], lp[rows] = sample_rows(logits, samples, k, temperature, keys[rows], counters[rows])
+        else:
+            ids[rows], lp[rows] = topk_rows(logits, k, temperature)
+    return ids, lp
+
+
+def _targets(labels, settings: SparseKDSettings):
+    return labels.clamp(0, settings.vocab_size - 1) if settings.has_hard else None
+
+
+def _run_chunks(x, w, b, ids, lp, targets, scale, settings: SparseKDSettings, need, grads, per_token=None):
+    n, vocab = x.shape[0], settings.vocab_size
+    buffer = _buffer(x, n, vocab)
+    for rows in _chunks(n, vocab):
+        logits = kd_torch.chunk_logits(x, w, b, rows, vocab, buffer)
+        loss, grad = sparse_rows(logits, ids[rows], lp[rows], None if targets is None else targets[rows],
+                                 None if scale is None else scale[rows], settings)
+        if per_token is not None:
+            per_token[rows] = loss
+        if grad is not None:
+            kd_torch.side_grads(grad, x, w, b, rows, need, grads)
+
+
+def _nan_where(bad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return x if bad is None else torch.where(bad, torch.full_like(x, math.nan), x)
+
+
+def sparse_forward(x, w, b, ids, lp, labels, bad, settings: SparseKDSettings, grads) -> tuple[torch.Tensor, list]:
+    """The forward of ``chunked`` / ``torch`` on flattened inputs: x [N, D] with its weight [V', D] and bias, or
+    logits [N, V'] when the weight is None; ids [N, k] int64; lp [N, k]; labels int64 [N] or None; ``bad``
+    [N] bool or None: rows whose targets are unusable (``promptkd.sparse.checks``), NaN loss and gradient;
+    ``settings.vocab_size`` resolved. ``grads``: which of (x, w, b) get the gradient of the reduced loss
+    computed here. Returns (per-token losses [N], float32 or float64, before the label rules of
+    ``promptkd.kd.tokens``; [dx, dw, db], None where not computed)."""
+    n = x.shape[0]
+    dtype = kd_torch.compute_dtype(x.dtype)
+    per_token = torch.empty(n, dtype=dtype, device=x.device)
+    scale, out = None, [None] * 3
+    if any(grads):
+        scale = _nan_where(bad, row_scale(torch.ones((), dtype=dtype, device=x.device), labels, settings, n, dtype))
+        out = kd_torch.alloc_grads(x, w, b, grads)
+    _run_chunks(x, w, b, ids, lp, _targets(labels, settings), scale, settings, grads, out, per_token)
+    return _nan_where(bad, per_token), out
+
+
+def sparse_backward(grad_out, x, w, b, ids, lp, labels, bad, settings: SparseKDSettings, need) -> list:
+    """Recompute: the gradients of ``grad_out`` (a scalar, or [N] for ``reduction="none"``) for the inputs
+    flagged in ``need``, each in its input's dtype; None for the others."""
+    out = kd_torch.alloc_grads(x, w, b, need)
+    if any(need):
+        scale = _nan_where(bad, row_scale(grad_out, labels, settings, x.shape[0], kd_torch.compute_dtype(x.dtype)))
+        _run_chunks(x, w, b, ids, lp, _targets(labels, settings), scale, settings, need, out)
+    return [None if g is None else g.to(ref.dtype) for g, ref in zip(out, (x, w, b), strict=True)]
