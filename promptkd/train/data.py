@@ -43,13 +43,15 @@ def render_prompt(instruction: str, context: str = "") -> str:
 
 @dataclass
 class Example:
-    """One tokenised instruction. ``response_ids`` exclude the eos that closes them in training."""
+    """One tokenised instruction. ``response_ids`` exclude the eos that closes them in training. ``index`` is
+    its position in the list :func:`load_examples` returns (what a teacher cache and the data order number)."""
 
     prompt: str
     references: list[str]
     prompt_ids: list[int]
     response_ids: list[int]
     record: dict = field(default_factory=dict, repr=False)
+    index: int = -1
 
 
 @dataclass
@@ -131,7 +133,7 @@ def load_examples(path: str, tokenizer, max_prompt_length: int, max_length: int,
         if len(response_ids) > room:
             response_ids = response_ids[:room]
             stats.truncated_response += 1
-        examples.append(Example(prompt, references, prompt_ids, response_ids, record))
+        examples.append(Example(prompt, references, prompt_ids, response_ids, record, index=len(examples)))
     stats.kept = len(examples)
     if not examples:
         raise InputError(f"{path}: no usable example ({stats.records} records, {stats.dropped_long_prompt} "
