@@ -5,11 +5,13 @@
     pytest bench/ --benchmark-only -k kd_loss --benchmark-autosave   # JSON under bench/results/benchmarks/
     pytest bench/ --benchmark-only --benchmark-compare    # against the last saved run
 
-Each way is checked against the group's eager way on the same inputs before it is timed (loss and
-gradients), timed in this process with pytest-benchmark's calibrated rounds after one warm-up call, and
-its peak memory measured in a fresh process (``bench/suite.py``). At the end, one table per group gives
-every way's median as a ratio to the GEMM floor, plain eager and the best Liger way measured in the
-same run, with memory against eager's; rows are appended to ``bench/results/suite.csv`` (unless
+Each way is checked against its reference way on the same inputs before it is timed (loss and gradients; the
+group's eager way unless ``suite.REFERENCE`` names another), timed in this process with pytest-benchmark's
+calibrated rounds after one warm-up call, and its peak memory measured in a fresh process
+(``bench/suite.py``). At the end, one table per group gives every way's median as a ratio to the ways of
+``suite.COLUMNS`` measured in the same run (the GEMM floor, plain eager and the best Liger way; for the
+offline-distillation groups the floor, promptkd's linear_cross_entropy and eager top-k), with memory against
+``suite.MEMORY``'s way; rows are appended to ``bench/results/`` (``suite.RECORD``; unless
 ``--bench-no-record``) and the ratios are added to the saved JSON's ``extra_info``.
 """
 
@@ -58,14 +60,14 @@ class Runner:
         self.device = config.getoption("--bench-device")
         self.memory = not config.getoption("--bench-no-memory") and not config.getoption("benchmark_disable")
         self.results: dict[tuple[str, str], dict] = {}
-        self._eager: dict[str, dict] = {}
+        self._references: dict[tuple[str, str], dict] = {}
 
-    def _reference(self, group: str) -> dict:
-        if group not in self._eager:
-            case = suite.build(group, suite.EAGER, self.size, self.device)
+    def _reference(self, group: str, way: str) -> dict:
+        if (group, way) not in self._references:
+            case = suite.build(group, way, self.size, self.device)
             case.step()
-            self._eager[group] = case.result()
-        return self._eager[group]
+            self._references[group, way] = case.result()
+        return self._references[group, way]
 
     def _peak(self, group: str, way: str) -> float | None:
         cmd = [sys.executable, str(HERE / "suite.py"), group, way, "--size", self.size, "--device", self.device]
@@ -83,8 +85,9 @@ class Runner:
         benchmark.extra_info.update(suite.SIZES[group]["cuda" if self.device == "cuda" else self.size],
                                     dtype=str(suite.dtype_for(self.device)).removeprefix("torch."))
         case.step()  # warm-up: compilation, first-touch of buffers, and the agreement check below
-        if way != suite.FLOOR:
-            _agrees(case.result(), self._reference(group), self.device, f"{group}/{way}")
+        reference = suite.reference_way(group, way)
+        if way != suite.FLOOR and reference is not None:
+            _agrees(case.result(), self._reference(group, reference), self.device, f"{group}/{way}")
         benchmark(lambda: (case.step(), suite.sync(self.device)))
         peak = self._peak(group, way) if self.memory else None
         if peak is not None:
@@ -110,19 +113,20 @@ def bench(request) -> Runner:
 
 
 def ratios(results: dict, group: str) -> dict[str, dict]:
-    """Per way of ``group``: time over the floor, over eager, over the best Liger way; memory over eager's."""
+    """Per way of ``group``: its time over each way of ``suite.COLUMNS[group]`` (the fastest, for a tuple of ways);
+    its memory over the ``suite.MEMORY`` way's (``memory_x_<that way's column>``)."""
     mine = {way: r for (g, way), r in results.items() if g == group}
-    floor, eager = mine.get(suite.FLOOR), mine.get(suite.EAGER)
-    liger = min((mine[w]["median_s"] for w in suite.LIGER if w in mine), default=None)
+    columns = suite.COLUMNS[group]
+    times = {name: min((mine[w]["median_s"] for w in ((ways,) if isinstance(ways, str) else ways) if w in mine),
+                       default=None) for name, ways in columns.items()}
+    base = mine.get(suite.MEMORY[group])
+    memory_name = "memory_" + next(name for name, ways in columns.items() if ways == suite.MEMORY[group])
     out = {}
     for way, r in mine.items():
         t = r["median_s"]
-        out[way] = dict(
-            x_floor=t / floor["median_s"] if floor else None,
-            x_eager=t / eager["median_s"] if eager else None,
-            x_best_liger=t / liger if liger else None,
-            memory_x_eager=(r["peak_extra_mb"] / eager["peak_extra_mb"]
-                            if eager and r["peak_extra_mb"] is not None and eager["peak_extra_mb"] else None))
+        out[way] = {name: t / d if d else None for name, d in times.items()}
+        out[way][memory_name] = (r["peak_extra_mb"] / base["peak_extra_mb"]
+                                 if base and r["peak_extra_mb"] is not None and base["peak_extra_mb"] else None)
     return out
 
 
@@ -136,7 +140,7 @@ def pytest_benchmark_update_json(config, benchmarks, output_json):
 
 
 def _fmt(x, spec):
-    return "-" if x is None else format(x, spec)
+    return "-".rjust(int(spec.split(".")[0])) if x is None else format(x, spec)
 
 
 def pytest_terminal_summary(terminalreporter, config):
@@ -148,7 +152,7 @@ def pytest_terminal_summary(terminalreporter, config):
         f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
     write = terminalreporter.write_line
     write(f"\npromptkd bench: {device} | commit {info['commit']} | torch {info['torch']} | triton {info['triton']}")
-    rows = []
+    rows: dict[str, list] = {}
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for group in suite.WAYS:
         table = ratios(runner.results, group)
@@ -157,16 +161,20 @@ def pytest_terminal_summary(terminalreporter, config):
         dims = suite.SIZES[group]["cuda" if runner.device == "cuda" else runner.size]
         write(f"\n{group}  ({', '.join(f'{k.upper()}={v}' for k, v in dims.items())}, "
               f"{str(suite.dtype_for(runner.device)).removeprefix('torch.')}; medians)")
-        write(f"  {'way':18s} {'median s':>9s} {'x floor':>8s} {'x eager':>8s} {'x liger':>8s} {'peak MB':>9s} "
-              f"{'mem x eager':>11s}")
+        names = list(next(iter(table.values())))
+        heads = [n.replace("x_best_", "x ").replace("memory_x_", "mem x ").replace("x_", "x ") for n in names]
+        write(f"  {'way':20s} {'median s':>9s} " + " ".join(f"{h:>{max(8, len(h))}s}" for h in heads[:-1])
+              + f" {'peak MB':>9s} {heads[-1]:>{max(11, len(heads[-1]))}s}")
         for way in suite.WAYS[group]:
             if way not in table:
                 continue
             r, q = runner.results[group, way], table[way]
-            write(f"  {way:18s} {r['median_s']:9.3f} {_fmt(q['x_floor'], '8.2f')} {_fmt(q['x_eager'], '8.2f')} "
-                  f"{_fmt(q['x_best_liger'], '8.2f')} {_fmt(r['peak_extra_mb'], '9.0f')} "
-                  f"{_fmt(q['memory_x_eager'], '11.3f')}")
-            rows.append(dict(timestamp=stamp, device=device, **info, group=group, way=way, size=runner.size,
-                             **dims, dtype=str(suite.dtype_for(runner.device)).removeprefix("torch."), **r, **q))
-    if rows and not config.getoption("--bench-no-record"):
-        append_rows(RESULTS / "suite.csv", rows)
+            cells = " ".join(_fmt(q[n], f"{max(8, len(h))}.2f") for n, h in zip(names[:-1], heads[:-1], strict=True))
+            write(f"  {way:20s} {r['median_s']:9.3f} {cells} {_fmt(r['peak_extra_mb'], '9.0f')} "
+                  f"{_fmt(q[names[-1]], f'{max(11, len(heads[-1]))}.3f')}")
+            rows.setdefault(suite.RECORD[group], []).append(
+                dict(timestamp=stamp, device=device, **info, group=group, way=way, size=runner.size, **dims,
+                     dtype=str(suite.dtype_for(runner.device)).removeprefix("torch."), **r, **q))
+    if not config.getoption("--bench-no-record"):
+        for name, recorded in rows.items():
+            append_rows(RESULTS / name, recorded)

@@ -11,6 +11,8 @@
 #                 (eager, chunked, triton, liger when installed), so that one failure loses one row
 #   prefix-attn   bench/bench_prefix_attention.py, the kernel case at P=1024 N=1024 (SDPA flash, flex, triton)
 #   promptkd-step bench/bench_promptkd_step.py on CUDA (B=8 N=512 V=128256 bf16)
+#   sparse-kd     the benchmark suite's sparse_kd and topk groups on CUDA (N=8192 D=4096 V=128256 bf16; rows in
+#                 bench/results/sparse_kd.csv, no peak-memory processes)
 #
 # Every step runs under `timeout` (SIGINT, then SIGKILL 10 s later), its cap cut to what is left of the whole
 # budget (GPU_CHECK_BUDGET seconds, default 450; the last 30 s are kept for the kill grace and the summary, so
@@ -163,6 +165,8 @@ done
 step prefix-attn 100 "$PY" bench/bench_prefix_attention.py --device cuda --cases kernel --kernel-shapes 1024:1024 \
     --reps 3 --out "$OUT/prefix_attention.csv"
 step promptkd-step 100 "$PY" bench/bench_promptkd_step.py --device cuda --reps 3 --out "$OUT/promptkd_step.csv"
+step sparse-kd 100 "$PY" -m pytest -q -p no:cacheprovider bench/test_benchmarks.py -k "sparse_kd or topk" \
+    --bench-device cuda --bench-no-memory --benchmark-only --benchmark-min-rounds 3 --benchmark-max-time 1
 
 # --- summary -----------------------------------------------------------------------------------------------
 section "summary"

@@ -19,6 +19,15 @@ Groups:
               the geometric-mixture identity (one elementwise pass on m = (q + l a) / (1 + l) plus the
               three log-partition sweeps the true value needs; implemented here only, to measure it).
               Floor: 4 GEMMs.
+  sparse_kd   the student's loss on sparse teacher targets (top-k with the tail bucket for k = 8 and 64;
+              12 sampled tokens, renormalised), gradients to the student's hidden states and weight:
+              ``fused_linear_sparse_kd_loss`` (native / torch-ops row pass), the eager gather-based loss (full
+              logits, log_softmax, gather: what users of top-k caches write), promptkd's ``linear_cross_entropy``
+              (the floor of any loss that needs the student's full softmax) and torch's
+              ``F.linear_cross_entropy``, and the online ``fused_linear_kd_loss`` (the teacher's logits
+              computed too). Floor: 3 GEMMs. Ratios against linear_ce and eager top-k (k = 64).
+  topk        teacher targets without gradients: ``fused_linear_topk`` (k = 8, 64; 12 samples) against the
+              teacher's head GEMM alone (the floor) and eager ``torch.topk`` on full logits.
 """
 
 from __future__ import annotations
@@ -46,15 +55,42 @@ SIZES = {
                       "cuda": dict(n=8192, d=4096, v=128256)},
     "prompt_pair": {"default": dict(n=2048, d=576, v=49152), "quick": dict(n=256, d=64, v=2048),
                     "cuda": dict(n=8192, d=4096, v=128256)},
+    "sparse_kd": {"default": dict(n=4096, d=576, v=49152), "quick": dict(n=256, d=64, v=2048),
+                  "cuda": dict(n=8192, d=4096, v=128256)},
+    "topk": {"default": dict(n=4096, d=576, v=49152), "quick": dict(n=256, d=64, v=2048),
+             "cuda": dict(n=8192, d=4096, v=128256)},
 }
 WAYS = {
     "kd_loss": ("gemm", "eager", "eager_compiled", "liger", "liger_compiled", "chunked", "chunked+torchops",
                 "torch", "triton"),
     "cross_entropy": ("gemm", "eager", "torch_linear_ce", "promptkd"),
     "prompt_pair": ("gemm", "eager", "two_calls", "pair", "mixture"),
+    "sparse_kd": ("gemm", "linear_ce", "torch_linear_ce", "eager_k64", "eager_s12", "online_kd", "sparse_k8",
+                  "sparse_k64", "sparse_s12", "sparse_k64+torchops"),
+    "topk": ("gemm", "eager_k64", "topk_k8", "topk_k64", "topk_s12", "topk_k64+torchops"),
 }
 #: The ratios' denominators: the floor, and the baselines a user would otherwise run.
 FLOOR, EAGER, LIGER = "gemm", "eager", ("liger", "liger_compiled")
+#: Per group: ratio column -> the way (or ways: the fastest of them) it divides by; the memory ratio's way; the
+#: CSV under bench/results/ its rows go to (the first three groups share suite.csv and its columns).
+COLUMNS = {group: {"x_floor": FLOOR, "x_eager": EAGER, "x_best_liger": LIGER} for group in
+           ("kd_loss", "cross_entropy", "prompt_pair")}
+COLUMNS["sparse_kd"] = {"x_floor": FLOOR, "x_linear_ce": "linear_ce", "x_eager_topk": "eager_k64"}
+COLUMNS["topk"] = {"x_floor": FLOOR, "x_eager_topk": "eager_k64"}
+MEMORY = {group: EAGER for group in COLUMNS} | {"sparse_kd": "eager_k64", "topk": "eager_k64"}
+RECORD = {group: "suite.csv" for group in COLUMNS} | {"sparse_kd": "sparse_kd.csv", "topk": "sparse_kd.csv"}
+#: The way each way's loss and gradients are checked against (default: the group's EAGER way); None: a way whose
+#: result is another problem's (checked in that problem's group).
+REFERENCE = {("sparse_kd", "sparse_k8"): "eager_k8", ("sparse_kd", "sparse_k64"): "eager_k64",
+             ("sparse_kd", "sparse_k64+torchops"): "eager_k64", ("sparse_kd", "eager_s12"): "eager_s12",
+             ("sparse_kd", "sparse_s12"): "eager_s12", ("sparse_kd", "eager_k64"): "eager_k64",
+             ("sparse_kd", "linear_ce"): None, ("sparse_kd", "torch_linear_ce"): None, ("sparse_kd", "online_kd"): None,
+             ("topk", "topk_k64"): "eager_k64", ("topk", "topk_k64+torchops"): "eager_k64", ("topk", "topk_k8"): None,
+             ("topk", "topk_s12"): None, ("topk", "eager_k64"): "eager_k64"}
+
+
+def reference_way(group: str, way: str) -> str | None:
+    return REFERENCE.get((group, way), EAGER)
 PAIR_SCALE = 0.5  # the regulariser weight of the prompt_pair group
 CHUNK_BYTES = 256 << 20  # the floor's [rows, V] blocks
 
@@ -90,7 +126,7 @@ def _inputs(group: str, n: int, d: int, v: int, dtype, device, seed=0):
         labels[torch.rand(n, generator=g) < 0.25] = -100
         return (_randn(g, n, d, dtype=dtype, device=device), _randn(g, v, d, scale=d ** -0.5, dtype=dtype,
                                                                      device=device), labels.to(device))
-    sides = 2 if group == "kd_loss" else 3  # (student, teacher) / (p, q, a)
+    sides = {"kd_loss": 2, "sparse_kd": 2, "topk": 1}.get(group, 3)  # (student, teacher) / (p, q, a) / teacher
     return tuple(t for _ in range(sides) for t in (_randn(g, n, d, dtype=dtype, device=device),
                                                    _randn(g, v, d, scale=2 * d ** -0.5, dtype=dtype, device=device)))
 
@@ -102,7 +138,7 @@ def _chunks(n: int, v: int, itemsize: int):
 
 def _floor(group: str, tensors) -> Callable[[], None]:
     """The logit-sized GEMMs of the group, chunk by chunk: kd_loss S = Hs Ws^T, T = Ht Wt^T, dHs = dS Ws,
-    dWs = dS^T Hs; cross_entropy S, dH, dW; prompt_pair P, Q, A and dHp = dP Wp."""
+    dWs = dS^T Hs; cross_entropy and sparse_kd S, dH, dW; prompt_pair P, Q, A and dHp = dP Wp; topk T."""
     x, w = tensors[0], tensors[1]
     n, v = x.shape[0], w.shape[0]
     chunks = _chunks(n, v, 4)
@@ -110,6 +146,8 @@ def _floor(group: str, tensors) -> Callable[[], None]:
     def run():
         for r in chunks:
             s = x[r] @ w.t()
+            if group == "topk":
+                continue
             if group == "kd_loss":
                 _ = tensors[2][r] @ tensors[3].t()
             if group == "prompt_pair":
@@ -244,6 +282,103 @@ def loss_function(group: str, way: str, device: str) -> Callable:
     return lambda *t: _Mixture.apply(*t, PAIR_SCALE)
 
 
+def _eager_sparse(hs, ws, ids, lp, tail: bool):
+    """The loss on sparse targets as users of top-k caches write it: full logits, log_softmax, gather (the tail
+    bucket's student mass as 1 - sum q_i)."""
+    lq = torch.log_softmax((hs @ ws.t()).float(), dim=-1)
+    valid = ids >= 0
+    lq_k = lq.gather(-1, ids.clamp(min=0))
+    p = torch.where(valid, lp.exp(), 0.0)
+    if tail:
+        terms = torch.where(valid, p * (lp - lq_k), 0.0).sum(-1)
+        p_r = (1 - p.sum(-1)).clamp_min(0)
+        q_r = (1 - torch.where(valid, lq_k.exp(), 0.0).sum(-1)).clamp_min(1e-30)
+        return (terms + torch.where(p_r > 0, p_r * (p_r.clamp_min(1e-30).log() - q_r.log()), 0.0)).mean()
+    p_hat = p / p.sum(-1, keepdim=True)
+    return torch.where(valid, p_hat * (p_hat.clamp_min(1e-30).log() - lq_k), 0.0).sum(-1).mean()
+
+
+_TARGETS: dict = {}
+
+
+def _targets(way: str, ht, wt):
+    """The teacher's targets a sparse way trains on (k8 / k64: top-k; s12: 12 samples), made once per inputs."""
+    import promptkd
+
+    spec = way.split("_")[-1].split("+")[0]
+    key = (spec, ht.shape, wt.shape, ht.device.type)
+    if key not in _TARGETS:
+        k = int(spec[1:])
+        samples = k if spec[0] == "s" else 0
+        _TARGETS[key] = promptkd.fused_linear_topk(ht, wt, k, samples=samples, seed=0 if samples else None)
+    return _TARGETS[key]
+
+
+def _sparse_loss(way: str, tensors) -> Callable:
+    """A sparse_kd way as a loss of the student's (hidden, weight)."""
+    import promptkd
+    from promptkd.hf.models import LMOutput, linear_cross_entropy
+
+    ht, wt = tensors[2], tensors[3]
+    n, v = ht.shape[0], wt.shape[0]
+    if way in ("linear_ce", "torch_linear_ce"):
+        labels = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(1)).to(ht.device)
+        if way == "linear_ce":
+            return lambda h, w: linear_cross_entropy(LMOutput(h, w, None), labels)
+        if not hasattr(F, "linear_cross_entropy"):
+            raise Unavailable(f"torch {torch.__version__} has no torch.nn.functional.linear_cross_entropy")
+        return lambda h, w: F.linear_cross_entropy(h, w, labels)
+    if way == "online_kd":
+        return lambda h, w: promptkd.fused_linear_kd_loss(h, w, ht, wt)
+    ids, lp = _targets(way, ht, wt)
+    tail = "_s" not in way
+    if way.startswith("eager"):
+        return lambda h, w: _eager_sparse(h, w, ids, lp, tail)
+    loss = lambda h, w: promptkd.fused_linear_sparse_kd_loss(h, w, ids, lp, tail=tail)  # noqa: E731
+    return _with_row_backend("torch", loss) if way.endswith("+torchops") else loss
+
+
+def _with_row_backend(backend: str, fn: Callable) -> Callable:
+    """``fn`` run with ``PROMPTKD_CPU_KERNELS=backend``."""
+    def run(*args):
+        old = os.environ.get("PROMPTKD_CPU_KERNELS")
+        os.environ["PROMPTKD_CPU_KERNELS"] = backend
+        try:
+            return fn(*args)
+        finally:
+            if old is None:
+                del os.environ["PROMPTKD_CPU_KERNELS"]
+            else:
+                os.environ["PROMPTKD_CPU_KERNELS"] = old
+
+    return run
+
+
+def _build_topk(way: str, tensors) -> Case:
+    """A topk way: targets of the teacher's hidden states [n, d] and head [v, d], no gradient."""
+    import promptkd
+
+    h, w = tensors
+    last = {}
+    if way == "eager_k64":
+        def fn():
+            logits = (h @ w.t()).float()
+            ids = logits.topk(64, dim=-1).indices
+            return ids, torch.log_softmax(logits, dim=-1).gather(-1, ids)
+    else:
+        spec = way.split("_")[1].split("+")[0]
+        k, samples = int(spec[1:]), (int(spec[1:]) if spec[0] == "s" else 0)
+        fn = lambda: promptkd.fused_linear_topk(h, w, k, samples=samples, seed=0 if samples else None)  # noqa: E731
+        if way.endswith("+torchops"):
+            fn = _with_row_backend("torch", fn)
+
+    def step():
+        last["ids"], last["logprobs"] = fn()
+        return last["logprobs"]
+
+    return Case(step=step, result=lambda: {"logprobs": last["logprobs"].float()}, drop=last.clear)
+
+
 def _trainable(group: str) -> tuple[int, ...]:
     """Which inputs get gradients: the student's hidden and weight; p's hidden states in prompt_pair."""
     return (0,) if group == "prompt_pair" else (0, 1)
@@ -259,7 +394,13 @@ def build(group: str, way: str, size: str = "default", device: str = "cpu") -> C
     if way == FLOOR:
         run = _floor(group, tensors)
         return Case(step=lambda: run(), result=dict)
-    fn = loss_function(group, way, device)
+    if group == "topk":
+        return _build_topk(way, tensors)
+    if group == "sparse_kd":
+        fn = _sparse_loss(way, tensors)
+        tensors = tensors[:2]
+    else:
+        fn = loss_function(group, way, device)
     floats = tensors[:2] if group == "cross_entropy" else tensors
     leaves = [t.requires_grad_() if i in _trainable(group) else t for i, t in enumerate(floats)]
     args = (*leaves, tensors[2]) if group == "cross_entropy" else leaves

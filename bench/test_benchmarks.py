@@ -19,3 +19,13 @@ def test_cross_entropy(benchmark, bench, way):
 @pytest.mark.parametrize("way", suite.WAYS["prompt_pair"])
 def test_prompt_pair(benchmark, bench, way):
     bench.run(benchmark, "prompt_pair", way)
+
+
+@pytest.mark.parametrize("way", suite.WAYS["sparse_kd"])
+def test_sparse_kd(benchmark, bench, way):
+    bench.run(benchmark, "sparse_kd", way)
+
+
+@pytest.mark.parametrize("way", suite.WAYS["topk"])
+def test_topk(benchmark, bench, way):
+    bench.run(benchmark, "topk", way)

@@ -2,8 +2,8 @@
 
 The interpreter runs kernels on the CPU but cannot see compile errors, shared-memory overflow or
 register spills. This compiles each kernel the launchers can pick (kernels/configs.py: KD and prefix attention;
-kernels/kd_rows.py: the chunked loss's row kernel) with ``triton.compile`` for a ``GPUTarget`` and reads the
-resource use off the cubin.
+kernels/kd_rows.py and kernels/sparse_rows.py: the chunked losses' row kernels) with ``triton.compile`` for a
+``GPUTarget`` and reads the resource use off the cubin.
 
     python -m promptkd.kernels.aot            # table of shared memory, registers, spills
     python -m promptkd.kernels.aot --case 3   # one case, as JSON
@@ -38,6 +38,7 @@ from .prefix_attention_backward import (
     prefix_attention_prefix_dkdv_kernel,
 )
 from .prefix_attention_forward import prefix_attention_forward_kernel
+from .sparse_rows import sparse_rows_kernel
 
 #: Opt-in shared memory per block, bytes.
 SHARED_LIMIT = {80: 166912, 90: 232448}
@@ -48,6 +49,7 @@ _POINTERS = {
     "kd_terms_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "ROWS", "PARTIAL"),
     "kd_backward_kernel": ("XS", "WS", "BS", "XT", "WT", "BT", "LABELS", "ROWS", "DZS", "DZT"),
     "kd_rows_kernel": ("S", "T", "LABELS", "SCALE", "LOSS"),
+    "sparse_rows_kernel": ("S", "IDS", "LP", "LABELS", "SCALE", "LOSS"),
     "prefix_attention_forward_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "LSE"),
     "prefix_attention_dq_kernel": ("Q", "K", "V", "PK", "PV", "LENGTHS", "GROUP", "KEEP", "OUT", "DO", "LSE",
                                     "DELTA", "DQ"),
@@ -56,14 +58,14 @@ _POINTERS = {
                                              "DPK", "DPV"),
 }
 _POINTER_TYPES = {
-    **dict.fromkeys(("LABELS", "LENGTHS", "GROUP", "ORDER", "OFFSETS"), "*i64"),
+    **dict.fromkeys(("LABELS", "LENGTHS", "GROUP", "ORDER", "OFFSETS", "IDS"), "*i64"),
     **dict.fromkeys(("STATS", "LSE", "PARTIAL", "ROWS", "DELTA", "DPK", "DPV"), "*fp32"),  # float32 statistics
     "KEEP": "*u8",  # the key-padding mask, bool viewed as uint8
 }
 _FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight", "qk_scale", "scale")
 # The KD launchers turn fused multiply-adds off (promptkd/kd/triton_impl._compile_switches); the attention
 # launchers turn them on (promptkd/attention/triton_impl._switches).
-_NO_FP_FUSION = ("kd_online_kernel", "kd_terms_kernel", "kd_backward_kernel", "kd_rows_kernel")
+_NO_FP_FUSION = ("kd_online_kernel", "kd_terms_kernel", "kd_backward_kernel", "kd_rows_kernel", "sparse_rows_kernel")
 
 
 @dataclass
@@ -204,6 +206,28 @@ def rows_variants():
         yield _rows_case(ROWS_CONFIGS[-1], switches)
 
 
+# The sparse loss's row kernel (kernels/sparse_rows.py), float32 only: TAIL x HAS_HARD x NEED_GRAD x the CONFIGS
+# entries x BLOCK_K (the next power of two >= k, at least 16). Compiled: the heaviest (every switch on) with
+# k = 64 in every configuration, and in the large-vocabulary one every switch value and k of 16 (S = 12) and 128.
+_SPARSE_VARIANTS = [
+    dict(TAIL=False, HAS_HARD=False, NEED_GRAD=True, BLOCK_K=16),  # sampled targets
+    dict(TAIL=True, HAS_HARD=False, NEED_GRAD=False, BLOCK_K=128),  # loss only
+    dict(TAIL=False, HAS_HARD=True, NEED_GRAD=True, BLOCK_K=64),
+]
+_SPARSE_HEAVIEST = dict(TAIL=True, HAS_HARD=True, NEED_GRAD=True, BLOCK_K=64)
+
+
+def sparse_rows_variants():
+    """The row kernel of the sparse loss (kernels/sparse_rows.py): see _SPARSE_VARIANTS."""
+    for cfg in ROWS_CONFIGS:
+        yield sparse_rows_kernel, "fp32", {**_SPARSE_HEAVIEST, "BLOCK_V": cfg.block_v}, cfg.num_warps, \
+            cfg.num_stages, (80, 90)
+    cfg = ROWS_CONFIGS[-1]
+    for switches in _SPARSE_VARIANTS:
+        yield sparse_rows_kernel, "fp32", {**switches, "BLOCK_V": cfg.block_v}, cfg.num_warps, cfg.num_stages, \
+            (80, 90)
+
+
 _ATTENTION = {  # kernel -> (configuration table key, heaviest switches)
     prefix_attention_forward_kernel: ("forward", dict(HAS_LENGTHS=True, HAS_PADDING=True)),
     prefix_attention_dq_kernel: ("dq", dict(NEED_DQ=True, HAS_LENGTHS=True, HAS_PADDING=True)),
@@ -252,7 +276,7 @@ def attention_variants():
 
 def cases():
     """Flat list of (fn, dtype, constexprs, num_warps, num_stages, arch)."""
-    every = itertools.chain(variants(), attention_variants(), rows_variants())
+    every = itertools.chain(variants(), attention_variants(), rows_variants(), sparse_rows_variants())
     return [(fn, dtype, cx, w, s, arch) for fn, dtype, cx, w, s, archs in every for arch in archs]
 
 

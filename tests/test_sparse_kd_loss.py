@@ -335,3 +335,18 @@ def test_opcheck_sparse_ops():
     torch.library.opcheck(ops.linear_topk_op, (h.detach(), w.detach(), b.detach(), 4, 1.5, 11, 0, None, None))
     keys, counters = torch.full((6,), 3), torch.arange(6)
     torch.library.opcheck(ops.linear_topk_op, (h.detach(), w.detach(), None, 5, 1.0, 11, 4, keys, counters))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tail", [True, False])
+def test_gpu_chunked_matches_fp64(dtype, tail):
+    """On CUDA: cuBLAS chunks and the Triton row pass (kernels/sparse_rows.py), against float64 on the CPU."""
+    x, ids, lp = make_case(sampled=not tail, n=300, v=5003, k=16)
+    labels = labels_for((300,), 5003, "some")
+    kw = dict(tail=tail, temperature=1.3, hard_weight=0.2, reduction="mean")
+    truth = run(sparse_loss(ids, lp), x, torch.float64, labels, impl="reference", **kw)
+    eager = run(sparse_loss(ids, lp), x, dtype, labels, impl="reference", **kw)
+    cuda = {k: v.cuda() for k, v in x.items()}
+    fused = run(sparse_loss(ids.cuda(), lp.cuda()), cuda, dtype, labels.cuda(), impl="chunked", **kw)
+    assert_close_to_truth({k: v.cpu() for k, v in fused.items()}, eager, truth, dtype)

@@ -264,3 +264,17 @@ def test_bad_arguments_are_named(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         promptkd.fused_linear_topk(args.pop("hidden"), args.pop("weight"), args.pop("k"), **args)
+
+
+@pytest.mark.gpu
+def test_gpu_targets_match_the_cpu():
+    h, w, b = inputs(n=300, v=5003)
+    cpu = promptkd.fused_linear_topk(h.float(), w.float(), 64, bias=b.float(), temperature=1.5)
+    gpu = promptkd.fused_linear_topk(h.float().cuda(), w.float().cuda(), 64, bias=b.float().cuda(), temperature=1.5)
+    logits = torch.nn.functional.linear(h, w, b)
+    chosen = logits.gather(1, gpu.ids.cpu())
+    assert (chosen - logits.gather(1, cpu.ids)).abs().max() < 1e-4
+    assert (gpu.logprobs.cpu() - torch.log_softmax(logits / 1.5, 1).gather(1, gpu.ids.cpu())).abs().max() < 1e-4
+    sampled = promptkd.fused_linear_topk(h.float().cuda(), w.float().cuda(), 12, samples=12, seed=3)
+    again = promptkd.fused_linear_topk(h.float().cuda(), w.float().cuda(), 12, samples=12, seed=3)
+    assert torch.equal(sampled.ids, again.ids) and (sampled.logprobs.exp().sum(1) - 1).abs().max() < 1e-5

@@ -261,8 +261,8 @@ float sparse_row(float* s, int64_t V, const Targets& tg, int64_t label, float sc
     // Teacher mass: tail keeps the rest bucket p_r = 1 - sum p (none when the rest is empty); without tail
     // the targets are renormalised (log_norm = log sum p). A row without target mass has no soft term.
     const double p_rest = tail && !rest_empty ? std::max(0.0, 1.0 - p_sum) : 0.0;
-    const bool soft = tail || p_sum > 0.0;
-    const double log_norm = tail || !soft ? 0.0 : std::log(p_sum);
+    const bool soft = tail || p_sum > 0.0 || std::isnan(p_sum);  // (a NaN target passes: a NaN loss)
+    const double log_norm = tail || !(p_sum > 0.0) ? 0.0 : std::log(p_sum);
     double d = 0.0;
     for (int32_t i = 0; i < k; ++i) {
         if (tg.ids[i] < 0 || !soft) continue;

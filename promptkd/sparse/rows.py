@@ -18,28 +18,53 @@ lq = log_softmax(a) over the whole vocabulary, q = exp(lq).
     loss = soft_weight * D + hard_weight * CE(s at T = 1, target); d/ds = d/da / T for the soft term.
 
 Backends (``PROMPTKD_CPU_KERNELS``, as the KD loss's row pass): ``native`` (``kernels/cpu/sparse_rows.cpp``,
-float32 CPU chunks) and ``torch`` (torch ops; any device and dtype). ``auto`` takes native where it applies
-and is built, torch ops elsewhere (CUDA chunks included).
+float32 CPU chunks) and ``torch`` (torch ops; any device and dtype); for the loss also ``triton``
+(``kernels/sparse_rows.py``: float32 CUDA chunks, or CPU ones under ``TRITON_INTERPRET=1`` as the
+``backend`` argument). ``auto`` takes native on the CPU where it is built, triton for the loss's float32 CUDA
+chunks, torch ops elsewhere (the targets' CUDA chunks: ``torch.topk``, ``cumsum`` and ``searchsorted``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
+from .. import launch
 from ..kd import native
 from ..kd import rows as kd_rows
 from .philox import uniforms
 from .settings import SparseKDSettings
 
 
-def pick_backend(x: torch.Tensor, backend: str | None = None) -> str:
-    """``native`` or ``torch`` for a chunk like ``x``: ``backend`` (``auto``, ``native``, ``torch``; None reads
-    ``PROMPTKD_CPU_KERNELS``); ``native`` where it cannot run is an error saying why, as for the KD loss."""
+@functools.cache
+def _triton_kernels():
+    """(kernels.sparse_rows module or None, why not)."""
+    try:
+        from ..kernels import sparse_rows as kernels
+    except ImportError as e:  # Triton missing or broken
+        return None, f"Triton does not import: {e}"
+    return kernels, None
+
+
+def pick_backend(x: torch.Tensor, backend: str | None = None, triton: bool = False) -> str:
+    """``native``, ``torch`` or (``triton=True``: the loss's pass) ``triton`` for a chunk like ``x``: ``backend``
+    (``auto``, ``native``, ``torch``, ``triton``; None reads ``PROMPTKD_CPU_KERNELS``); one asked for where it
+    cannot run is an error saying why, as for the KD loss."""
     backend = kd_rows.configured_backend() if backend is None else backend
-    if backend not in kd_rows.BACKENDS:
-        raise ValueError(f"backend must be one of {kd_rows.BACKENDS}, got {backend!r}")
+    allowed = kd_rows.ROW_BACKENDS if triton else kd_rows.BACKENDS
+    if backend not in allowed:
+        raise ValueError(f"backend must be one of {allowed}, got {backend!r}")
+    if backend == "triton":
+        if x.dtype != torch.float32 or not (x.is_cuda or (x.device.type == "cpu" and launch.interpreting())):
+            raise ValueError(f"the triton rows backend takes float32 CUDA chunks (CPU ones only under "
+                             f"TRITON_INTERPRET=1), got {x.dtype} on {x.device}")
+        if _triton_kernels()[0] is None:
+            raise RuntimeError(f"the triton rows backend is unavailable: {_triton_kernels()[1]}")
+        return "triton"
+    if triton and backend == "auto" and x.is_cuda and x.dtype == torch.float32 and _triton_kernels()[0] is not None:
+        return "triton"
     fits = x.device.type == "cpu" and x.dtype == torch.float32
     if backend == "native":
         if not fits:
@@ -122,11 +147,44 @@ def sparse_rows(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, targets: t
     ``settings.has_hard``), ``scale`` [rows] or None; with a scale the gradient is scale * d(loss)/ds
     (possibly in the storage of s)."""
     inv_t = 1.0 / settings.temperature
-    if pick_backend(s, backend) == "native":
+    picked = pick_backend(s, backend, triton=True)
+    if picked == "native":
         loss = native.sparse_rows(s, ids, lp, targets if settings.has_hard else None, scale, settings.tail, inv_t,
                                   settings.soft_weight, settings.hard_weight)
         return loss, (s if scale is not None else None)
+    if picked == "triton":
+        return triton_sparse_rows(s, ids, lp, targets, scale, settings)
     return torch_sparse_rows(s, ids, lp, targets, scale, settings)
+
+
+def triton_sparse_rows(s, ids, lp, targets, scale, settings: SparseKDSettings):
+    """The ``triton`` backend of :func:`sparse_rows`: ``kernels/sparse_rows.sparse_rows_kernel`` over float32 rows
+    (CUDA, or CPU under the interpreter), the gradient written over ``s``. No host synchronisation."""
+    kernels = _triton_kernels()[0]
+    if kernels is None:
+        raise RuntimeError(f"the triton rows backend is unavailable: {_triton_kernels()[1]}")
+    if s.stride(1) != 1:
+        s = s.contiguous()
+    rows, vocab = s.shape
+    loss = launch.buffer((rows,), torch.float32, s.device)
+    grad = scale is not None
+    if rows == 0:
+        return loss, (s if grad else None)
+    k = ids.shape[1]
+    cfg = kernels.pick(vocab)
+    hard = settings.has_hard
+    options = {} if launch.interpreting() else {"enable_fp_fusion": False}
+    kernels.sparse_rows_kernel[(rows,)](
+        s, ids.contiguous(), lp.to(torch.float32).contiguous(), targets.contiguous() if hard else ids,
+        scale.to(torch.float32).contiguous() if grad else loss, loss, vocab, k, s.stride(0), 1.0 / settings.temperature,
+        settings.soft_weight, settings.hard_weight, TAIL=settings.tail, HAS_HARD=hard, NEED_GRAD=grad,
+        BLOCK_V=cfg.block_v, BLOCK_K=max(16, _next_power_of_2(k)), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **options)
+    return loss, (s if grad else None)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
 
 
 def torch_sparse_rows(s, ids, lp, targets, scale, settings: SparseKDSettings):
@@ -158,8 +216,8 @@ def torch_sparse_rows(s, ids, lp, targets, scale, settings: SparseKDSettings):
         log_norm = torch.zeros_like(p_sum)
         p_rest = torch.where(rest_empty, 0.0, (1.0 - p_sum).clamp(min=0.0))
     else:
-        soft = p_sum > 0
-        log_norm = torch.where(soft, p_sum.log(), 0.0)
+        soft = (p_sum > 0) | p_sum.isnan()  # (a NaN target passes: a NaN loss)
+        log_norm = torch.where(p_sum > 0, p_sum.log(), 0.0)
         p_rest = torch.zeros_like(p_sum)
     lp_hat = lp - log_norm[:, None]
     terms = torch.where(lp_hat > -math.inf, lp_hat.exp() * (lp_hat - lq), 0.0)
