@@ -1,7 +1,10 @@
-"""The ``promptkd`` command: demo, experiment, train, eval, plot, init-student, exposure, info.
+"""The ``promptkd`` command: demo, experiment, train, cache-teacher, eval, plot, init-student, exposure, info.
 
     promptkd demo [--quick] [--out runs/demo] [--resume | --overwrite]
     promptkd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
+    promptkd cache-teacher --teacher PATH --data FILE (--top-k K | --samples S) --out DIR [--temperature T]
+        [--max-length L] [--max-prompt-length P] [--batch-size B] [--dtype float16|float32] [--seed N]
+        [--shard-mb MB] [--tokenizer PATH] [--vocab-size V] [--device auto|cpu|cuda] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
     promptkd experiment smollm2 [--teacher PATH] [--out DIR] [--variant NAME:key=value,...] [--resume | --overwrite]
@@ -33,6 +36,23 @@ def _train(args) -> int:
     distributed.EXIT_WITHOUT_FINALIZING = True  # main() ends the process if a gloo group lingers
     config = TrainConfig.load(args.config, args.overrides)
     train(config, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _cache_args(args) -> dict:
+    return dict(top_k=args.top_k, samples=args.samples, temperature=args.temperature, max_length=args.max_length,
+                max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
+                shard_mb=args.shard_mb, tokenizer=args.tokenizer or None, vocab_size=args.vocab_size,
+                device=args.device, resume=args.resume, overwrite=args.overwrite)
+
+
+def _cache_teacher(args) -> int:
+    from .train import distributed
+    from .train.teacher_cache import cache_teacher, check_cache_args
+
+    check_cache_args(args.teacher, args.data, args.out, **_cache_args(args), flags=True)
+    distributed.EXIT_WITHOUT_FINALIZING = True  # main() ends the process if a gloo group lingers
+    cache_teacher(args.teacher, args.data, args.out, **_cache_args(args))
     return 0
 
 
@@ -263,6 +283,37 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="key=value overrides (values parsed as YAML)")
     _run_flags(train, "run (from its newest checkpoint)")
     train.set_defaults(func=_train)
+
+    cache = sub.add_parser("cache-teacher", help="a teacher's sparse targets over a training file, for kd without "
+                                                 "the teacher (train with teacher_cache=DIR)",
+                           description="Runs the teacher once over --data as the trainer batches it and writes, for "
+                                       "every response position, its top-k ids or the ids of S samples with their "
+                                       "log-probabilities to --out (safetensors shards, manifest.json last; see "
+                                       "promptkd.train.teacher_cache). Works under torchrun (each process caches a "
+                                       "share of the examples).")
+    cache.add_argument("--teacher", required=True, help="a model directory, hub name or .gguf file")
+    cache.add_argument("--data", required=True, help="the training JSONL file (the run's train_file)")
+    cache.add_argument("--top-k", type=int, default=None, metavar="K", help="cache the K most likely ids")
+    cache.add_argument("--samples", type=int, default=None, metavar="S",
+                       help="cache the distinct ids of S draws from the teacher (and log(count / S))")
+    cache.add_argument("--out", required=True, help="the cache's directory")
+    cache.add_argument("--temperature", type=float, default=1.0, help="T of the teacher's softmax (default 1)")
+    cache.add_argument("--max-length", type=int, default=512, help="as the run's max_length (default 512)")
+    cache.add_argument("--max-prompt-length", type=int, default=256,
+                       help="as the run's max_prompt_length (default 256)")
+    cache.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward (default 8)")
+    cache.add_argument("--dtype", default="float16", help="of the stored log-probabilities: float16 (default) or "
+                                                          "float32")
+    cache.add_argument("--seed", type=int, default=0, help="of sampled targets (default 0)")
+    cache.add_argument("--shard-mb", type=float, default=256.0, help="MiB per shard file (default 256)")
+    cache.add_argument("--tokenizer", default="", help="default: the teacher's")
+    cache.add_argument("--vocab-size", type=int, default=None,
+                       help="how many leading rows of the teacher's output layer are real tokens (default: its "
+                            "config's vocab_size)")
+    cache.add_argument("--device", default="auto",
+                       help="auto (cuda:LOCAL_RANK if CUDA is available), cpu, cuda, cuda:N")
+    _run_flags(cache, "cache")
+    cache.set_defaults(func=_cache_teacher)
 
     ev = sub.add_parser("eval", help="sampled generation and ROUGE-L / exact match on JSONL files")
     ev.add_argument("--model", required=True, help="a model directory (e.g. RUN/best/model), hub name or .gguf file")

@@ -248,3 +248,28 @@ def test_make_plain_refuses_packed_weights():
     model.model.norm.weight = torch.nn.Parameter(torch.zeros(32, dtype=torch.uint8), requires_grad=False)
     with pytest.raises(RuntimeError, match="packed GGUF weights"):
         pk_gguf.make_plain(model)
+
+
+def test_teacher_cache_takes_a_gguf_teacher(files, tmp_path):
+    """``cache_teacher`` on a .gguf teacher: its fingerprint is the file's sha256, its targets those of the same
+    model saved as a directory."""
+    from promptkd.train.checkpoints import file_digest
+    from promptkd.train.teacher_cache import TeacherCache, cache_teacher
+
+    _, path, _, _ = files
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"the {w}", "output": f" hello {w} or"}) + "\n"
+                            for w in ("world", "hello", "whirl", "or", "the", "theory", "hell")))
+    folder = str(tmp_path / "as_directory")
+    load_model("teacher", path, torch.float32, torch.device("cpu")).save_pretrained(folder)
+    load_tokenizer("teacher", path).save_pretrained(folder)
+    settings = dict(top_k=5, max_length=40, max_prompt_length=20, batch_size=3, dtype="float32", device="cpu",
+                    log=lambda _: None)
+    manifest = cache_teacher(path, str(data), str(tmp_path / "from_gguf"), **settings)
+    cache_teacher(folder, str(data), str(tmp_path / "from_dir"), **settings)
+    assert manifest["teacher"]["files"] == {"tiny.f32.gguf": file_digest(path)}
+    assert manifest["teacher"]["config_sha256"] is None and manifest["vocab_size"] == len(TOKENS)
+    a, b = TeacherCache(str(tmp_path / "from_gguf")), TeacherCache(str(tmp_path / "from_dir"))
+    assert a.manifest["tokenizer"]["sha256"] == b.manifest["tokenizer"]["sha256"] and a.num_examples == 7
+    for i in range(a.num_examples):
+        assert torch.equal(a.example(i)[0], b.example(i)[0]) and torch.equal(a.example(i)[1], b.example(i)[1])

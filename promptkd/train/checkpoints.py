@@ -5,7 +5,8 @@ line per logged step), TensorBoard events when tensorboard is installed, ``check
 last ``keep_checkpoints``), ``best/`` (the best validation ROUGE-L), ``final/`` and, after a resume
 that changed a setting, ``resumes.jsonl``. A checkpoint holds ``model/`` (the student and its
 tokenizer), ``prompt/`` (PromptKD's soft prompt), ``optimizer.pt`` (and ``optimizer-rank<r>.pt`` under
-FSDP), ``rng-rank<r>.pt`` and ``trainer_state.json`` (step, best score, training-data digest, config).
+FSDP), ``rng-rank<r>.pt`` and ``trainer_state.json`` (step, best score, training-data digest, the teacher
+cache's manifest digest, config).
 
 Saves are written into a hidden ``.tmp-*`` directory, synced, and renamed into place once complete,
 so a crash or SIGKILL never leaves a partial checkpoint. Nothing is overwritten unless asked
@@ -190,9 +191,9 @@ class RunDirectory:
                              "--overwrite to replace it, or choose another output_dir")
         self.stale = previous
 
-    def check_resume(self, config: TrainConfig, train_digest: str) -> dict:
-        """The checkpoint's process count, settings and training data must be this run's; returns the
-        allowed changes ({key: (old, new)})."""
+    def check_resume(self, config: TrainConfig, train_digest: str, cache_digest: str | None = None) -> dict:
+        """The checkpoint's process count, settings, training data and teacher cache (``cache_digest``: the sha256
+        of its manifest.json) must be this run's; returns the allowed changes ({key: (old, new)})."""
         state = self.resume_state
         if state["world_size"] != self.procs.world_size:
             raise InputError(f"{self.resume_from} was written by {state['world_size']} process(es); resume it "
@@ -202,6 +203,11 @@ class RunDirectory:
         if saved_digest is not None and saved_digest != train_digest:
             raise InputError(f"--resume: train_file {config.train_file!r} is not the file {self.resume_from} was "
                              "trained on (its contents changed), so the data order would not be the run's")
+        saved_cache = state.get("teacher_cache_sha256")
+        if saved_cache != cache_digest:
+            raise InputError(f"--resume: teacher_cache {config.teacher_cache!r} is not the cache {self.resume_from} "
+                             "was trained from (its manifest.json differs: the cache was rewritten), so the targets "
+                             "would not be the run's")
         return changes
 
     def load(self, name: str, device) -> dict:

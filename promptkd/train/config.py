@@ -28,7 +28,8 @@ class TrainConfig:
     # What to train
     method: str = "promptkd"          # sft | kd | rkl | gkd | distillm | promptkd
     student: str = ""                 # local directory, .gguf file or Hugging Face hub name of a causal LM
-    teacher: str = ""                 # the same, for every method but sft
+    teacher: str = ""                 # the same, for every method but sft (and kd from a teacher_cache)
+    teacher_cache: str = ""           # kd only: a directory of `promptkd cache-teacher`; the teacher is not loaded
     tokenizer: str = ""               # defaults to the student's directory / name
     output_dir: str = "runs/promptkd"
 
@@ -138,8 +139,8 @@ class TrainConfig:
         for name in ("gradient_checkpointing", "tensorboard", "progress", "share_prefix", "fsdp"):
             if not isinstance(getattr(self, name), bool):
                 raise InputTypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("student", "teacher", "tokenizer", "output_dir", "train_file", "valid_file", "device",
-                     "prompt_init_text"):
+        for name in ("student", "teacher", "teacher_cache", "tokenizer", "output_dir", "train_file", "valid_file",
+                     "device", "prompt_init_text"):
             if not isinstance(getattr(self, name), str):
                 raise InputTypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         check_device(self.device)
@@ -153,11 +154,16 @@ class TrainConfig:
         if self.share_prefix and self.method not in ON_POLICY:
             raise InputError(f"share_prefix applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")
+        if self.teacher_cache and self.method != "kd":
+            why = ("sft uses no teacher" if self.method == "sft" else
+                   f"{self.method} samples responses from the student during training, and the teacher's targets "
+                   "for those cannot be cached: it needs the teacher online")
+            raise InputError(f"teacher_cache applies to method 'kd' only, not {self.method!r}: {why}")
 
     def check_ready(self) -> None:
         """The checks that need the fields a run must set (``validate`` accepts a partial config)."""
         missing = [name for name in ("student", "train_file") if not getattr(self, name)]
-        if self.method != "sft" and not self.teacher:
+        if self.method != "sft" and not self.teacher and not self.teacher_cache:
             missing.append("teacher")
         if missing:
             raise InputError(f"method {self.method!r} needs {', '.join(missing)} to be set")

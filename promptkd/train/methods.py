@@ -7,7 +7,13 @@ no [tokens, vocab] logits tensor is made. With p the teacher, q the student and 
 the soft prompt, one step of each method (``TrainConfig.method``) is:
 
 - ``sft``      cross-entropy on the ground-truth responses.
-- ``kd``       kd_ratio * KL(p || q) + (1 - kd_ratio) * CE on the ground-truth responses.
+- ``kd``       kd_ratio * KL(p || q) + (1 - kd_ratio) * CE on the ground-truth responses. From a teacher
+               cache (``teacher_cache``, :mod:`promptkd.train.teacher_cache`) the teacher is not run: its cached
+               sparse targets (ids and log-probabilities at each response position) replace p, and the KL is
+               :func:`promptkd.fused_linear_sparse_kd_loss`'s at the cache's temperature: for top-k targets the
+               exact KL of p and q coarsened to the k ids plus one tail bucket (the full KL when k covers the
+               vocabulary), for sampled targets the KL from the renormalised empirical distribution (whose
+               gradient is the full KL's in expectation).
 - ``rkl``      KL(q || p) on responses the student samples.
 - ``gkd``      JSD(gkd_beta) on student samples with probability gkd_lambda, else on ground truth.
 - ``distillm`` skew forward KL(p || a p + (1-a) q) or skew reverse KL(q || (1-a) p + a q), a = distillm_alpha,
@@ -38,6 +44,7 @@ from ..hf.models import LMOutput, linear_cross_entropy, lm_hidden, load_model
 from ..impls import pick_impl
 from ..kd.api import fused_linear_kd_loss
 from ..kd.pair import PAIR_IMPLS, fused_linear_kl_pair_loss
+from ..sparse.api import SPARSE_IMPLS, fused_linear_sparse_kd_loss
 from .config import TrainConfig
 from .data import Example, collate, collate_shared
 
@@ -81,7 +88,7 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = prompted = None
-    if cfg.method != "sft":
+    if cfg.method != "sft" and not cfg.teacher_cache:  # kd from a cache runs no teacher
         teacher = load_model("teacher", cfg.teacher, dtype, device)
         teacher.requires_grad_(False).eval()
     if cfg.share_prefix:
@@ -125,13 +132,14 @@ def _use_prefix_attention(student, teacher) -> None:
 
 
 class Distillation:
-    """What a step computes with: the models, the tokenizer and the settings. Makes batches (ground
-    truth or the student's samples), runs the models to hidden states, and computes the losses."""
+    """What a step computes with: the models (or a teacher cache), the tokenizer and the settings. Makes batches
+    (ground truth or the student's samples), runs the models to hidden states, and computes the losses."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, student, teacher, prompted, dtype: torch.dtype,
-                 device: torch.device, rank: int):
+                 device: torch.device, rank: int, cache=None):
         self.cfg, self.tokenizer, self.dtype, self.device, self.rank = cfg, tokenizer, dtype, device, rank
         self.student_model, self.teacher_model, self.prompted = student, teacher, prompted
+        self.cache = cache
         self.vocab_size = None
         if teacher is not None:
             vs = student.get_output_embeddings().weight.shape[0]
@@ -223,10 +231,24 @@ class Distillation:
                                     teacher_bias=c(teacher.bias), vocab_size=self.vocab_size,
                                     impl=self.cfg.loss_impl, **kwargs)
 
+    def cached_kd(self, student: LMOutput, examples: list[Example], labels) -> torch.Tensor:
+        """``kd`` from the teacher cache: the sparse loss on the batch's cached targets (see the module docstring)."""
+        cfg, cache, c = self.cfg, self.cache, self._cast
+        ids, logprobs = cache.batch_targets([e.index for e in examples], labels)
+        # In the stored dtype (float16 values are exact in it): the loss's check of the targets' probability sum
+        # then allows for their rounding.
+        logprobs = logprobs.to(cache.logprob_dtype)
+        return fused_linear_sparse_kd_loss(c(student.hidden), c(student.weight), ids, logprobs, labels, tail=cache.tail,
+                                           temperature=cache.temperature, soft_weight=cfg.kd_ratio,
+                                           hard_weight=1.0 - cfg.kd_ratio, student_bias=c(student.bias),
+                                           vocab_size=min(student.weight.shape[0], cache.vocab_size),
+                                           impl=cfg.loss_impl if cfg.loss_impl in SPARSE_IMPLS else "auto")
+
     # ---- the methods ----
 
     def micro_loss(self, examples: list[Example], step: int, micro: int):
-        """A baseline's loss on one micro-batch and its token count (:data:`BASELINES`)."""
+        """A baseline's loss on one micro-batch and its token count (:data:`BASELINES`; ``kd`` from the teacher
+        cache when there is one)."""
         cfg = self.cfg
         method = BASELINES[cfg.method]
         if self.coin(step, micro, method.on_policy(cfg)):
@@ -237,6 +259,8 @@ class Distillation:
         student = self.student(batch)
         if method.loss is None:
             return linear_cross_entropy(student, labels), tokens
+        if self.cache is not None:
+            return self.cached_kd(student, examples, labels), tokens
         with torch.no_grad():
             teacher = self.teacher(batch)
         return self.kd(student, teacher, labels, **method.loss(cfg)), tokens

@@ -478,7 +478,9 @@ class _Run:
         offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
         offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
         tensors = {"ids": ids.contiguous(), "logprobs": logprobs.contiguous(), "offsets": offsets}
-        metadata = {"format": FORMAT, "examples": f"{start},{end}"}
+        # One metadata key: safetensors writes the metadata map in a per-process random order, and a resumed
+        # cache must be byte-identical to an uninterrupted one.
+        metadata = {FORMAT: json.dumps({"format_version": FORMAT_VERSION, "examples": [start, end]})}
         write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         record = {"file": name, "sha256": file_digest(path), "bytes": os.path.getsize(path), "examples": [start, end],
                   "tokens": int(offsets[-1])}
@@ -543,8 +545,10 @@ def _prepare(out: str, settings: dict, resume: bool, overwrite: bool, log) -> No
         return
     if existing and not overwrite:
         shown = ", ".join(existing[:4]) + (", ..." if len(existing) > 4 else "")
-        complete = "a complete" if MANIFEST in existing else "an incomplete"
-        raise InputError(f"{out!r} holds {complete} teacher cache ({shown}); pass --resume to continue it, "
+        if MANIFEST in existing:
+            raise InputError(f"{out!r} holds a complete teacher cache ({shown}); pass --overwrite to replace it or "
+                             "choose another --out (--resume checks it and recomputes damaged shards)")
+        raise InputError(f"{out!r} holds an incomplete teacher cache ({shown}); pass --resume to continue it, "
                          "--overwrite to replace it, or choose another --out")
     if existing:
         for name in existing:

@@ -16,7 +16,10 @@ parallel, or with ``fsdp`` sharded by FSDP2) in :mod:`promptkd.train.distributed
   the resume on; any other change, or training data whose contents changed, is refused naming it;
 - a NaN or infinite loss or gradient stops the run before that step is applied, and no checkpoint,
   ``best/`` or ``final/`` is ever written with non-finite weights (:class:`TrainingDiverged`);
-- checkpoint files are read with ``torch.load(weights_only=True)``: a planted file cannot run code.
+- checkpoint files are read with ``torch.load(weights_only=True)``: a planted file cannot run code;
+- ``kd`` with ``teacher_cache`` loads no teacher: the cache is verified (every shard's sha256) and checked
+  against this run's tokenizer, training data, lengths and example count before the student loads, and a
+  resume must use the cache the checkpoint was trained from (the same manifest).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from .config import TrainConfig
 from .data import DataOrder, load_examples
 from .distributed import Processes, clip_gradients, grad_norm, local_optimizer_state, sharded_optimizer_state
 from .methods import Distillation, baseline_step, load_models, promptkd_step
+from .teacher_cache import TeacherCache
 
 __all__ = ["Trainer", "TrainConfig", "TrainingDiverged", "train"]
 
@@ -93,11 +97,12 @@ class Trainer:
 
         # Everything that can be wrong with the inputs is found before any model is loaded.
         check_model_path("student", config.student)
-        if config.method != "sft":
+        online = config.method != "sft" and not config.teacher_cache  # kd from a cache loads no teacher
+        if online:
             check_model_path("teacher", config.teacher)
         tokenizer_path = config.tokenizer or config.student
         self.tokenizer = teacher_tokenizer = load_tokenizer("tokenizer", tokenizer_path)
-        if config.method != "sft" and has_tokenizer(config.teacher):
+        if online and has_tokenizer(config.teacher):
             teacher_tokenizer = load_tokenizer("teacher", config.teacher)
             if not config.tokenizer:
                 check_same_tokens(self.tokenizer, teacher_tokenizer, tokenizer_path, config.teacher)
@@ -113,17 +118,26 @@ class Trainer:
                                self.procs.world_size, config.seed)
         self.total_steps = config.max_steps or config.epochs * self.order.steps_per_epoch
 
+        self.cache = None
+        if config.teacher_cache:
+            self.cache = TeacherCache(config.teacher_cache)
+            self.cache.check_compatible(self.tokenizer, config.train_file, config.max_length,
+                                        config.max_prompt_length, len(self.train_examples))
+            self._say(f"teacher cache: {config.teacher_cache} ({self.cache.manifest['mode']}, k={self.cache.k}, "
+                      f"T={self.cache.temperature}); the teacher is not loaded")
+
         self.train_digest = file_digest(config.train_file)
         self.start_step, self.best, self.changes = 0, {"rougeL": None, "step": None}, {}
         if self.run.resume_from:
-            self.changes = self.run.check_resume(config, self.train_digest)
+            self.changes = self.run.check_resume(config, self.train_digest,
+                                                 self.cache.digest if self.cache is not None else None)
             self.start_step, self.best = self.run.resume_state["step"], self.run.resume_state["best"]
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.student, self.teacher, self.prompted = load_models(config, self.dtype, self.device, self.tokenizer,
                                                                 self.run.resume_from, teacher_tokenizer)
         self.distill = Distillation(config, self.tokenizer, self.student, self.teacher, self.prompted, self.dtype,
-                                    self.device, self.procs.rank)
+                                    self.device, self.procs.rank, cache=self.cache)
         self._build_optimizers()
 
     def _say(self, text: str) -> None:
@@ -133,8 +147,8 @@ class Trainer:
     def close(self) -> None:
         """Releases the models and optimizers, then ends the process group the trainer started (see
         :class:`~promptkd.train.distributed.Processes`). The trainer cannot train after this."""
-        for name in ("student", "teacher", "prompted", "distill", "optimizer", "scheduler", "prompt_optimizer",
-                     "prompt_scheduler", "student_params"):
+        for name in ("student", "teacher", "prompted", "distill", "cache", "optimizer", "scheduler",
+                     "prompt_optimizer", "prompt_scheduler", "student_params"):
             setattr(self, name, None)
         self.procs.close()
 
@@ -257,7 +271,9 @@ class Trainer:
         epoch, within = divmod(step, self.order.steps_per_epoch)
         state = {"step": step, "epoch": epoch, "step_in_epoch": within,
                  "examples_seen": step * self.order.global_batch, "world_size": self.procs.world_size,
-                 "best": self.best, "train_sha256": self.train_digest, "config": self.cfg.to_dict()}
+                 "best": self.best, "train_sha256": self.train_digest,
+                 "teacher_cache_sha256": self.cache.digest if self.cache is not None else None,
+                 "config": self.cfg.to_dict()}
         return self.run.save_checkpoint(step, weights, optimizers if self.procs.main else None, local, rng, state,
                                         self.cfg.keep_checkpoints)
 
