@@ -193,6 +193,9 @@ def test_sampled_targets_do_not_depend_on_the_batching(setup, tmp_path):
     for batch_size in (2, 3):
         make_cache(setup, tmp_path / f"b{batch_size}", samples=8, seed=5, batch_size=batch_size)
         caches.append(TeacherCache(str(tmp_path / f"b{batch_size}")))
+    for i in range(caches[0].num_examples):
+        a, b = caches[0].example(i), caches[1].example(i)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), i
     first_rows = {tuple(caches[0].example(i)[0][0].tolist()) for i in range(caches[0].num_examples)}
     assert len(first_rows) > 10  # the rows do not all draw alike
 
@@ -417,6 +420,30 @@ def test_kd_from_a_full_cache_trains_as_online_kd_without_the_teacher(setup, tmp
     a, b = weights(online), weights(cached)
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["top_k", "samples"])
+def test_a_kd_step_from_a_cache_is_the_sparse_loss_on_its_targets(setup, tmp_path, mode):
+    """The trainer's kd loss from a cache: the sparse loss on the batch's cached targets with the cache's tail
+    rule (top-k: tail bucket; samples: renormalised) and temperature, kd_ratio / 1 - kd_ratio as the weights."""
+    from promptkd import fused_linear_sparse_kd_loss
+
+    make_cache(setup, tmp_path / "cache", temperature=2.0, **{mode: 8})
+    trainer = Trainer(config(setup, tmp_path / "run", teacher="", teacher_cache=str(tmp_path / "cache"),
+                             kd_ratio=0.7), **QUIET)
+    examples = [trainer.train_examples[i] for i in trainer.order.micro_batches(1, 0)[0]]
+    loss, _ = trainer.distill.micro_loss(examples, 1, 0)
+    batch, _ = trainer.distill.batch(*trainer.distill.ground_truth(examples))
+    student = trainer.distill.student(batch)
+    ids, logprobs = trainer.cache.batch_targets([e.index for e in examples], batch["labels"])
+    expected = fused_linear_sparse_kd_loss(student.hidden, student.weight, ids, logprobs, batch["labels"],
+                                           tail=mode == "top_k", temperature=2.0, soft_weight=0.7, hard_weight=0.3,
+                                           impl="reference")
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(loss, fused_linear_sparse_kd_loss(
+        student.hidden, student.weight, ids, logprobs, batch["labels"], tail=mode != "top_k", temperature=2.0,
+        soft_weight=0.7, hard_weight=0.3), rtol=1e-4)  # the tail rule matters at k=8
+    trainer.close()
 
 
 def test_resume_from_a_cache_is_bit_identical_and_needs_the_same_cache(setup, tmp_path, monkeypatch):
