@@ -7,7 +7,8 @@
         [--shard-mb MB] [--tokenizer PATH] [--vocab-size V] [--device auto|cpu|cuda] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
-    promptkd experiment smollm2 [--teacher PATH] [--out DIR] [--variant NAME:key=value,...] [--resume | --overwrite]
+    promptkd experiment smollm2 [--teacher PATH] [--out DIR] [--variant NAME:key=value,...] [--cache kN|sN ...]
+                                [--resume | --overwrite]
     promptkd init-student --teacher PATH (--layers 0,3,6 | --keep N) --out DIR [--overwrite]
     promptkd exposure --teacher PATH --student [NAME=]PATH [...] --data FILE --max-length L --samples K --out DIR
     promptkd info [--json]
@@ -232,7 +233,8 @@ def _experiment(args) -> int:
     from .demo.smollm2 import run_experiment
 
     run_experiment(args.out or f"runs/{args.name}", teacher=args.teacher, quick=args.quick, seed=args.seed,
-                   variants=tuple(args.variant), resume=args.resume, overwrite=args.overwrite)
+                   variants=tuple(args.variant), caches=tuple(args.cache), resume=args.resume,
+                   overwrite=args.overwrite)
     return 0
 
 
@@ -274,7 +276,11 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--seed", type=int, default=10)
     exp.add_argument("--quick", action="store_true", help="a smoke test's sizes (a few steps per stage)")
     exp.add_argument("--variant", action="append", default=[], metavar="NAME:key=value[,key=value]",
-                     help="also run promptkd with these config changes (repeatable), e.g. plen20:prompt_length=20")
+                     help="also run promptkd with these config changes (repeatable), e.g. plen20:prompt_length=20; "
+                          "method=kd,teacher_cache=SPEC trains kd from a --cache")
+    exp.add_argument("--cache", action="append", default=[], metavar="SPEC",
+                     help="write the SFT teacher's targets over the training data first (repeatable): kN (top N) "
+                          "or sN (N samples), e.g. k64, s12; variants use them with teacher_cache=SPEC")
     _run_flags(exp, "experiment")
     exp.set_defaults(func=_experiment)
 

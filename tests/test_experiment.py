@@ -43,6 +43,7 @@ def test_experiment_end_to_end(teacher, tmp_path):
     check_student_is_the_sft_teachers_kept_layers(run)
     check_prompt_cost_is_the_teachers_cross_entropy(run)
     check_resume_keeps_every_stage(run)
+    check_caches_and_training_seed_groups(run)
     check_refusals_of_a_run(run)
 
 
@@ -159,6 +160,44 @@ def check_resume_keeps_every_stage(run):
     with open(os.path.join(out, "variants", "sft11", "config.yaml")) as f:
         config = yaml.safe_load(f)
     assert (config["method"], config["seed"], config["lr"], config["eval_seeds"]) == ("sft", 11, 2e-4, [10])
+
+
+def check_caches_and_training_seed_groups(run):
+    """--cache writes the SFT teacher's targets; kd trains from them as a variant; runs that differ only in
+    their training seed are grouped with the std over training seeds."""
+    import json
+
+    from promptkd.train.teacher_cache import TeacherCache
+
+    teacher, out, _, _ = run
+    variants = ("plen3:prompt_length=3", "reg0:prompt_reg=0", "sft11:method=sft,seed=11,lr=2e-4",
+                "kdk4:method=kd,teacher_cache=k4", "kds3:method=kd,teacher_cache=s3", "kd11:method=kd,seed=11")
+    log = []
+    results = smollm2.run_experiment(out, teacher=teacher, quick=True, resume=True, log=log.append,
+                                     variants=variants, caches=("k4", "s3"))
+    for spec, tail in (("k4", True), ("s3", False)):
+        cache = TeacherCache(os.path.join(out, "caches", spec))
+        assert cache.tail is tail and cache.k == int(spec[1:]) and cache.num_examples > 0
+        assert results["caches"][spec]["bytes_per_token"] > 0
+    with open(os.path.join(out, "variants", "kdk4", "config.yaml")) as f:
+        assert f.read().count(os.path.join(out, "caches", "k4")) == 1  # the spec resolved to the cache's path
+    groups = results["seed_groups"]
+    assert groups["kd"]["runs"] == {"kd": 10, "kd[kd11]": 11}
+    scores = [results["scores"][r]["test"]["rougeL"] for r in ("kd", "kd[kd11]")]
+    assert groups["kd"]["test"] == pytest.approx(sum(scores) / 2)
+    assert groups["kd"]["train_std"] == pytest.approx(abs(scores[0] - scores[1]) / 2 ** 0.5)
+    assert groups["kd teacher_cache=k4"]["runs"] == {"kd[kdk4]": 10}
+    assert groups["sft lr=0.0002"]["runs"] == {"sft[sft11]": 11}
+    with open(os.path.join(out, "results.md")) as f:
+        text = f.read()
+    assert "Teacher caches" in text and "teacher_cache=s3" in text and "over training seeds" in text
+    with open(os.path.join(out, "results.json")) as f:
+        assert json.load(f)["seed_groups"] == groups
+    with pytest.raises(InputError, match="teacher_cache='k9' names no --cache"):
+        smollm2.run_experiment(out, teacher=teacher, quick=True, resume=True, caches=("k4",),
+                               variants=("bad:method=kd,teacher_cache=k9",))
+    with pytest.raises(InputError, match="expected kN"):
+        smollm2.run_experiment(out, teacher=teacher, quick=True, resume=True, caches=("top4",))
 
 
 def check_refusals_of_a_run(run):

