@@ -67,7 +67,7 @@ struct Entry {
 // keeps the worst of the k kept entries at the front.
 inline bool before(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 float block_max16(const float* __restrict x) {
     float m = x[0];
 #pragma omp simd reduction(max : m)
@@ -75,7 +75,7 @@ float block_max16(const float* __restrict x) {
     return m;
 }
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 double exp_sum(const float* __restrict x, int64_t V, float it, float ma) {
     double z = 0.0;
 #pragma omp simd reduction(+ : z)
@@ -117,7 +117,7 @@ void topk_row(const float* x, int64_t V, int32_t k, float it, std::vector<Entry>
 
 constexpr int64_t BLOCK = 64;
 
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 double exp_block(const float* __restrict x, float* __restrict e, int64_t n, float it, float ma) {
     double z = 0.0;
 #pragma omp simd reduction(+ : z)
@@ -200,7 +200,7 @@ struct Targets {
 };
 
 template <bool GRAD>
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 double rest_exp(const float* __restrict s, float* __restrict e, int64_t V, float it, float m) {
     double z = 0.0;
 #pragma omp simd reduction(+ : z)
@@ -214,7 +214,7 @@ double rest_exp(const float* __restrict s, float* __restrict e, int64_t V, float
 
 // s[v] = c * e[v] (+ kh * softmax(s)_v at T = 1 when HARD == 2: T != 1).
 template <int HARD>
-__attribute__((target_clones("arch=x86-64-v3", "default")))
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 void rest_grad(float* __restrict s, const float* __restrict e, int64_t V, float c, float kh, float lse1) {
 #pragma omp simd
     for (int64_t v = 0; v < V; ++v) {
