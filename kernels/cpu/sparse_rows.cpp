@@ -3,9 +3,10 @@
 // GEMMs, one call per chunk, rows in parallel (OpenMP), sums in double. Formulas: promptkd/sparse/rows.py.
 //
 // promptkd_topk_rows     per row, the k largest logits (ties to the lower id) and their log-probabilities
-//                        under the full-vocabulary softmax of logits / T. Two passes: the selection (a heap
-//                        of the k best; a block of 16 logits is looked at one by one only when its maximum
-//                        beats the k-th best so far), then the exponential sum from the best logit.
+//                        under the full-vocabulary softmax of logits / T. Two passes: the selection (a buffer
+//                        of candidates cut back to its k best by nth_element when full; a block of 16 logits
+//                        is looked at one by one only when its maximum beats the k-th best so far), then the
+//                        exponential sum from the best logit.
 // promptkd_sample_rows   per row, S tokens drawn from softmax(logits / T) by inverse transform: exp(a - max a)
 //                        into a scratch row with sums per block of 64, S uniforms from Philox4x32-10 (key =
 //                        the row's key, counter = (row counter, draw, 0)), sorted, then one walk over the
@@ -28,6 +29,7 @@ namespace {
 
 using promptkd::row_max;
 using promptkd::vexp;
+using promptkd::vexp_nonpos;
 
 // ---- Philox4x32-10 (Salmon et al. 2011; the generator of Triton's tl.randint and of
 // promptkd/sparse/philox.py, which must agree bit for bit) ----
@@ -67,49 +69,58 @@ struct Entry {
 // keeps the worst of the k kept entries at the front.
 inline bool before(const Entry& a, const Entry& b) { return a.v > b.v || (a.v == b.v && a.id < b.id); }
 
+// Whether a logit of the block of 16 at x beats w: one vector compare, no horizontal reduction.
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-float block_max16(const float* __restrict x) {
-    float m = x[0];
-#pragma omp simd reduction(max : m)
-    for (int t = 1; t < 16; ++t) m = x[t] > m ? x[t] : m;
-    return m;
+bool any_above16(const float* __restrict x, float w) {
+    bool hit = false;
+#pragma omp simd reduction(| : hit)
+    for (int t = 0; t < 16; ++t) hit |= x[t] > w;
+    return hit;
 }
 
 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 double exp_sum(const float* __restrict x, int64_t V, float it, float ma) {
     double z = 0.0;
 #pragma omp simd reduction(+ : z)
-    for (int64_t v = 0; v < V; ++v) z += vexp(x[v] * it - ma);
+    for (int64_t v = 0; v < V; ++v) z += vexp_nonpos(x[v] * it - ma);  // ma: the row's largest x * it
     return z;
 }
 
-void topk_row(const float* x, int64_t V, int32_t k, float it, std::vector<Entry>& heap, int64_t* ids, float* lp) {
-    heap.clear();
+// The k best of the candidates in `cand` (its first k, unordered); returns the k-th best's logit.
+inline float keep_best(std::vector<Entry>& cand, int32_t k) {
+    std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), before);
+    cand.resize(k);
+    return cand[k - 1].v;
+}
+
+void topk_row(const float* x, int64_t V, int32_t k, float it, std::vector<Entry>& cand, int64_t* ids, float* lp) {
+    // Candidates: the first k logits, then every logit above `worst`, the k-th best among the candidates kept at
+    // the last compaction (an equal logit has a higher id than each kept one: it never ranks in the top k). When
+    // the buffer fills, it is cut back to its k best, which raises `worst`.
+    const size_t capacity = std::max<size_t>(2 * static_cast<size_t>(k), 32);
+    cand.clear();
     const int64_t first = std::min<int64_t>(k, V);
-    for (int64_t j = 0; j < first; ++j) heap.push_back({x[j], j});
-    std::make_heap(heap.begin(), heap.end(), before);
-    float worst = heap.front().v;
+    for (int64_t j = 0; j < first; ++j) cand.push_back({x[j], j});
+    float worst = keep_best(cand, static_cast<int32_t>(first));
     auto offer = [&](int64_t j) {
-        // Only a strictly larger logit enters: an equal one has a higher id than every kept entry.
         if (x[j] > worst) {
-            std::pop_heap(heap.begin(), heap.end(), before);
-            heap.back() = {x[j], j};
-            std::push_heap(heap.begin(), heap.end(), before);
-            worst = heap.front().v;
+            cand.push_back({x[j], j});
+            if (cand.size() >= capacity) worst = keep_best(cand, k);
         }
     };
     int64_t j = first;
     for (; j + 16 <= V; j += 16) {
-        if (block_max16(x + j) > worst)
+        if (any_above16(x + j, worst))
             for (int t = 0; t < 16; ++t) offer(j + t);
     }
     for (; j < V; ++j) offer(j);
-    std::sort(heap.begin(), heap.end(), before);
-    const float ma = heap.front().v * it;  // the row's largest logit / T (max(s / T) = max(s) / T for T > 0)
+    keep_best(cand, k);
+    std::sort(cand.begin(), cand.end(), before);
+    const float ma = cand.front().v * it;  // the row's largest logit / T (max(s / T) = max(s) / T for T > 0)
     const double log_z = std::log(exp_sum(x, V, it, ma));
     for (int32_t i = 0; i < k; ++i) {
-        ids[i] = heap[i].id;
-        lp[i] = static_cast<float>(static_cast<double>(heap[i].v * it - ma) - log_z);
+        ids[i] = cand[i].id;
+        lp[i] = static_cast<float>(static_cast<double>(cand[i].v * it - ma) - log_z);
     }
 }
 
@@ -122,7 +133,7 @@ double exp_block(const float* __restrict x, float* __restrict e, int64_t n, floa
     double z = 0.0;
 #pragma omp simd reduction(+ : z)
     for (int64_t v = 0; v < n; ++v) {
-        const float ev = vexp(x[v] * it - ma);
+        const float ev = vexp_nonpos(x[v] * it - ma);  // ma: the row's largest x * it
         e[v] = ev;
         z += ev;
     }
@@ -205,7 +216,7 @@ double rest_exp(const float* __restrict s, float* __restrict e, int64_t V, float
     double z = 0.0;
 #pragma omp simd reduction(+ : z)
     for (int64_t v = 0; v < V; ++v) {
-        const float ev = vexp(s[v] * it - m);
+        const float ev = vexp_nonpos(s[v] * it - m);  // m: the rest's largest s * it
         if (GRAD) e[v] = ev;
         z += ev;
     }
@@ -322,11 +333,11 @@ PROMPTKD_API int promptkd_topk_rows(int64_t rows, int64_t vocab, const float* x,
     if (rows < 0 || vocab < 1 || k < 1 || k > vocab || x_stride < vocab || !(inv_t > 0.0f)) return -1;
 #pragma omp parallel
     {
-        std::vector<Entry> heap;
-        heap.reserve(k);
+        std::vector<Entry> cand;
+        cand.reserve(std::max<size_t>(2 * static_cast<size_t>(k), 32));
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < rows; ++i)
-            topk_row(x + i * x_stride, vocab, k, inv_t, heap, ids + i * k, logprobs + i * k);
+            topk_row(x + i * x_stride, vocab, k, inv_t, cand, ids + i * k, logprobs + i * k);
     }
     return 0;
 }

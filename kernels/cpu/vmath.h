@@ -19,10 +19,8 @@ inline __attribute__((always_inline)) float bits_to_float(int32_t i) {
 
 // exp(x) for float x: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial; 0 below the
 // smallest normal exponent, +inf above the largest; NaN stays NaN (comparisons with NaN are false).
-inline __attribute__((always_inline)) float vexp(float x) {
-    const float hi = 88.3762626647949f, lo = -87.3365447504f;
-    float xc = x > hi ? hi : x;
-    xc = xc < lo ? lo : xc;
+// exp_clamped is the core, for x already within those bounds.
+inline __attribute__((always_inline)) float exp_clamped(float xc) {
     const float round = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
     float n = (xc * 1.44269504088896341f + round) - round;
     float r = xc - n * 0.693359375f;
@@ -34,10 +32,24 @@ inline __attribute__((always_inline)) float vexp(float x) {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    float y = p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+    return p * bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline __attribute__((always_inline)) float vexp(float x) {
+    const float hi = 88.3762626647949f, lo = -87.3365447504f;
+    float xc = x > hi ? hi : x;
+    xc = xc < lo ? lo : xc;
+    float y = exp_clamped(xc);
     y = x < lo ? 0.0f : y;
     y = x > hi ? INFINITY : y;
     return y;
+}
+
+// exp(x) for x <= 0 (or NaN), such as a logit less its row's maximum: vexp without the overflow branch.
+inline __attribute__((always_inline)) float vexp_nonpos(float x) {
+    const float lo = -87.3365447504f;
+    const float y = exp_clamped(x < lo ? lo : x);
+    return x < lo ? 0.0f : y;
 }
 
 // log(1 + e) for 0 <= e <= 1 (what a log-sum-exp of two terms needs): log(1 + f) by the Cephes
