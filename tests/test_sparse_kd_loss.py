@@ -19,8 +19,9 @@ from promptkd.sparse.torch_impl import sparse_forward
 
 
 @pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
+def small_chunks_and_poison(monkeypatch):
     monkeypatch.setattr(promptkd.kd.torch_impl, "CHUNK_BYTES", 4 * 1001 * 8)  # 8-row chunks
+    monkeypatch.setattr("promptkd.launch.POISON", float("nan"))  # output buffers filled with NaN first
 
 
 def make_case(n=37, d=40, v=1001, k=8, *, sampled=False, lead=None, seed=0, bias=True):

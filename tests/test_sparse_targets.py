@@ -20,8 +20,9 @@ BACKENDS = ["chunked", "chunked-torchops"]
 
 
 @pytest.fixture(autouse=True)
-def small_chunks(monkeypatch):
+def small_chunks_and_poison(monkeypatch):
     monkeypatch.setattr(promptkd.kd.torch_impl, "CHUNK_BYTES", 4 * 1001 * 8)  # 8-row chunks
+    monkeypatch.setattr("promptkd.launch.POISON", float("nan"))  # output buffers filled with NaN first
 
 
 def inputs(n=37, d=24, v=1001, seed=0, scale=3.0, lead=None):

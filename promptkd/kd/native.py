@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .. import launch
 from .settings import DIVERGENCE_CODES, KDSettings
 
 LIBRARY_NAME = "libpromptkd_cpu.so"
@@ -118,7 +119,7 @@ def topk_rows(x: torch.Tensor, k: int, inv_t: float) -> tuple[torch.Tensor, torc
     stride: (ids [rows, k] int64, log-probabilities [rows, k] float32)."""
     rows, vocab = x.shape
     ids = torch.empty(rows, k, dtype=torch.int64)
-    lp = torch.empty(rows, k, dtype=torch.float32)
+    lp = launch.buffer((rows, k), torch.float32, x.device)
     status = _lib().promptkd_topk_rows(rows, vocab, _ptr(x), x.stride(0), k, inv_t, _ptr(ids), _ptr(lp))
     if status != 0:
         raise RuntimeError(f"promptkd_topk_rows rejected its arguments (status {status})")
@@ -132,7 +133,7 @@ def sample_rows(x: torch.Tensor, samples: int, width: int, inv_t: float, keys: t
     int64, log(count / samples) [rows, width] float32), padded with -1 / -inf."""
     rows, vocab = x.shape
     ids = torch.empty(rows, width, dtype=torch.int64)
-    lp = torch.empty(rows, width, dtype=torch.float32)
+    lp = launch.buffer((rows, width), torch.float32, x.device)
     keys, counters = keys.contiguous(), counters.contiguous()
     status = _lib().promptkd_sample_rows(rows, vocab, _ptr(x), x.stride(0), samples, width, inv_t, _ptr(keys),
                                          _ptr(counters), _ptr(ids), _ptr(lp))
@@ -148,7 +149,7 @@ def sparse_rows(s: torch.Tensor, ids: torch.Tensor, lp: torch.Tensor, targets: t
     (unit column stride, overwritten with the scaled gradient when ``scale`` is given); ids int64 and lp float32
     [rows, k]. Returns [rows] losses."""
     rows, vocab = s.shape
-    loss = torch.empty(rows, dtype=torch.float32)
+    loss = launch.buffer((rows,), torch.float32, s.device)
     ids, lp = ids.contiguous(), lp.to(torch.float32).contiguous()
     if targets is not None:
         targets = targets.contiguous()

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from .. import launch
 from ..kd import torch_impl as kd_torch
 from ..kd.tokens import row_scale
 from .rows import sample_rows, sparse_rows, topk_rows
@@ -33,17 +34,18 @@ TARGET_CHUNKS = 4
 LOSS_CHUNKS = 2
 
 
-def chunk_rows(vocab: int, chunks: int = 1) -> int:
+def chunk_rows(vocab: int, chunks: int) -> int:
+    """Rows of a buffer of ``chunks`` KD chunks for a vocabulary of ``vocab`` (at least 1)."""
     return max(1, chunks * kd_torch.CHUNK_BYTES // (4 * vocab))
 
 
-def _chunks(n: int, vocab: int, chunks: int = 1):
+def _chunks(n: int, vocab: int, chunks: int):
     step = chunk_rows(vocab, chunks)
     for r0 in range(0, n, step):
         yield slice(r0, min(n, r0 + step))
 
 
-def _buffer(x: torch.Tensor, n: int, vocab: int, chunks: int = 1) -> torch.Tensor:
+def _buffer(x: torch.Tensor, n: int, vocab: int, chunks: int) -> torch.Tensor:
     return torch.empty(min(n, chunk_rows(vocab, chunks)), vocab, dtype=kd_torch.compute_dtype(x.dtype), device=x.device)
 
 
@@ -54,7 +56,7 @@ def targets_forward(x, w, b, k: int, temperature: float, vocab: int, samples: in
     n = x.shape[0]
     lp_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     ids = torch.empty(n, k, dtype=torch.int64, device=x.device)
-    lp = torch.empty(n, k, dtype=lp_dtype, device=x.device)
+    lp = launch.buffer((n, k), lp_dtype, x.device)
     buffer = _buffer(x, n, vocab, TARGET_CHUNKS)
     for rows in _chunks(n, vocab, TARGET_CHUNKS):
         logits = kd_torch.chunk_logits(x, w, b, rows, vocab, buffer)
@@ -95,7 +97,7 @@ def sparse_forward(x, w, b, ids, lp, labels, bad, settings: SparseKDSettings, gr
     ``promptkd.kd.tokens``; [dx, dw, db], None where not computed)."""
     n = x.shape[0]
     dtype = kd_torch.compute_dtype(x.dtype)
-    per_token = torch.empty(n, dtype=dtype, device=x.device)
+    per_token = launch.buffer((n,), dtype, x.device)
     scale, out = None, [None] * 3
     if any(grads):
         scale = _nan_where(bad, row_scale(torch.ones((), dtype=dtype, device=x.device), labels, settings, n, dtype))
