@@ -5,8 +5,9 @@
 
 Reported: versions (promptkd, Python, torch, Triton, transformers); the native CPU kernels (built and
 loaded, or why not, and how to build them); the elementwise backend the chunked KD loss will use
-(``PROMPTKD_CPU_KERNELS``) and its chunk size (``PROMPTKD_CHUNK_MB``); Triton and the CUDA device the
-Triton kernels would run on; what ``impl="auto"`` picks on the CPU and on CUDA.
+(``PROMPTKD_CPU_KERNELS``) and its chunk size (``PROMPTKD_CHUNK_MB``); the row passes and chunk sizes of
+offline distillation (``fused_linear_topk``, the sparse loss); Triton and the CUDA device the Triton kernels
+would run on; what ``impl="auto"`` picks on the CPU and on CUDA.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def report() -> dict:
 
     from . import __version__, launch
     from .kd import native, rows, torch_impl
+    from .sparse import torch_impl as sparse_impl
 
     lib = native.library()
     try:
@@ -77,18 +79,24 @@ def report() -> dict:
         "cpu_elementwise_backend": cpu_backend,
         "cuda_elementwise_backend": "triton" if triton_version is not None else "torch (Triton is not installed)",
         "chunk_mb": torch_impl.CHUNK_BYTES / 2**20,
+        "sparse": {"cpu_row_backend": cpu_backend,
+                   "cuda_row_backend": {"loss": "triton" if triton_version is not None else "torch",
+                                        "targets": "torch"},
+                   "loss_chunk_mb": sparse_impl.LOSS_CHUNKS * torch_impl.CHUNK_BYTES / 2**20,
+                   "targets_chunk_mb": sparse_impl.TARGET_CHUNKS * torch_impl.CHUNK_BYTES / 2**20},
         "torch_threads": torch.get_num_threads(),
         "triton_available": triton_version is not None,
         "triton_error": triton_error,
         "triton_interpreter": launch.interpreting(),
         "cuda_device": device,
-        "auto_impl": {"cpu": "chunked (KD loss), torch (prefix attention)",
-                      "cuda": "triton" if triton_version is not None else "unavailable: Triton is not installed"},
+        "auto_impl": {"cpu": "chunked (KD loss, sparse loss, targets), torch (prefix attention)",
+                      "cuda": ("triton" if triton_version is not None else "unavailable: Triton is not installed")
+                      + "; chunked (sparse loss, targets)"},
     }
 
 
 def format_report(r: dict) -> str:
-    native = r["native_cpu_kernels"]
+    native, sp = r["native_cpu_kernels"], r["sparse"]
     if native["available"]:
         native_line = f"available ({native['path']})"
     else:
@@ -99,6 +107,9 @@ def format_report(r: dict) -> str:
         f"{'native CPU kernels':24}{native_line}",
         f"{'chunked KD elementwise':24}{r['cpu_elementwise_backend']}; chunks of {r['chunk_mb']:g} MB per side "
         f"(PROMPTKD_CHUNK_MB), {r['torch_threads']} threads; on CUDA: {r['cuda_elementwise_backend']}",
+        f"{'offline distillation':24}row passes {sp['cpu_row_backend']} on the CPU; on CUDA "
+        f"{sp['cuda_row_backend']['loss']} (loss), {sp['cuda_row_backend']['targets']} ops (targets); chunks of "
+        f"{sp['loss_chunk_mb']:g} MB (loss), {sp['targets_chunk_mb']:g} MB (targets)",
         f"{'Triton':24}" + (f"{r['triton']}" + (" (TRITON_INTERPRET=1: kernels run on CPU tensors)"
                                                  if r["triton_interpreter"] else "")
                             if r["triton_available"] else f"unavailable: {r['triton_error']}"),
