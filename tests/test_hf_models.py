@@ -84,3 +84,50 @@ def test_float32_with_a_gradient_uses_torch_chunked_path(monkeypatch):
     assert calls == [8]
     assert models._torch_chunked_applies(hidden, weight, None)
     assert not models._torch_chunked_applies(hidden.detach(), weight.detach(), None)
+
+
+def _llama(**changes):
+    import transformers
+
+    config = transformers.LlamaConfig(num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+                                      vocab_size=50, max_position_embeddings=32, **changes)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
+                                          ("logits_scaling", 2.0), ("lm_head_multiplier", 0.5),
+                                          ("output_multiplier", 3.0)])
+def test_logit_transforms_named_in_the_config_are_refused(field, value):
+    """A config that transforms the logits after the head (Gemma's softcap, Cohere's scale, Granite's divisor,
+    Falcon-H1's multiplier) is refused by name wherever the head is read; neutral values pass."""
+    pytest.importorskip("transformers")
+    model = _llama()
+    setattr(model.config, field, value)
+    with pytest.raises(models.InputError, match=f"student: its config sets {field}={value}"):
+        models.check_linear_logits("student", model.config)
+    with pytest.raises(models.InputError, match=field):
+        models.output_head(model)
+    setattr(model.config, field, None if field == "final_logit_softcapping" else 1.0)
+    models.check_linear_logits("student", model.config)
+    models.probe_linear_logits("student", model)
+
+
+def test_the_probe_refuses_logits_that_are_not_the_head_of_the_hidden_states():
+    """A model whose forward changes its logits in a way no config field names (here: halved) is refused
+    by the probe the trainer runs at load; the same model unchanged passes, and keeps its mode."""
+    pytest.importorskip("transformers")
+    model = _llama()
+    model.train()
+    models.probe_linear_logits("teacher", model)
+    assert model.training
+    forward = model.forward
+
+    def halved(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5
+        return out
+
+    model.forward = halved
+    with pytest.raises(models.InputError, match="teacher: the model's own logits are not its final hidden states"):
+        models.probe_linear_logits("teacher", model)
+    assert model.training

@@ -1,6 +1,6 @@
 """``promptkd init-student``: a student made from the teacher by dropping decoder layers, on tiny random
-4-layer models of every family it supports (GPT-2, Llama, Mistral, Qwen2 with sliding-window layers, OPT)
-and on a GGUF teacher.
+4-layer models of every family it supports (GPT-2, Llama, Mistral, Qwen2 with sliding-window layers, Qwen3,
+Phi-3, Gemma 2 and Gemma 3 with alternating sliding and global layers, OPT) and on a GGUF teacher.
 
 Checks: the student's tensors are the teacher's (kept layers renumbered, nothing else added or lost),
 keeping every layer gives the teacher's logits exactly, a 2-of-4 student loads back and decodes with its
@@ -17,6 +17,8 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+
+from tiny_models import NEWER_FAMILIES, tiny_decoder  # noqa: E402
 
 from promptkd.cli import main  # noqa: E402
 from promptkd.demo.tokenizer import train_tokenizer  # noqa: E402
@@ -39,6 +41,10 @@ def build(family: str, layers: int = 4, seed: int = 0, **changes):
         return t.OPTForCausalLM(t.OPTConfig(num_hidden_layers=layers, hidden_size=32, ffn_dim=64,
                                             num_attention_heads=4, max_position_embeddings=64,
                                             word_embed_proj_dim=32, **SMALL, **changes)).eval()
+    if family in NEWER_FAMILIES:  # Gemma's sliding layers see 4 keys: their layer_types must follow the drop
+        window = dict(sliding_window=4) if family.startswith("gemma") else {}
+        return tiny_decoder(family, layers=layers, seed=seed, tie_word_embeddings=False, **SMALL,
+                            **{**window, **changes})
     kw = dict(num_hidden_layers=layers, hidden_size=32, intermediate_size=64, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False, **SMALL)
     if family == "qwen2":  # the last two layers use sliding-window attention: layer_types must follow the drop
@@ -96,6 +102,10 @@ def test_kept_layers_are_the_teachers(teacher, tmp_path):
         assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention",
                                             "sliding_attention"]
         assert student.config.layer_types == ["full_attention", "sliding_attention"]
+    if family == "gemma3_text":
+        assert model.config.layer_types == ["sliding_attention", "full_attention"] * 2
+        assert student.config.layer_types == ["full_attention", "full_attention"]
+        assert [layer.self_attn.sliding_window for layer in student.model.layers] == [None, None]
 
 
 def decode_steps(model, x, start=6):

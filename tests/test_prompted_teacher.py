@@ -1,4 +1,6 @@
-"""PromptedTeacher on small randomly initialised GPT-2, Llama (GQA, RoPE), Mistral, Qwen2 and OPT models.
+"""PromptedTeacher on small randomly initialised GPT-2, Llama (GQA, RoPE), Mistral, Qwen2, Qwen3 (q/k norms),
+Phi-3 (fused qkv), Gemma 2 (without its softcaps, which are refused), Gemma 3 (q/k norms, query_pre_attn_scalar,
+sliding and global layers) and OPT models.
 
 The central check: logits at the input positions and the soft prompt's gradient equal PEFT's prompt
 tuning (the prompt concatenated to every sample) on the same model and prompt, to float32 precision.
@@ -12,6 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
+
+from tiny_models import NEWER_FAMILIES, tiny_decoder  # noqa: E402
 
 from promptkd import PromptedTeacher, fused_linear_kd_loss  # noqa: E402
 from promptkd.hf.attention import SUPPORTED_MODEL_TYPES  # noqa: E402
@@ -32,6 +36,8 @@ def build(family: str, seed: int = 0):
         cls = {"llama": (t.LlamaConfig, t.LlamaForCausalLM), "mistral": (t.MistralConfig, t.MistralForCausalLM),
                "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM)}[family]
         return cls[1](cls[0](**kw)).eval()
+    if family in NEWER_FAMILIES:
+        return tiny_decoder(family, **SMALL)
     if family == "opt":
         config = t.OPTConfig(num_hidden_layers=2, hidden_size=32, ffn_dim=64, num_attention_heads=4,
                              max_position_embeddings=64, word_embed_proj_dim=32, **SMALL)
@@ -39,7 +45,7 @@ def build(family: str, seed: int = 0):
     raise KeyError(family)
 
 
-FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "opt"]
+FAMILIES = ["gpt2", "llama", "mistral", "qwen2", "opt", *NEWER_FAMILIES]
 
 
 def batch(padding: str, b=3, n=11, seed=5):
@@ -373,6 +379,30 @@ def test_bad_arguments():
         teacher(ids, mask[:, :5])
     with pytest.raises(ValueError, match="input_ids"):
         teacher(ids[0])
+
+
+def test_softcaps_and_short_sliding_windows_are_refused():
+    """What prefix attention and the losses do not implement is refused by name, never computed without:
+    Gemma 2's attention-score and final-logit softcaps, and a sliding window shorter than the keys a
+    query sees (prompt included); a window that covers them runs (the PEFT comparison above)."""
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50"):
+        PromptedTeacher(tiny_decoder("gemma2", attn_logit_softcapping=50.0, **SMALL), P, init="random")
+    with pytest.raises(ValueError, match="final_logit_softcapping=30"):
+        PromptedTeacher(tiny_decoder("gemma2", final_logit_softcapping=30.0, **SMALL), P, init="random")
+    model = tiny_decoder("gemma2", attn_logit_softcapping=50.0, **SMALL)
+    model.config.attn_logit_softcapping = None  # past the constructor's check: the attention call refuses it too
+    teacher = PromptedTeacher(model, P, init="random")
+    for layer in model.model.layers:
+        layer.self_attn.attn_logit_softcapping = 50.0
+    with pytest.raises(ValueError, match="softcap"):
+        teacher(*batch("right"))
+    teacher = PromptedTeacher(tiny_decoder("gemma3_text", sliding_window=17, **SMALL), P, init="random")
+    ids, mask = batch("right", n=10)
+    teacher(ids, mask)  # 7 prompt tokens + 10 = 17 keys: the window covers them all
+    with pytest.raises(ValueError, match="sliding window"):
+        teacher(*batch("right", n=11))
+    with teacher.without_prompt():
+        teacher(*batch("right", n=11))  # 11 keys without the prompt
 
 
 @pytest.mark.gpu

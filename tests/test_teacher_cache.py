@@ -378,6 +378,26 @@ def test_cli_writes_a_cache_and_refuses_bad_arguments(setup, tmp_path, capsys, m
     assert not os.path.exists(tmp_path / "new")
 
 
+def test_a_teacher_whose_logits_are_softcapped_is_refused(setup, tmp_path, monkeypatch):
+    """Targets from hidden states times the head would not be a Gemma 2 teacher's (it caps its logits): the
+    cache is refused by name, from the config, before the teacher's weights are read."""
+    from transformers import AutoConfig
+
+    capped = tmp_path / "capped"
+    config = AutoConfig.from_pretrained(setup["teacher_init"])
+    config.final_logit_softcapping = 30.0
+    shutil.copytree(setup["teacher_init"], capped)
+    config.save_pretrained(capped)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the teacher's weights were read before its config was checked")
+
+    monkeypatch.setattr("promptkd.hf.models.load_model", no_loading)
+    with pytest.raises(InputError, match="teacher: its config sets final_logit_softcapping=30.0"):
+        make_cache(setup, tmp_path / "out", teacher=str(capped), top_k=2)
+    assert not os.path.exists(tmp_path / "out" / MANIFEST)
+
+
 # ---------------------------------------------------------------- training from the cache
 
 

@@ -18,6 +18,7 @@ import time
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import NEWER_FAMILIES, tiny_decoder
 
 from promptkd.demo.run import DemoSettings, prepare
 from promptkd.errors import InputError, TrainingDiverged
@@ -166,6 +167,52 @@ def test_share_prefix_runs_saves_and_checks_its_models(setup, tmp_path):
     with pytest.raises(ValueError, match="share_prefix: the student has attention dropout 0.1"):
         Trainer(config(setup, tmp_path / "bad", method="rkl", share_prefix=True, student=str(tmp_path / "dropout"),
                        tokenizer=setup["student_init"]), log=lambda _: None)
+
+
+def family_pair(setup, root, family: str, **teacher_changes) -> dict:
+    """A teacher and a student of ``family`` (tiny, random) with the setup's tokenizer, saved under ``root``."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(setup["student_init"])
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512)
+    if family.startswith("gemma"):
+        special["sliding_window"] = 512  # prefix attention refuses a window that would cut the prompt off
+    paths = {}
+    for name, hidden, changes in (("teacher", 32, teacher_changes), ("student", 16, {})):
+        paths[name] = str(root / name)
+        tiny_decoder(family, hidden=hidden, **special, **changes).save_pretrained(paths[name])
+        tokenizer.save_pretrained(paths[name])
+    return paths
+
+
+@pytest.mark.parametrize("family", NEWER_FAMILIES)
+def test_newer_families_train(setup, tmp_path, family):
+    """promptkd with shared prefixes (the prompted teacher and both models' attention through prefix
+    attention, the student's samples) on a teacher and a student of each newer family: finite losses,
+    a student that changed."""
+    pair = family_pair(setup, tmp_path, family)
+    cfg = config(setup, tmp_path / "run", method="promptkd", student=pair["student"], teacher=pair["teacher"],
+                 num_samples=2, share_prefix=True, max_steps=2, max_new_tokens=4)
+    run_dir = train(cfg, log=lambda _: None)
+    lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+    assert [x["step"] for x in lines] == [1, 2]
+    assert all(torch.isfinite(torch.tensor([x["train/loss"], x["prompt/loss"]])).all() for x in lines)
+    start = load_file(os.path.join(pair["student"], "model.safetensors"))
+    assert any(not torch.equal(start[k], v) for k, v in weights(run_dir).items()), "the student did not change"
+
+
+def test_a_teacher_whose_logits_are_softcapped_is_refused(setup, tmp_path):
+    """A Gemma 2 teacher with its final-logit softcap: the losses would not match its own logits, so the
+    run is refused by name before training (kd), as the attention softcap is for promptkd."""
+    pair = family_pair(setup, tmp_path, "gemma2", final_logit_softcapping=30.0)
+    with pytest.raises(InputError, match="teacher: its config sets final_logit_softcapping=30.0"):
+        Trainer(config(setup, tmp_path / "kd", student=pair["student"], teacher=pair["teacher"]), log=lambda _: None)
+    pair = family_pair(setup, tmp_path / "attn", "gemma2", attn_logit_softcapping=50.0)
+    with pytest.raises(InputError, match="attn_logit_softcapping=50.0"):
+        Trainer(config(setup, tmp_path / "promptkd", method="promptkd", student=pair["student"],
+                       teacher=pair["teacher"]), log=lambda _: None)
+    assert not os.path.exists(tmp_path / "kd" / "metrics.jsonl")
 
 
 def test_prompt_step_touches_only_the_prompt(setup, tmp_path):

@@ -12,9 +12,14 @@ a layer's keywords for its recomputation):
 * a :class:`PrefixRecorder`: the layer records the keys/values it computes (the prompt pass);
 * absent: plain causal attention with padding, so the model keeps working for other callers.
 
-Not supported: packed sequences (position ids that restart inside a row, with no mask), custom 4-D
-masks, attention dropout. Only decoder families whose attention modules take (module, q [B, Hq, N, D],
-k/v [B, Hkv, N, D], mask, scaling) and carry ``layer_idx`` are accepted: :data:`SUPPORTED_MODEL_TYPES`.
+Not supported: packed sequences (position ids that restart inside a row, with no mask). Refused with
+an error: custom 4-D masks, attention dropout, attention-score softcapping (Gemma 2's
+``attn_logit_softcapping``), and a sliding window shorter than the keys a query could see, prefix
+included (the window never cuts a prefix off: a layer whose window would is refused). Only decoder families whose
+attention modules take (module, q [B, Hq, N, D], k/v [B, Hkv, N, D], mask, scaling) and carry
+``layer_idx`` are accepted: :data:`SUPPORTED_MODEL_TYPES`. Qwen3's and Gemma 3's q/k norms, Gemma's
+``query_pre_attn_scalar`` and Phi-3's fused qkv projection happen before that call, inside each family's
+own attention module, so the prefix's keys and values are the family's own.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from ..attention import prefix_attention
 from . import fsdp
 
 ATTN_IMPLEMENTATION = "promptkd_prefix"
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "opt")
+SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "opt")
 
 
 @dataclass(frozen=True)
@@ -158,9 +163,12 @@ def _cached_decode(query, key, value, padding, scaling):
 
 
 def prefix_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
-                             promptkd_prefix=None, promptkd_impl="auto", sliding_window=None, **kwargs):
+                             promptkd_prefix=None, promptkd_impl="auto", sliding_window=None, softcap=None, **kwargs):
     """The attention-interface function: returns ([B, N, Hq, D], None). ``promptkd_impl`` picks the
     prefix_attention implementation (default ``auto``: the Triton kernels on CUDA)."""
+    if softcap is not None:
+        raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention has no attention-score softcapping (got softcap="
+                         f"{softcap}, Gemma 2's attn_logit_softcapping)")
     if dropout:
         raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention has no attention dropout (got p={dropout}): "
                          "run the model in eval mode")
@@ -226,4 +234,9 @@ def check_supported(model) -> str:
                          f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if model.get_output_embeddings() is None:
         raise ValueError(f"model: {type(model).__name__} has no output embedding; pass a *ForCausalLM model")
+    softcap = getattr(config.get_text_config(), "attn_logit_softcapping", None)
+    if softcap is not None:
+        raise ValueError(f"model: its config sets attn_logit_softcapping={softcap} (attention-score softcapping), "
+                         f"which '{ATTN_IMPLEMENTATION}' attention does not implement; a {model_type} model "
+                         f"without it is supported")
     return model_type

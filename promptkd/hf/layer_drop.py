@@ -29,6 +29,10 @@ LAYER_LISTS = {
     "llama": "model.layers",
     "mistral": "model.layers",
     "qwen2": "model.layers",
+    "qwen3": "model.layers",
+    "phi3": "model.layers",
+    "gemma2": "model.layers",
+    "gemma3_text": "model.layers",
     "opt": "model.decoder.layers",
 }
 

@@ -142,10 +142,57 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
     return LMOutput(hidden, *output_head(model))
 
 
+# Config fields by which a causal LM's logits differ from hidden @ W.T + b, each with the value that leaves the
+# logits unchanged: Gemma 2/3's final tanh softcap, Cohere's and MPT's scale, Granite's divisor, Falcon-H1's multiplier.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1.0), "logits_scaling": (None, 1.0),
+                    "lm_head_multiplier": (None, 1.0), "output_multiplier": (None, 1.0)}
+
+
+def check_linear_logits(name: str, config) -> None:
+    """Refuses a model whose config transforms its logits after the output head (a softcap, a scale): the
+    fused losses take logits = hidden @ W.T + b, and on such a model they would silently compute another
+    loss than its own logits give (an InputError naming ``name`` and the field)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for field, neutral in LOGIT_TRANSFORMS.items():
+        value = getattr(text, field, None)
+        if value not in neutral:
+            raise InputError(f"{name}: its config sets {field}={value!r}, so its logits are not hidden @ W.T + b; "
+                             f"promptkd's losses do not apply logit transforms yet and would compute a different "
+                             f"loss than the model's own logits give ({getattr(text, 'model_type', '?')} model)")
+
+
+@torch.no_grad()
+def probe_linear_logits(name: str, model, tokens: int = 8) -> None:
+    """Checks on a few tokens that ``model``'s own logits are its final hidden states times its output
+    head (what every promptkd loss computes), so a logit transform that no known config field names
+    (:data:`LOGIT_TRANSFORMS`) is refused too, before training; an InputError names the difference."""
+    check_linear_logits(name, model.config)
+    weight, bias = output_head(model)
+    device = weight.device
+    ids = (torch.arange(tokens, device=device) % weight.shape[0])[None]
+    mask = torch.ones_like(ids)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    finally:
+        model.train(was_training)
+    ours = torch.nn.functional.linear(hidden, weight, bias).float()
+    scale = ours.abs().max().clamp(min=1e-6)
+    error = ((logits[..., :ours.shape[-1]] - ours).abs().max() / scale).item()
+    if logits.shape[-1] != ours.shape[-1] or not error <= 1e-2:
+        raise InputError(f"{name}: the model's own logits are not its final hidden states times its output head "
+                         f"(relative difference {error:.3g} on {tokens} tokens, {type(model).__name__}): promptkd's "
+                         f"losses would compute a different loss than its logits give")
+
+
 def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output embedding's weight [V, H] and bias (or None). For a model sharded by
     :func:`promptkd.hf.fsdp.shard` whose head is tied to the input embedding, the weight is read where
-    FSDP keeps it (the input embedding, gathered while the decoder's forward and backward need it)."""
+    FSDP keeps it (the input embedding, gathered while the decoder's forward and backward need it).
+    A model whose config transforms the logits after the head is refused (:func:`check_linear_logits`)."""
+    check_linear_logits("model", model.config)
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     if head_tied_to_input(model):

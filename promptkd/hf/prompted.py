@@ -28,7 +28,7 @@ from .attention import (
     register,
     shared_prefix_forward,
 )
-from .models import output_head
+from .models import check_linear_logits, output_head
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
 INITS = ("text", "pad", "random")
@@ -71,7 +71,8 @@ def _check_shared(shared_prefix, input_ids: torch.Tensor):
 
 
 class PromptedTeacher(nn.Module):
-    """A frozen causal LM (GPT-2, Llama/Mistral/Qwen2, OPT) with a soft prompt of ``num_prompt_tokens``.
+    """A frozen causal LM (GPT-2, Llama, Mistral, Qwen2/3, Phi-3, Gemma 2/3, OPT: :data:`SUPPORTED_MODEL_TYPES
+    <promptkd.hf.attention.SUPPORTED_MODEL_TYPES>`) with a soft prompt of ``num_prompt_tokens``.
 
     The only trainable parameter is ``soft_prompt`` [P, E] (float32; E is the input-embedding size).
     Initialisation (``init``): ``"text"`` embeds ``init_text`` with ``tokenizer`` (token ids repeated
@@ -103,6 +104,7 @@ class PromptedTeacher(nn.Module):
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         self.attention_impl = attention_impl
         self.model_type = check_supported(model)
+        check_linear_logits("model", model.config)
         if isinstance(num_prompt_tokens, bool) or not isinstance(num_prompt_tokens, int) or num_prompt_tokens < 1:
             raise ValueError(f"num_prompt_tokens must be an int >= 1, got {num_prompt_tokens!r}")
         if init not in INITS:

@@ -40,7 +40,7 @@ import torch
 
 from ..errors import InputError
 from ..hf.fsdp import shard
-from ..hf.models import LMOutput, linear_cross_entropy, lm_hidden, load_model
+from ..hf.models import LMOutput, linear_cross_entropy, lm_hidden, load_model, probe_linear_logits
 from ..impls import pick_impl
 from ..kd.api import fused_linear_kd_loss
 from ..kd.pair import PAIR_IMPLS, fused_linear_kl_pair_loss
@@ -80,6 +80,7 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
     ``teacher_tokenizer`` (the teacher's tokenizer; ``tokenizer`` when it ships none), as the reference does."""
     student = load_model("student", os.path.join(resume_from, "model") if resume_from else cfg.student,
                          torch.float32, device)
+    probe_linear_logits("student", student)
     student.train()
     if cfg.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)  # the newer name
@@ -90,6 +91,7 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
     teacher = prompted = None
     if cfg.method != "sft" and not cfg.teacher_cache:  # kd from a cache runs no teacher
         teacher = load_model("teacher", cfg.teacher, dtype, device)
+        probe_linear_logits("teacher", teacher)
         teacher.requires_grad_(False).eval()
     if cfg.share_prefix:
         _use_prefix_attention(student, teacher)
