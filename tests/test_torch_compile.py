@@ -197,32 +197,37 @@ def _kd_inputs(logits=False, seed=0):
             torch.randn(11, 4, generator=g).requires_grad_(), None)
 
 
-def _settings(divergence, reduction, vocab=11):
-    """promptkd::kd_loss's settings arguments (see promptkd.kd.ops.settings_args)."""
-    return (divergence, 0.3, 0.2, 2.0, 1.0, 0.4, -100, reduction, vocab)
+def _settings(divergence, reduction, vocab=11, transforms=(1.0, 1.0, 0.0, 0.0)):
+    """promptkd::kd_loss's settings arguments (see promptkd.kd.ops.settings_args); ``transforms``: the
+    student's and teacher's logit scales and softcaps (0.0: none)."""
+    return (divergence, 0.3, 0.2, 2.0, 1.0, 0.4, -100, reduction, vocab, *transforms)
 
 
 LABELS = torch.tensor([3, -100, 0, 10, 7, -100])
-OP_CASES = [  # (impl, reduction, logits, grads in forward)
-    ("chunked", "mean", False, True),
-    ("chunked", "sum", True, True),
-    ("torch", "none", False, False),
-    ("triton", "mean", False, False),
+PLAIN, CAPPED = (1.0, 1.0, 0.0, 0.0), (0.5, 1.5, 3.0, 2.0)
+OP_CASES = [  # (impl, reduction, logits, grads in forward, logit transforms)
+    ("chunked", "mean", False, True, PLAIN),
+    ("chunked", "sum", True, True, PLAIN),
+    ("torch", "none", False, False, PLAIN),
+    ("triton", "mean", False, False, PLAIN),
+    ("chunked", "mean", False, True, CAPPED),
+    ("torch", "none", True, False, CAPPED),
 ]
 
 
-@pytest.mark.parametrize(("impl", "reduction", "logits", "in_forward"), OP_CASES,
-                         ids=[f"{c[0]}-{c[1]}-{'logits' if c[2] else 'hidden'}" for c in OP_CASES])
-def test_opcheck_kd_ops(impl, reduction, logits, in_forward):
+@pytest.mark.parametrize(("impl", "reduction", "logits", "in_forward", "transforms"), OP_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'logits' if c[2] else 'hidden'}{'-capped' if c[4] == CAPPED else ''}"
+                              for c in OP_CASES])
+def test_opcheck_kd_ops(impl, reduction, logits, in_forward, transforms):
     inputs = _kd_inputs(logits)
     grads = [in_forward and x is not None and x.requires_grad for x in inputs]
-    torch.library.opcheck(kd_ops.kd_loss_op, (*inputs, LABELS, *_settings("jsd", reduction), impl, grads))
+    settings = _settings("jsd", reduction, transforms=transforms)
+    torch.library.opcheck(kd_ops.kd_loss_op, (*inputs, LABELS, *settings, impl, grads))
     plain = tuple(None if x is None else x.detach() for x in inputs)
-    stats = kd_ops.kd_loss_op(*plain, LABELS, *_settings("jsd", reduction), impl, [False] * 6)[-1]
+    stats = kd_ops.kd_loss_op(*plain, LABELS, *settings, impl, [False] * 6)[-1]
     grad = torch.rand(6 if reduction == "none" else ()) + 0.5
     need = [x is not None and x.requires_grad for x in inputs]
-    torch.library.opcheck(kd_ops.kd_loss_backward_op,
-                          (grad, *plain, LABELS, stats, *_settings("jsd", reduction), impl, need))
+    torch.library.opcheck(kd_ops.kd_loss_backward_op, (grad, *plain, LABELS, stats, *settings, impl, need))
 
 
 def test_opcheck_label_and_index_checks():

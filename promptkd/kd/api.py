@@ -8,7 +8,8 @@ Formulas (p = softmax(teacher_logits / T), q = softmax(student_logits / T)):
     jsd              beta KL(p || M) + (1 - beta) KL(q || M),  M = beta p + (1 - beta) q,  0 < beta < 1
     skew_forward_kl  KL(p || alpha p + (1 - alpha) q),  0 <= alpha < 1
     skew_reverse_kl  KL(q || (1 - alpha) p + alpha q),  0 <= alpha < 1
-Per token: soft_weight * divergence + hard_weight * CE(student logits at T = 1, label).
+Per token: soft_weight * divergence + hard_weight * CE(student logits at T = 1, label), each side's
+logits after its transform where one is set: softcap * tanh(logit_scale * z / softcap).
 
 Autocast and double backward follow the rules of ``promptkd.autograd``.
 """
@@ -26,8 +27,11 @@ from .ops import kd_loss as kd_loss_op
 from .reference import fused_linear_kd_loss_reference, kd_loss_reference
 from .settings import KDSettings
 
-#: The float fields of KDSettings (constants of a compiled graph: ``_static_settings``).
-FLOAT_SETTINGS = ("beta", "alpha", "temperature", "soft_weight", "hard_weight")
+#: The float fields of KDSettings (constants of a compiled graph: ``_static_settings``); the softcaps too
+#: where set.
+FLOAT_SETTINGS = ("beta", "alpha", "temperature", "soft_weight", "hard_weight", "student_logit_scale",
+                  "teacher_logit_scale")
+OPTIONAL_FLOAT_SETTINGS = ("student_softcap", "teacher_softcap")
 
 
 def check_tensor(name: str, x, optional: bool = False):
@@ -78,14 +82,17 @@ def _resolve_vocab(vs: int, vt: int, settings: KDSettings) -> KDSettings:
 
 
 def _settings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index, reduction,
-              vocab_size) -> KDSettings:
-    """The keyword settings, validated; floats kept constant under torch.compile (``static_float``)."""
+              vocab_size, student_logit_scale=1.0, teacher_logit_scale=1.0, student_softcap=None,
+              teacher_softcap=None) -> KDSettings:
+    """The keyword settings, validated; floats kept constant under torch.compile (``static_float``, before
+    the validation reads them)."""
+    floats = dict(beta=beta, alpha=alpha, temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
+                  student_logit_scale=student_logit_scale, teacher_logit_scale=teacher_logit_scale,
+                  student_softcap=student_softcap, teacher_softcap=teacher_softcap)
     if torch.compiler.is_compiling():
-        beta, alpha, temperature, soft_weight, hard_weight = map(static_float, (beta, alpha, temperature,
-                                                                             soft_weight, hard_weight))
-    return KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
-                      soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
-                      reduction=reduction, vocab_size=vocab_size)
+        floats = {k: v if v is None else static_float(v) for k, v in floats.items()}
+    return KDSettings(divergence=divergence, ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                      **floats)
 
 
 def _static_settings(settings: KDSettings) -> KDSettings:
@@ -93,7 +100,24 @@ def _static_settings(settings: KDSettings) -> KDSettings:
     settings that changed between calls would otherwise be symbolic)."""
     if not torch.compiler.is_compiling():
         return settings
-    return replace(settings, **{name: static_float(getattr(settings, name)) for name in FLOAT_SETTINGS})
+    changes = {name: static_float(getattr(settings, name)) for name in FLOAT_SETTINGS}
+    changes.update({name: static_float(getattr(settings, name)) for name in OPTIONAL_FLOAT_SETTINGS
+                    if getattr(settings, name) is not None})
+    return replace(settings, **changes)
+
+
+def pick_kd_impl(impl: str, device: torch.device, dtype: torch.dtype, settings: KDSettings) -> str:
+    """:func:`promptkd.impls.pick_impl` for the KD losses: the fused Triton kernels apply no logit transform,
+    so with one set ``auto`` picks ``chunked`` (whose row pass runs in Triton on CUDA) and an explicit
+    ``triton`` is a ValueError."""
+    picked = pick_impl(impl, device, dtype)
+    if picked != "triton" or not settings.transforms:
+        return picked
+    if impl == "triton":
+        raise ValueError("impl='triton' (the fused kernels) does not apply logit transforms yet (student_logit_scale, "
+                         "teacher_logit_scale, student_softcap, teacher_softcap): use impl='chunked' (its row pass "
+                         "runs in Triton on CUDA) or 'auto'")
+    return "chunked"
 
 
 def check_float(name: str, x: torch.Tensor, dtype, device, ndim=None, cast=None):
@@ -119,7 +143,8 @@ def fused_linear_kd_loss(
     divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0,
     soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
     student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
-    vocab_size: int | None = None, impl: str = "auto",
+    vocab_size: int | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None, teacher_softcap: float | None = None, impl: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss straight from hidden states and output-embedding weights.
 
@@ -140,6 +165,15 @@ def fused_linear_kd_loss(
     KL(q || (1-alpha) p + alpha q), 0 <= alpha < 1. The divergence is exactly the one at
     temperature T: there is **no T^2 factor** (multiply soft_weight by T**2 if you want it).
     The cross-entropy always uses temperature 1.
+
+    Logit transforms, for models whose own logits are not ``hidden @ weight.T + bias``: each side's logits z
+    become ``softcap * tanh(logit_scale * z / softcap)`` (``logit_scale * z`` with ``softcap=None``) before
+    everything above, the cross-entropy included: ``student_logit_scale`` / ``teacher_logit_scale`` (> 0;
+    Cohere's ``logit_scale``, Granite's 1 / ``logits_scaling``) and ``student_softcap`` / ``teacher_softcap``
+    (> 0 or None; Gemma 2's ``final_logit_softcapping``), so the loss is the one the models' own logits give.
+    Gradients flow through them (the cap's derivative is scale * (1 - tanh^2): a logit far past the cap gets
+    almost none). ``chunked``, ``torch`` and ``reference`` apply them; the fused ``triton`` kernels do not yet:
+    with a transform set, ``auto`` picks ``chunked`` on CUDA too and ``impl="triton"`` is a ValueError.
 
     Tokens whose label equals ``ignore_index`` count zero. ``reduction``: ``mean`` divides by the
     number of counted tokens (a device tensor: no host synchronisation), ``sum`` adds, ``none``
@@ -186,7 +220,7 @@ def fused_linear_kd_loss(
     backward); the first-order guard above is the eager rule.
     """
     settings = _settings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index, reduction,
-                         vocab_size)
+                         vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     return fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                               student_bias, teacher_bias, settings=settings, impl=impl)
 
@@ -229,7 +263,7 @@ def fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_h
                 raise ValueError(f"{name} must have shape [{v}], got {tuple(bias.shape)}")
     settings = _resolve_vocab(vs, vt, settings)
     labels = check_labels(labels, lead, settings.vocab_size, settings, device)
-    impl = pick_impl(impl, device, dtype)
+    impl = pick_kd_impl(impl, device, dtype, settings)
 
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
         cast, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
@@ -247,7 +281,8 @@ def kd_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, *,
     divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0,
     soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-    vocab_size: int | None = None, impl: str = "auto",
+    vocab_size: int | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+    student_softcap: float | None = None, teacher_softcap: float | None = None, impl: str = "auto",
 ) -> torch.Tensor:
     """The loss of :func:`fused_linear_kd_loss` on logits you already have: [..., Vs] and [..., Vt].
 
@@ -261,7 +296,7 @@ def kd_loss(
     with autocast disabled, forward and backward.
     """
     settings = _settings(divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index, reduction,
-                         vocab_size)
+                         vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap)
     return kd_loss_from_settings(student_logits, teacher_logits, labels, settings=settings, impl=impl)
 
 
@@ -285,7 +320,7 @@ def kd_loss_from_settings(student_logits, teacher_logits, labels, *, settings: K
                          f"student_logits's {tuple(lead)}")
     settings = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], settings)
     labels = check_labels(labels, lead, settings.vocab_size, settings, device)
-    impl = pick_impl(impl, device, dtype)
+    impl = pick_kd_impl(impl, device, dtype, settings)
 
     student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)  # no-ops but under autocast
     with autocast_off(device.type):

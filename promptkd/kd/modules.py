@@ -21,11 +21,14 @@ class FusedLinearKDLoss(nn.Module):
     def __init__(self, *,
                  divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1, temperature: float = 1.0,
                  soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 vocab_size: int | None = None, impl: str = "auto"):
+                 vocab_size: int | None = None, student_logit_scale: float = 1.0, teacher_logit_scale: float = 1.0,
+                 student_softcap: float | None = None, teacher_softcap: float | None = None, impl: str = "auto"):
         super().__init__()
         self.settings = KDSettings(divergence=divergence, beta=beta, alpha=alpha, temperature=temperature,
                                    soft_weight=soft_weight, hard_weight=hard_weight, ignore_index=ignore_index,
-                                   reduction=reduction, vocab_size=vocab_size)
+                                   reduction=reduction, vocab_size=vocab_size, student_logit_scale=student_logit_scale,
+                                   teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                                   teacher_softcap=teacher_softcap)
         self.impl = impl
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,

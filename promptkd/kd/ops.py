@@ -13,7 +13,8 @@ compiles with ``fullgraph=True``. Every output of the ops is contiguous (the fak
 
 Inputs as ``promptkd.kd.torch_impl.torch_forward`` takes them (flattened; the weights None for logits).
 ``settings``: the fields of a resolved ``KDSettings`` (divergence, beta, alpha, temperature, soft_weight,
-hard_weight, ignore_index, reduction, vocab_size) as plain values; ``impl``: ``chunked``, ``torch`` or
+hard_weight, ignore_index, reduction, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap,
+teacher_softcap; a softcap of 0.0 stands for None) as plain values; ``impl``: ``chunked``, ``torch`` or
 ``triton``. ``loss``: reduced ([]) or per token ([N], reduction ``none``). ``grads`` [6]: the inputs
 whose gradients the forward computes and returns (the chunked strategy; the backward multiplies them
 by the incoming gradient), empty tensors elsewhere. ``stats``: what the Triton backward reads, empty for
@@ -25,7 +26,7 @@ real op runs on real tensors and raises the same ValueError); returns a copy of 
 Double backward stays refused in eager (``promptkd.autograd.first_order_only`` on the backward); a compiled
 graph refuses it itself (AOTAutograd). Eager calls run the same ``_forward``, ``_save`` and ``_backward``
 through ``_KDLoss``, an ``autograd.Function``, instead of the op, for two reasons: the op's autograd wrapper
-costs Python time on every call (torch._library re-binds the 18 arguments: +0.2 to 0.3 ms per forward and
+costs Python time on every call (torch._library re-binds the 22 arguments: +0.2 to 0.3 ms per forward and
 backward measured on this CPU, about 10% of a loss with N=64, V=1000), and TorchDispatchModes (op counters,
 FlopCounterMode) would see one opaque op instead of the aten ops inside. Whenever the inputs are traced
 (``promptkd.autograd.tracing``: torch.compile, opcheck, export) the op runs, forward and backward.
@@ -80,14 +81,18 @@ torch.fx.node.has_side_effect(torch.ops.promptkd.checked_labels.default)
 def settings_args(settings: KDSettings) -> tuple:
     """A resolved ``KDSettings`` as the ops' plain arguments (floats constant under compile: ``static_float``)."""
     floats = (settings.beta, settings.alpha, settings.temperature, settings.soft_weight, settings.hard_weight)
+    transforms = (settings.student_logit_scale, settings.teacher_logit_scale, settings.student_softcap or 0.0,
+                  settings.teacher_softcap or 0.0)
     if torch.compiler.is_compiling():
-        floats = tuple(map(static_float, floats))
-    return (settings.divergence, *floats, settings.ignore_index, settings.reduction, settings.vocab_size)
+        floats, transforms = tuple(map(static_float, floats)), tuple(map(static_float, transforms))
+    return (settings.divergence, *floats, settings.ignore_index, settings.reduction, settings.vocab_size, *transforms)
 
 
 @functools.lru_cache(maxsize=256)
 def _settings(*args) -> KDSettings:
-    return KDSettings(*args)
+    """The ``KDSettings`` of :func:`settings_args`' values (a softcap of 0.0 is None)."""
+    *head, student_softcap, teacher_softcap = args
+    return KDSettings(*head, student_softcap=student_softcap or None, teacher_softcap=teacher_softcap or None)
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -120,10 +125,12 @@ def _compute(xs, ws, bs, xt, wt, bt, labels, settings_impl: tuple, grads) -> tup
 
 def _forward(xs: Tensor, ws: Tensor | None, bs: Tensor | None, xt: Tensor, wt: Tensor | None, bt: Tensor | None,
              labels: Tensor | None, divergence: str, beta: float, alpha: float, temperature: float,
-             soft_weight: float, hard_weight: float, ignore_index: int, reduction: str, vocab_size: int, impl: str,
-             grads: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+             soft_weight: float, hard_weight: float, ignore_index: int, reduction: str, vocab_size: int,
+             student_logit_scale: float, teacher_logit_scale: float, student_softcap: float, teacher_softcap: float,
+             impl: str, grads: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     loss, kept, stats = _compute(xs, ws, bs, xt, wt, bt, labels, (divergence, beta, alpha, temperature, soft_weight,
-                                 hard_weight, ignore_index, reduction, vocab_size, impl), grads)
+                                 hard_weight, ignore_index, reduction, vocab_size, student_logit_scale,
+                                 teacher_logit_scale, student_softcap, teacher_softcap, impl), grads)
     return (loss.contiguous(), *(_empty(xs) if g is None else g.contiguous() for g in (*kept, stats)))
 
 
@@ -132,7 +139,7 @@ kd_loss_op = torch.library.custom_op("promptkd::kd_loss", _forward, mutates_args
 
 @kd_loss_op.register_fake
 def _(xs, ws, bs, xt, wt, bt, labels, divergence, beta, alpha, temperature, soft_weight, hard_weight, ignore_index,
-      reduction, vocab_size, impl, grads):
+      reduction, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap, impl, grads):
     n = xs.shape[0]
     triton = impl == "triton"
     dtype = torch.float32 if triton else compute_dtype(xs.dtype)
@@ -157,10 +164,12 @@ def _gradients(grad, xs, ws, bs, xt, wt, bt, labels, stats, settings_impl: tuple
 def _recompute(grad: Tensor, xs: Tensor, ws: Tensor | None, bs: Tensor | None, xt: Tensor, wt: Tensor | None,
                bt: Tensor | None, labels: Tensor | None, stats: Tensor, divergence: str, beta: float, alpha: float,
                temperature: float, soft_weight: float, hard_weight: float, ignore_index: int, reduction: str,
-               vocab_size: int, impl: str,
+               vocab_size: int, student_logit_scale: float, teacher_logit_scale: float, student_softcap: float,
+               teacher_softcap: float, impl: str,
                need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     out = _gradients(grad, xs, ws, bs, xt, wt, bt, labels, stats, (divergence, beta, alpha, temperature, soft_weight,
-                     hard_weight, ignore_index, reduction, vocab_size, impl), need)
+                     hard_weight, ignore_index, reduction, vocab_size, student_logit_scale, teacher_logit_scale,
+                     student_softcap, teacher_softcap, impl), need)
     return tuple(_empty(xs) if g is None else g.contiguous() for g in out)
 
 
@@ -169,7 +178,8 @@ kd_loss_backward_op = torch.library.custom_op("promptkd::kd_loss_backward", _rec
 
 @kd_loss_backward_op.register_fake
 def _(grad, xs, ws, bs, xt, wt, bt, labels, stats, divergence, beta, alpha, temperature, soft_weight, hard_weight,
-      ignore_index, reduction, vocab_size, impl, need):
+      ignore_index, reduction, vocab_size, student_logit_scale, teacher_logit_scale, student_softcap, teacher_softcap,
+      impl, need):
     return tuple(x.new_empty(x.shape) if asked else _empty(xs)
                  for x, asked in zip((xs, ws, bs, xt, wt, bt), need, strict=True))
 
@@ -177,8 +187,8 @@ def _(grad, xs, ws, bs, xt, wt, bt, labels, stats, divergence, beta, alpha, temp
 def _save(ctx, inputs: tuple, kept: tuple) -> None:
     """What the backward needs: the settings and impl, the inputs (also for the double-backward guard), the
     six gradients computed in forward and the Triton statistics (``kept``: empty tensors or None where none)."""
-    ctx.args = inputs[7:17]  # settings and impl, as the backward op takes them
-    ctx.in_forward = any(inputs[17])
+    ctx.args = inputs[7:21]  # settings and impl, as the backward op takes them
+    ctx.in_forward = any(inputs[21])
     ctx.save_for_backward(*inputs[:7], *kept)
 
 
@@ -194,7 +204,7 @@ def _unit(grad: Tensor) -> bool:
 
 
 def _backward(ctx, grad: Tensor, *unused):
-    """Gradients for the 18 inputs of ``promptkd::kd_loss`` (tensors first, None for the settings).
+    """Gradients for the 22 inputs of ``promptkd::kd_loss`` (tensors first, None for the settings).
 
     Gradients computed in forward are multiplied by ``grad`` (returned as they are for a unit CPU ``grad``:
     the kept buffers are never modified, so a second backward with retain_graph sees them intact);
@@ -212,7 +222,7 @@ def _backward(ctx, grad: Tensor, *unused):
         else:  # eager: no op dispatch, no placeholders
             out = _gradients(grad, *inputs, labels, stats, ctx.args, need)
         grads = [g if asked else None for g, asked in zip(out, need, strict=True)]
-    return (*grads, *(None,) * 12)
+    return (*grads, *(None,) * 16)
 
 
 _first_order = {impl: first_order_only(op)(_backward) for impl, op in OP.items()}
@@ -231,7 +241,7 @@ class _KDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        loss, kept, stats = _compute(*inputs[:7], inputs[7:17], inputs[17])
+        loss, kept, stats = _compute(*inputs[:7], inputs[7:21], inputs[21])
         _save(ctx, inputs, (*kept, stats))
         return loss
 

@@ -28,7 +28,7 @@ from .reference import fused_linear_kd_loss_reference
 from .rows import kd_rows
 from .settings import KDSettings, number
 from .tokens import finish_forward, row_scale
-from .torch_impl import alloc_grads, chunk_logits, compute_dtype, side_grads
+from .torch_impl import alloc_grads, chain_, chunk_logits, compute_dtype, derivative_buffer, side_grads, transform_
 
 #: The values of ``fused_linear_kl_pair_loss``'s ``impl=``.
 PAIR_IMPLS = ("auto", "reference", "chunked")
@@ -40,7 +40,9 @@ def fused_linear_kl_pair_loss(
     anchor_hidden: torch.Tensor, anchor_weight: torch.Tensor, labels: torch.Tensor | None = None, *,
     anchor_scale: float = 1.0, temperature: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
     bias: torch.Tensor | None = None, student_bias: torch.Tensor | None = None,
-    anchor_bias: torch.Tensor | None = None, vocab_size: int | None = None, impl: str = "auto",
+    anchor_bias: torch.Tensor | None = None, vocab_size: int | None = None, student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0, student_softcap: float | None = None, teacher_softcap: float | None = None,
+    impl: str = "auto",
 ) -> torch.Tensor:
     """KL(p || q) + anchor_scale * KL(p || a) per token, from hidden states and output-embedding weights.
 
@@ -60,6 +62,9 @@ def fused_linear_kl_pair_loss(
     tokens) or ``sum``; for per-token values call ``fused_linear_kd_loss`` twice. With
     ``anchor_scale == 0`` the anchor's logits are not computed and its inputs get zero gradients.
 
+    Logit transforms as for ``fused_linear_kd_loss``: ``teacher_logit_scale`` / ``teacher_softcap`` apply to
+    p's and the anchor's logits (both the teacher's), ``student_logit_scale`` / ``student_softcap`` to q's.
+
     The value is the true sum of the two divergences (no surrogate). Gradients flow to every input that
     requires grad, computed in the forward pass while each chunk's logits are at hand (``impl="chunked"``,
     what ``auto`` picks on every device) and scaled by the incoming gradient in backward. First-order only:
@@ -67,7 +72,9 @@ def fused_linear_kl_pair_loss(
     logits.
     """
     settings = KDSettings(temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-                          vocab_size=vocab_size)
+                          vocab_size=vocab_size, student_logit_scale=student_logit_scale,
+                          teacher_logit_scale=teacher_logit_scale, student_softcap=student_softcap,
+                          teacher_softcap=teacher_softcap)
     anchor_scale = number("anchor_scale", anchor_scale)
     if anchor_scale < 0.0:
         raise ValueError(f"anchor_scale must be >= 0, got {anchor_scale}")
@@ -117,8 +124,10 @@ def fused_linear_kl_pair_loss(
         if impl == "reference":
             p, q, a = (flat[i:i + 3] for i in (0, 3, 6))
             mask = None if labels is None else labels.reshape(lead)
+            anchored = replace(settings, student_logit_scale=teacher_logit_scale, student_softcap=teacher_softcap)
             return (fused_linear_kd_loss_reference(q[0], q[1], p[0], p[1], mask, settings, q[2], p[2])
-                    + anchor_scale * fused_linear_kd_loss_reference(a[0], a[1], p[0], p[1], mask, settings, a[2], p[2]))
+                    + anchor_scale * fused_linear_kd_loss_reference(a[0], a[1], p[0], p[1], mask, anchored, a[2],
+                                                                    p[2]))
         xs = [flat[i].reshape(-1, flat[i].shape[-1]) for i in (0, 3, 6)]
         args = (xs[0], flat[1], flat[2], xs[1], flat[4], flat[5], xs[2], flat[7], flat[8])
         return KLPairFunction.apply(*args, labels, settings, anchor_scale, torch.is_grad_enabled())
@@ -153,25 +162,33 @@ class KLPairFunction(torch.autograd.Function):
         buf_p, buf_q = (torch.empty(step, vocab, dtype=dtype, device=xp.device) for _ in range(2))
         buf_p2, buf_a = (torch.empty(step if anchor else 0, vocab, dtype=dtype, device=xp.device) for _ in range(2))
         per_token = torch.empty(n, dtype=dtype, device=xp.device)
+        teacher, student = settings.transform("teacher"), settings.transform("student")
+        grad = scale is not None
+        der_p, der_q, der_a = (derivative_buffer(buf, form, grad and wanted) for buf, form, wanted in
+                               ((buf_p, teacher, need_p), (buf_q, student, need_q), (buf_a, teacher, need_a)))
         for r0 in range(0, n, step):
             rows = slice(r0, min(n, r0 + step))
             sc = None if scale is None else scale[rows]
             p = chunk_logits(xp, wp, bp, rows, vocab, buf_p)
+            kp = transform_(p, *teacher, der_p)
             p2 = buf_p2[: rows.stop - r0].copy_(p) if anchor else None  # each pass may overwrite its p
-            loss, dq, dp = kd_rows(chunk_logits(xq, wq, bq, rows, vocab, buf_q), p, None, sc, settings, need_q, need_p)
+            q = chunk_logits(xq, wq, bq, rows, vocab, buf_q)
+            kq = transform_(q, *student, der_q)
+            loss, dq, dp = kd_rows(q, p, None, sc, settings, need_q, need_p)
             if anchor:
-                loss2, da, dp2 = kd_rows(chunk_logits(xa, wa, ba, rows, vocab, buf_a), p2, None, sc, second, need_a,
-                                         need_p)
+                a = chunk_logits(xa, wa, ba, rows, vocab, buf_a)
+                ka = transform_(a, *teacher, der_a)
+                loss2, da, dp2 = kd_rows(a, p2, None, sc, second, need_a, need_p)
                 loss = loss + loss2
                 if da is not None:
-                    side_grads(da, xa, wa, ba, rows, need[6:9], kept[2])
+                    side_grads(chain_(da, ka), xa, wa, ba, rows, need[6:9], kept[2])
                 if dp is not None:
                     dp.add_(dp2)
             per_token[rows] = loss
             if dq is not None:
-                side_grads(dq, xq, wq, bq, rows, need[3:6], kept[1])
+                side_grads(chain_(dq, kq), xq, wq, bq, rows, need[3:6], kept[1])
             if dp is not None:
-                side_grads(dp, xp, wp, bp, rows, need[0:3], kept[0])
+                side_grads(chain_(dp, kp), xp, wp, bp, rows, need[0:3], kept[0])
         if not anchor and grads:  # anchor_scale == 0: the anchor's gradients are zero
             kept[2] = [torch.zeros_like(x) if asked else None
                        for x, asked in zip(inputs[6:9], ctx.needs_input_grad[6:9], strict=True)]

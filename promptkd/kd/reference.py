@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from .settings import KDSettings
 
 
+def transform_logits(z: torch.Tensor, scale: float, softcap: float | None) -> torch.Tensor:
+    """A model's final logit transform: ``softcap * tanh(scale * z / softcap)``, ``scale * z`` without a cap."""
+    if scale != 1.0:
+        z = z * scale
+    return z if softcap is None else softcap * torch.tanh(z / softcap)
+
+
 def divergence_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                          settings: KDSettings) -> torch.Tensor:
     """Per-row divergence of ``settings.divergence`` between softmax(teacher/T) and softmax(student/T).
@@ -52,13 +59,14 @@ def kd_loss_reference(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       settings: KDSettings) -> torch.Tensor:
     """Reference of :func:`promptkd.kd_loss` on logits [..., V] (inputs already validated).
 
-    Per token: soft_weight * divergence(T) + hard_weight * CE(student logits at T=1, label);
-    tokens whose label is ``ignore_index`` count 0. ``mean`` divides by the number of counted tokens.
+    Per token: soft_weight * divergence(T) + hard_weight * CE(student logits at T=1, label), on each side's
+    logits after its transform (``settings.transform``); tokens whose label is ``ignore_index`` count 0.
+    ``mean`` divides by the number of counted tokens.
     """
     lead = student_logits.shape[:-1]
     V = settings.vocab_size or student_logits.shape[-1]
-    s = student_logits[..., :V].reshape(-1, V)
-    t = teacher_logits[..., :V].reshape(-1, V)
+    s = transform_logits(student_logits[..., :V].reshape(-1, V), *settings.transform("student"))
+    t = transform_logits(teacher_logits[..., :V].reshape(-1, V), *settings.transform("teacher"))
     per_token = settings.soft_weight * divergence_reference(s, t, settings)
     if labels is None:
         counted = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)

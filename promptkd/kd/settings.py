@@ -27,6 +27,11 @@ def number(name: str, value) -> float:
 class KDSettings:
     """Validated keyword settings of ``fused_linear_kd_loss`` / ``kd_loss``.
 
+    ``student_logit_scale`` / ``teacher_logit_scale`` (> 0) multiply a side's logits and
+    ``student_softcap`` / ``teacher_softcap`` (> 0, or None) then cap them, c * tanh(z / c), as
+    Cohere-style scales and Gemma 2's ``final_logit_softcapping`` do, before the temperature: the
+    loss sees the logits the model itself gives.
+
     Construction checks every value and raises ``ValueError`` / ``TypeError`` naming the
     argument, so a settings object that exists is always valid.
     """
@@ -40,6 +45,10 @@ class KDSettings:
     ignore_index: int = IGNORE_INDEX
     reduction: str = "mean"
     vocab_size: int | None = None
+    student_logit_scale: float = 1.0
+    teacher_logit_scale: float = 1.0
+    student_softcap: float | None = None
+    teacher_softcap: float | None = None
 
     def __post_init__(self):
         if self.divergence not in DIVERGENCES:
@@ -63,6 +72,16 @@ class KDSettings:
             raise ValueError(f"hard_weight must be >= 0, got {self.hard_weight}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        for side in ("student", "teacher"):
+            name = f"{side}_logit_scale"
+            object.__setattr__(self, name, number(name, getattr(self, name)))
+            if getattr(self, name) <= 0.0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+            name = f"{side}_softcap"
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, number(name, getattr(self, name)))
+                if getattr(self, name) <= 0.0:
+                    raise ValueError(f"{name} must be > 0 (or None: no cap), got {getattr(self, name)}")
         if self.vocab_size is not None:
             if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
                 raise TypeError(f"vocab_size must be an int or None, got {type(self.vocab_size).__name__}")
@@ -72,6 +91,17 @@ class KDSettings:
     @property
     def has_hard(self) -> bool:
         return self.hard_weight > 0.0
+
+    @property
+    def transforms(self) -> bool:
+        """Whether either side's logits are scaled or capped before the softmax."""
+        return (self.student_logit_scale != 1.0 or self.teacher_logit_scale != 1.0
+                or self.student_softcap is not None or self.teacher_softcap is not None)
+
+    def transform(self, side: str) -> tuple[float, float | None]:
+        """(scale, softcap) of ``side`` ("student" or "teacher"): its logits z become
+        softcap * tanh(scale * z / softcap) (scale * z without a cap) before the temperature."""
+        return getattr(self, f"{side}_logit_scale"), getattr(self, f"{side}_softcap")
 
     @property
     def mix_log_weights(self) -> tuple[float, float]:

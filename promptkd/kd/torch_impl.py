@@ -2,7 +2,9 @@
 
 Each chunk holds full-vocabulary rows of student and teacher logits, at most ``CHUNK_BYTES`` per
 [rows, V] float32 tensor, so the extra memory is one bounded chunk whatever N is. Per chunk: the two
-logit GEMMs (torch: MKL / oneDNN), then one fused elementwise pass (``promptkd.kd.rows``: native C++
+logit GEMMs (torch: MKL / oneDNN), each side's logit transform where one is set (a scale, a softcap:
+in place, a capped side that needs its gradient keeping its derivative in one more chunk buffer), then
+one fused elementwise pass (``promptkd.kd.rows``: native C++
 or torch ops) that yields each token's loss and, where gradients are computed, the logit gradients,
 which GEMMs turn into hidden, weight and bias gradients for the inputs that require them only.
 
@@ -110,22 +112,60 @@ def _chunks(n: int, vocab: int):
         yield slice(r0, min(n, r0 + step))
 
 
+def derivative_buffer(buffer: torch.Tensor, transform: tuple[float, float | None], wanted: bool):
+    """Where :func:`transform_` writes a capped side's derivative: a tensor like the chunk ``buffer`` when
+    ``wanted`` (that side's gradient is computed) and the side has a softcap, else None (none is needed)."""
+    return torch.empty_like(buffer) if wanted and transform[1] is not None else None
+
+
+def transform_(z: torch.Tensor, scale: float, softcap: float | None, derivative: torch.Tensor | None):
+    """In place on a chunk's logits z [rows, V]: z <- softcap * tanh(scale * z / softcap) (scale * z without a
+    cap), the model's own final logit transform. Returns what :func:`chain_` multiplies the gradient with
+    respect to the transformed logits by: scale * (1 - tanh^2) written into ``derivative`` (a buffer from
+    :func:`derivative_buffer`; its leading rows) for a capped side, else the float ``scale``."""
+    if scale != 1.0:
+        z.mul_(scale)
+    if softcap is None:
+        return scale
+    z.div_(softcap).tanh_()
+    out = None
+    if derivative is not None:
+        out = derivative[: z.shape[0]].copy_(z)
+        out.mul_(z).neg_().add_(1.0)
+        if scale != 1.0:
+            out.mul_(scale)
+    z.mul_(softcap)
+    return out
+
+
+def chain_(dz: torch.Tensor, factor) -> torch.Tensor:
+    """dz *= d(transformed logits)/d(logits) (``factor`` from :func:`transform_`), in place; returns dz."""
+    if isinstance(factor, torch.Tensor):
+        return dz.mul_(factor)
+    return dz if factor is None or factor == 1.0 else dz.mul_(factor)
+
+
 def _run_chunks(xs, ws, bs, xt, wt, bt, targets, scale, settings: KDSettings, need, gs, gt, per_token=None):
-    """Every chunk: both sides' logits, the elementwise pass (``kd_rows``) with ``scale`` (None: losses only),
-    then the logit gradients into ``gs`` / ``gt`` for the inputs in ``need``; row losses into ``per_token``."""
+    """Every chunk: both sides' logits and their transforms (``settings.transform``), the elementwise pass
+    (``kd_rows``) with ``scale`` (None: losses only), then the logit gradients (through the transforms) into
+    ``gs`` / ``gt`` for the inputs in ``need``; row losses into ``per_token``."""
     n, vocab = xs.shape[0], settings.vocab_size
     need_s, need_t = any(need[0:3]), any(need[3:6])
     buf_s, buf_t = _buffers(xs, n, vocab)
+    form_s, form_t = settings.transform("student"), settings.transform("teacher")
+    der_s = derivative_buffer(buf_s, form_s, need_s and scale is not None)
+    der_t = derivative_buffer(buf_t, form_t, need_t and scale is not None)
     for rows in _chunks(n, vocab):
         s, t = chunk_logits(xs, ws, bs, rows, vocab, buf_s), chunk_logits(xt, wt, bt, rows, vocab, buf_t)
+        ks, kt = transform_(s, *form_s, der_s), transform_(t, *form_t, der_t)
         loss, ds, dt = kd_rows(s, t, None if targets is None else targets[rows],
                                None if scale is None else scale[rows], settings, need_s, need_t)
         if per_token is not None:
             per_token[rows] = loss
         if ds is not None:
-            side_grads(ds, xs, ws, bs, rows, need[0:3], gs)
+            side_grads(chain_(ds, ks), xs, ws, bs, rows, need[0:3], gs)
         if dt is not None:
-            side_grads(dt, xt, wt, bt, rows, need[3:6], gt)
+            side_grads(chain_(dt, kt), xt, wt, bt, rows, need[3:6], gt)
 
 
 def torch_forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings, grads) -> tuple[torch.Tensor, list, list]:

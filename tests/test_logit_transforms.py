@@ -1,0 +1,168 @@
+"""Logit transforms in the KD losses: ``student_logit_scale`` / ``teacher_logit_scale`` and ``student_softcap`` /
+``teacher_softcap`` (z -> c * tanh(s * z / c)), as Cohere-style scales and Gemma 2's final softcap make a
+model's own logits.
+
+Against float64 (rule of tests/helpers.py: fused error <= same-dtype eager error + tol) for every
+divergence, the hard loss, temperature, biases, ignored tokens, both sides' gradients and one side's,
+ordinary logits and logits far past the cap; the reference's transform itself against the formula
+written out; the pair loss; the module forms; the refusals (bad values, the fused Triton kernels).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import promptkd
+import promptkd.kd.torch_impl
+from helpers import CPU_IMPLS, SIDES, assert_close_to_truth, linear_loss, logits_loss, make_inputs, make_labels, run
+from promptkd.kd.api import pick_kd_impl
+from promptkd.kd.settings import DIVERGENCES, KDSettings
+
+
+@pytest.fixture(autouse=True)
+def small_chunks_and_poison(monkeypatch):
+    monkeypatch.setattr(promptkd.kd.torch_impl, "CHUNK_BYTES", 4 * 1001 * 8)  # 8-row chunks, the last partial
+    monkeypatch.setattr("promptkd.launch.POISON", float("nan"))
+
+
+#: (id, logit std of make_inputs, transforms): both sides scaled and capped at ordinary sizes; logits
+#: ~30x past the caps (the cap's derivative underflows to ~0 for most of them); one side only.
+TRANSFORMS = [
+    ("both", 20.0, dict(student_logit_scale=0.7, teacher_logit_scale=1.3, student_softcap=15.0, teacher_softcap=30.0)),
+    ("far-past-cap", 600.0, dict(student_softcap=20.0, teacher_softcap=30.0)),
+    ("scale-only", 5.0, dict(student_logit_scale=2.5, teacher_logit_scale=0.4)),
+    ("teacher-cap", 50.0, dict(teacher_softcap=30.0)),
+]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("div", DIVERGENCES)
+@pytest.mark.parametrize("name,std,forms", TRANSFORMS, ids=[t[0] for t in TRANSFORMS])
+def test_fused_linear_with_transforms_matches_fp64(impl, div, name, std, forms):
+    x = make_inputs(bias=True, logit_scale=std)
+    labels = make_labels((37,), 1001, "some")
+    kwargs = dict(divergence=div, temperature=2.0, hard_weight=0.3, beta=0.3, alpha=0.2, **forms)
+    truth = run(linear_loss, x, torch.float64, labels, impl="reference", **kwargs)
+    eager = run(linear_loss, x, torch.float32, labels, impl="reference", **kwargs)
+    fused = run(linear_loss, x, torch.float32, labels, impl=impl, **kwargs)
+    assert_close_to_truth(fused, eager, truth, torch.float32)
+    plain = run(linear_loss, x, torch.float64, labels, impl="reference", divergence=div, temperature=2.0,
+                hard_weight=0.3, beta=0.3, alpha=0.2)
+    assert not torch.allclose(plain["loss"], truth["loss"]), "the transforms changed nothing"
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("side", ["student", "teacher"])
+@pytest.mark.parametrize("div", ["forward_kl", "jsd"])
+def test_one_side_with_transforms_matches_fp64(impl, side, div):
+    """Gradients to one side only: the other side's cap keeps no derivative, the asked side's does."""
+    x = make_inputs(bias=True, logit_scale=20.0)
+    labels = make_labels((37,), 1001, "none")
+    frozen = [k for k in SIDES if not k.startswith(side)]
+    kwargs = dict(divergence=div, hard_weight=0.4, frozen=frozen, **TRANSFORMS[0][2])
+    truth = run(linear_loss, x, torch.float64, labels, impl="reference", **kwargs)
+    eager = run(linear_loss, x, torch.float32, labels, impl="reference", **kwargs)
+    fused = run(linear_loss, x, torch.float32, labels, impl=impl, **kwargs)
+    assert set(fused) == {"loss", *(k for k in SIDES if k.startswith(side))}
+    assert_close_to_truth(fused, eager, truth, torch.float32)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("red", ["mean", "none"])
+def test_kd_loss_on_logits_with_transforms(impl, red):
+    g = torch.Generator().manual_seed(4)
+    x = {"student_logits": torch.randn(3, 7, 1001, generator=g, dtype=torch.float64) * 40,
+         "teacher_logits": torch.randn(3, 7, 1001, generator=g, dtype=torch.float64) * 40}
+    labels = make_labels((3, 7), 1001, "some")
+    kwargs = dict(divergence="reverse_kl", reduction=red, hard_weight=0.5, **TRANSFORMS[0][2])
+    truth = run(logits_loss, x, torch.float64, labels, impl="reference", **kwargs)
+    eager = run(logits_loss, x, torch.float32, labels, impl="reference", **kwargs)
+    fused = run(logits_loss, x, torch.float32, labels, impl=impl, **kwargs)
+    assert fused["loss"].shape == ((3, 7) if red == "none" else ())
+    assert_close_to_truth(fused, eager, truth, torch.float32)
+
+
+def test_the_reference_transform_is_the_formula():
+    """The float64 truth above applies z -> c * tanh(s * z / c) to each side before the loss: the same loss
+    on logits transformed by hand, without transform arguments, gives the same value and gradients."""
+    g = torch.Generator().manual_seed(5)
+    s = (torch.randn(9, 301, generator=g, dtype=torch.float64) * 50).requires_grad_()
+    t = (torch.randn(9, 301, generator=g, dtype=torch.float64) * 50).requires_grad_()
+    labels = torch.randint(0, 301, (9,), generator=g)
+    kwargs = dict(divergence="jsd", temperature=1.5, hard_weight=0.2, impl="reference")
+    ours = promptkd.kd_loss(s, t, labels, student_logit_scale=0.5, student_softcap=10.0, teacher_logit_scale=2.0,
+                            teacher_softcap=30.0, **kwargs)
+    by_hand = promptkd.kd_loss(10.0 * torch.tanh(0.5 * s / 10.0), 30.0 * torch.tanh(2.0 * t / 30.0), labels, **kwargs)
+    torch.testing.assert_close(ours, by_hand, rtol=1e-14, atol=0)
+    for a, b in zip(torch.autograd.grad(ours, (s, t)), torch.autograd.grad(by_hand, (s, t)), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("anchor_scale", [0.0, 0.7])
+def test_pair_loss_with_transforms(anchor_scale):
+    """fused_linear_kl_pair_loss: the teacher's transform on p and the anchor, the student's on q, against
+    float64; the reference equals two fused_linear_kd_loss references with the anchor as a teacher-transformed
+    student."""
+    g = torch.Generator().manual_seed(6)
+    d, v = 24, 1001
+    x = {name: torch.randn(*shape, generator=g, dtype=torch.float64) * sc for name, shape, sc in
+         (("hidden", (21, d), 1.0), ("weight", (v, d), 8.0), ("student_hidden", (21, d), 1.0),
+          ("student_weight", (v, d), 8.0), ("anchor_hidden", (21, d), 1.0), ("anchor_weight", (v, d), 8.0))}
+    labels = make_labels((21,), v, "some")
+    forms = dict(student_logit_scale=0.8, teacher_logit_scale=1.2, student_softcap=12.0, teacher_softcap=25.0)
+
+    def pair(**kw):
+        tensors = [kw.pop(k) for k in x]
+        return promptkd.fused_linear_kl_pair_loss(*tensors, anchor_scale=anchor_scale, temperature=1.5, **forms, **kw)
+
+    truth = run(pair, x, torch.float64, labels, impl="reference")
+    eager = run(pair, x, torch.float32, labels, impl="reference")
+    fused = run(pair, x, torch.float32, labels, impl="chunked")
+    assert_close_to_truth(fused, eager, truth, torch.float32)
+    f64 = {k: t.clone() for k, t in x.items()}
+    two = (promptkd.fused_linear_kd_loss(f64["student_hidden"], f64["student_weight"], f64["hidden"], f64["weight"],
+                                         labels, temperature=1.5, impl="reference", **forms)
+           + anchor_scale * promptkd.fused_linear_kd_loss(
+               f64["anchor_hidden"], f64["anchor_weight"], f64["hidden"], f64["weight"], labels, temperature=1.5,
+               impl="reference", student_logit_scale=1.2, student_softcap=25.0, teacher_logit_scale=1.2,
+               teacher_softcap=25.0))
+    torch.testing.assert_close(pair(**f64, labels=labels, impl="reference"), two, rtol=1e-12, atol=0)
+
+
+def test_modules_carry_the_transforms():
+    x = make_inputs(bias=False, logit_scale=20.0)
+    labels = make_labels((37,), 1001, "none")
+    forms = TRANSFORMS[0][2]
+    module = promptkd.FusedLinearKDLoss(divergence="jsd", **forms)
+    assert "student_softcap=15.0" in repr(module)
+    args = (x["student_hidden"], x["student_weight"], x["teacher_hidden"], x["teacher_weight"], labels)
+    torch.testing.assert_close(module(*args), promptkd.fused_linear_kd_loss(*args, divergence="jsd", **forms))
+    s, t = args[0] @ args[1].T, args[2] @ args[3].T
+    torch.testing.assert_close(promptkd.KDLoss(**forms)(s, t, labels), promptkd.kd_loss(s, t, labels, **forms))
+
+
+@pytest.mark.parametrize("name,value,message", [
+    ("student_softcap", 0.0, "student_softcap must be > 0"), ("teacher_softcap", -1.0, "teacher_softcap must be > 0"),
+    ("student_logit_scale", 0.0, "student_logit_scale must be > 0"),
+    ("teacher_logit_scale", float("nan"), "teacher_logit_scale must be finite"),
+    ("teacher_softcap", float("inf"), "teacher_softcap must be finite"),
+])
+def test_bad_transform_values_are_refused(name, value, message):
+    z = torch.zeros(2, 5)
+    with pytest.raises(ValueError, match=message):
+        promptkd.kd_loss(z, z, **{name: value})
+    with pytest.raises(TypeError, match="student_softcap must be a Python int or float"):
+        promptkd.kd_loss(z, z, student_softcap="30")
+
+
+def test_the_fused_triton_kernels_refuse_transforms():
+    """They apply no transform yet: impl='triton' is refused by name; auto picks chunked (its row pass is
+    Triton's on CUDA), and without a transform auto still picks triton on CUDA."""
+    cuda = torch.device("cuda")
+    capped = KDSettings(teacher_softcap=30.0)
+    assert pick_kd_impl("auto", cuda, torch.float32, capped) == "chunked"
+    assert pick_kd_impl("auto", cuda, torch.float32, KDSettings()) == "triton"
+    assert pick_kd_impl("auto", torch.device("cpu"), torch.float32, capped) == "chunked"
+    with pytest.raises(ValueError, match="impl='triton' .* does not apply logit transforms"):
+        pick_kd_impl("triton", cuda, torch.float32, KDSettings(student_logit_scale=2.0))
