@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny_models import tiny_decoder
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
@@ -127,6 +128,20 @@ def test_curves_match_float64_reference(models, tok, dtype):
     assert got["length"] == list(range(1, 13))
     # Step 1 is predicted from the prompt alone: the same prefix for both, so no excess there.
     assert got["R"][0] == pytest.approx(got["accumulated_eps"][0], rel=1e-6) and got["R"][0] > 0
+
+
+def test_curves_of_a_softcapped_teacher_match_float64_reference(models, tok):
+    """A Gemma 2 teacher whose final-logit softcap (tight: it matters) shapes its logits: the curves use the
+    teacher's own distribution (the cap read from its config), as the full-logit reference does."""
+    teacher = tiny_decoder("gemma2", vocab_size=len(WORDS), bos_token_id=EOS, eos_token_id=EOS, pad_token_id=PAD,
+                           initializer_range=0.3, final_logit_softcapping=0.5)
+    student = models[1]
+    got = exposure_bias(teacher, student, tok, PROMPTS, **SETTINGS)
+    ref = reference_curves(teacher, student, tok, PROMPTS, **SETTINGS)
+    for key in ("R", "accumulated_eps"):
+        assert rel_err(got[key], ref[key]) < 1e-6, key  # float32 models (Gemma 2 in float64 gives NaN on padding)
+    teacher.config.final_logit_softcapping = None  # the curves of the uncapped teacher differ: the test can fail
+    assert rel_err(exposure_bias(teacher, student, tok, PROMPTS, **SETTINGS)["R"], ref["R"]) > 1e-3
 
 
 def test_student_equal_to_teacher_gives_zero(models, tok, recwarn):

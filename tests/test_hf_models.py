@@ -94,40 +94,53 @@ def _llama(**changes):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-@pytest.mark.parametrize("field, value", [("final_logit_softcapping", 30.0), ("logit_scale", 0.0625),
-                                          ("logits_scaling", 2.0), ("lm_head_multiplier", 0.5),
-                                          ("output_multiplier", 3.0)])
-def test_logit_transforms_named_in_the_config_are_refused(field, value):
-    """A config that transforms the logits after the head (Gemma's softcap, Cohere's scale, Granite's divisor,
-    Falcon-H1's multiplier) is refused by name wherever the head is read; neutral values pass."""
+@pytest.mark.parametrize("field, value, transform", [
+    ("final_logit_softcapping", 30.0, (1.0, 30.0)), ("logit_scale", 0.0625, (0.0625, None)),
+    ("logits_scaling", 2.0, (0.5, None)), ("lm_head_multiplier", 0.5, (0.5, None)),
+    ("output_multiplier", 3.0, (3.0, None))])
+def test_logit_transforms_are_read_from_the_config(field, value, transform):
+    """Each config field that transforms the logits (Gemma's softcap, Cohere's scale, Granite's divisor,
+    Falcon-H1's multiplier) becomes the losses' (scale, softcap); a path that applies none refuses it by name;
+    a value that is not a positive number is refused."""
     pytest.importorskip("transformers")
     model = _llama()
+    assert models.logit_transform("student", model.config) == models.LINEAR
     setattr(model.config, field, value)
-    with pytest.raises(models.InputError, match=f"student: its config sets {field}={value}"):
-        models.check_linear_logits("student", model.config)
-    with pytest.raises(models.InputError, match=field):
-        models.output_head(model)
-    setattr(model.config, field, None if field == "final_logit_softcapping" else 1.0)
-    models.check_linear_logits("student", model.config)
-    models.probe_linear_logits("student", model)
+    assert models.logit_transform("student", model.config) == transform
+    with pytest.raises(models.InputError, match=f"student: its config sets {field}={value}, .* and cache-teacher"):
+        models.check_linear_logits("student", model.config, "cache-teacher")
+    setattr(model.config, field, "inv_sqrt_d_model")
+    with pytest.raises(models.InputError, match=f"student: its config sets {field}='inv_sqrt_d_model'"):
+        models.logit_transform("student", model.config)
 
 
-def test_the_probe_refuses_logits_that_are_not_the_head_of_the_hidden_states():
-    """A model whose forward changes its logits in a way no config field names (here: halved) is refused
-    by the probe the trainer runs at load; the same model unchanged passes, and keeps its mode."""
-    pytest.importorskip("transformers")
-    model = _llama()
-    model.train()
-    models.probe_linear_logits("teacher", model)
-    assert model.training
+def _transformed(model, scale, softcap):
+    """``model`` whose forward transforms its logits as a family with that config would."""
+    from promptkd.kd.reference import transform_logits
+
     forward = model.forward
 
-    def halved(*args, **kwargs):
+    def transformed(*args, **kwargs):
         out = forward(*args, **kwargs)
-        out.logits = out.logits * 0.5
+        out.logits = transform_logits(out.logits, scale, softcap)
         return out
 
-    model.forward = halved
-    with pytest.raises(models.InputError, match="teacher: the model's own logits are not its final hidden states"):
-        models.probe_linear_logits("teacher", model)
+    model.forward = transformed
+    return model
+
+
+def test_the_probe_checks_the_transform_against_the_models_own_logits():
+    """probe_logits (the trainer's and cache-teacher's load check) returns the config's transform where the
+    model's own logits are its head's, transformed so, and refuses a model whose forward changes its logits in
+    a way its config does not say (here: halved, or capped without the field); it keeps the model's mode."""
+    pytest.importorskip("transformers")
+    model = _llama(initializer_range=0.5)
+    model.train()
+    assert models.probe_logits("teacher", model) == models.LINEAR
+    assert model.training
+    capped = _transformed(_llama(initializer_range=0.5, final_logit_softcapping=0.5), 1.0, 0.5)
+    assert models.probe_logits("teacher", capped) == (1.0, 0.5)
+    for scale, softcap in ((0.5, None), (1.0, 0.5)):
+        with pytest.raises(models.InputError, match="teacher: the model's own logits are not its final hidden states"):
+            models.probe_logits("teacher", _transformed(_llama(initializer_range=0.5), scale, softcap))
     assert model.training

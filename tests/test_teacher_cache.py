@@ -425,6 +425,19 @@ def full_cache(setup, tmp_path_factory):
     return str(out)
 
 
+def test_kd_from_a_cache_refuses_a_student_whose_logits_are_transformed(setup, tmp_path, full_cache):
+    """The sparse loss applies no logit transform: a student whose config scales its logits is refused by name."""
+    from transformers import AutoConfig
+
+    scaled = tmp_path / "scaled"
+    shutil.copytree(setup["student_init"], scaled)
+    student_config = AutoConfig.from_pretrained(scaled)
+    student_config.logit_scale = 1.001  # the probe cannot tell so small a scale from none; the config field says it
+    student_config.save_pretrained(scaled)
+    with pytest.raises(InputError, match=r"student: its config sets logit_scale=1.001, .* kd from a teacher cache"):
+        Trainer(config(setup, tmp_path / "run", student=str(scaled), teacher_cache=full_cache), **QUIET)
+
+
 def test_kd_from_a_full_cache_trains_as_online_kd_without_the_teacher(setup, tmp_path, full_cache, monkeypatch):
     online = train(config(setup, tmp_path / "online", max_steps=4), **QUIET)
     original = load_model

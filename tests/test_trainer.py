@@ -20,8 +20,10 @@ import torch
 from safetensors.torch import load_file
 from tiny_models import NEWER_FAMILIES, tiny_decoder
 
+import promptkd
 from promptkd.demo.run import DemoSettings, prepare
 from promptkd.errors import InputError, TrainingDiverged
+from promptkd.hf.models import LMOutput, linear_cross_entropy
 from promptkd.train import TrainConfig, Trainer, train
 from promptkd.train.checkpoints import checkpoints
 from promptkd.train.config import METHODS, shipped_configs
@@ -169,7 +171,7 @@ def test_share_prefix_runs_saves_and_checks_its_models(setup, tmp_path):
                        tokenizer=setup["student_init"]), log=lambda _: None)
 
 
-def family_pair(setup, root, family: str, **teacher_changes) -> dict:
+def family_pair(setup, root, family: str, student_changes=None, **teacher_changes) -> dict:
     """A teacher and a student of ``family`` (tiny, random) with the setup's tokenizer, saved under ``root``."""
     from transformers import AutoTokenizer
 
@@ -179,7 +181,7 @@ def family_pair(setup, root, family: str, **teacher_changes) -> dict:
     if family.startswith("gemma"):
         special["sliding_window"] = 512  # prefix attention refuses a window that would cut the prompt off
     paths = {}
-    for name, hidden, changes in (("teacher", 32, teacher_changes), ("student", 16, {})):
+    for name, hidden, changes in (("teacher", 32, teacher_changes), ("student", 16, student_changes or {})):
         paths[name] = str(root / name)
         tiny_decoder(family, hidden=hidden, **special, **changes).save_pretrained(paths[name])
         tokenizer.save_pretrained(paths[name])
@@ -202,17 +204,41 @@ def test_newer_families_train(setup, tmp_path, family):
     assert any(not torch.equal(start[k], v) for k, v in weights(run_dir).items()), "the student did not change"
 
 
-def test_a_teacher_whose_logits_are_softcapped_is_refused(setup, tmp_path):
-    """A Gemma 2 teacher with its final-logit softcap: the losses would not match its own logits, so the
-    run is refused by name before training (kd), as the attention softcap is for promptkd."""
-    pair = family_pair(setup, tmp_path, "gemma2", final_logit_softcapping=30.0)
-    with pytest.raises(InputError, match="teacher: its config sets final_logit_softcapping=30.0"):
-        Trainer(config(setup, tmp_path / "kd", student=pair["student"], teacher=pair["teacher"]), log=lambda _: None)
+def test_kd_and_sft_on_a_gemma2_pair_are_the_losses_of_their_own_logits(setup, tmp_path):
+    """A Gemma 2 teacher and student with their final-logit softcaps (tight ones, so they matter) and the
+    teacher's attention softcap: the trainer reads the caps from the configs, and its kd loss (soft and hard
+    terms) and sft cross-entropy equal those computed in float64 from the models' own logits."""
+    pair = family_pair(setup, tmp_path, "gemma2", student_changes=dict(final_logit_softcapping=0.8,
+                                                                       initializer_range=0.5),
+                       final_logit_softcapping=0.5, attn_logit_softcapping=50.0, initializer_range=0.5)
+    trainer = Trainer(config(setup, tmp_path / "kd", student=pair["student"], teacher=pair["teacher"], kd_ratio=0.6,
+                             batch_size=3), log=lambda _: None)
+    distill = trainer.distill
+    examples = [trainer.train_examples[i] for i in trainer.order.micro_batches(1, 0)[0]]
+    batch, _ = distill.batch(*distill.ground_truth(examples))
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        s, t = (m(**inputs).logits.double() for m in (trainer.student, trainer.teacher))
+    labels = batch["labels"]
+    eager = promptkd.kd_loss(s, t, labels, soft_weight=0.6, hard_weight=0.4, impl="reference")
+    loss, _ = distill.micro_loss(examples, 1, 0)
+    torch.testing.assert_close(loss.double(), eager, rtol=1e-5, atol=1e-6)
+    student = distill.student(batch)
+    with torch.no_grad():
+        teacher = distill.teacher(batch)
+    assert teacher.transform == (1.0, 0.5)
+    uncapped = promptkd.fused_linear_kd_loss(student.hidden, student.weight, teacher.hidden, teacher.weight, labels,
+                                             soft_weight=0.6, hard_weight=0.4)
+    assert abs(uncapped.item() - eager.item()) > 0.1, "the caps did not matter: the test could not fail"
+    assert student.transform == (1.0, 0.8)
+    ce = torch.nn.functional.cross_entropy(s.reshape(-1, s.shape[-1]), labels.reshape(-1))
+    torch.testing.assert_close(linear_cross_entropy(student, labels).double(), ce, rtol=1e-5, atol=1e-6)
+    uncapped = linear_cross_entropy(LMOutput(student.hidden, student.weight, student.bias), labels)
+    assert abs(uncapped.item() - ce.item()) > 0.1, "the cap did not matter: the test could not fail"
     pair = family_pair(setup, tmp_path / "attn", "gemma2", attn_logit_softcapping=50.0)
     with pytest.raises(InputError, match="attn_logit_softcapping=50.0"):
         Trainer(config(setup, tmp_path / "promptkd", method="promptkd", student=pair["student"],
                        teacher=pair["teacher"]), log=lambda _: None)
-    assert not os.path.exists(tmp_path / "kd" / "metrics.jsonl")
 
 
 def test_prompt_step_touches_only_the_prompt(setup, tmp_path):

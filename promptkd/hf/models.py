@@ -8,6 +8,7 @@ the output embedding, and the losses (:func:`promptkd.fused_linear_kd_loss`,
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -22,15 +23,21 @@ from .fsdp import head_tied_to_input
 
 @dataclass
 class LMOutput:
-    """Final hidden states [B, N, H], output weight [V, H] and bias [V] or None (logits = h @ W.T + b)."""
+    """Final hidden states [B, N, H], output weight [V, H], bias [V] or None, and the model's logit transform
+    (scale, softcap): logits = softcap * tanh(scale * (h @ W.T + b) / softcap), h @ W.T + b for (1.0, None)."""
 
     hidden: torch.Tensor
     weight: torch.Tensor
     bias: torch.Tensor | None = None
+    transform: tuple[float, float | None] = (1.0, None)
 
     def detach(self) -> LMOutput:
         bias = None if self.bias is None else self.bias.detach()
-        return LMOutput(self.hidden.detach(), self.weight.detach(), bias)
+        return LMOutput(self.hidden.detach(), self.weight.detach(), bias, self.transform)
+
+    def loss_transforms(self, side: str) -> dict:
+        """This output's transform as the fused losses' keywords for ``side`` ("student" or "teacher")."""
+        return {f"{side}_logit_scale": self.transform[0], f"{side}_softcap": self.transform[1]}
 
 
 def _hub_like(name: str) -> bool:
@@ -139,37 +146,67 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
         layers = model.config.get_text_config().num_hidden_layers
         hidden = shared_prefix_forward(model.base_model, layers, prefix_ids, prefix_mask, input_ids, attention_mask,
                                        group_index, impl=attention_impl)
-    return LMOutput(hidden, *output_head(model))
+    return LMOutput(hidden, *output_head(model), logit_transform("model", model.config))
 
 
-# Config fields by which a causal LM's logits differ from hidden @ W.T + b, each with the value that leaves the
-# logits unchanged: Gemma 2/3's final tanh softcap, Cohere's and MPT's scale, Granite's divisor, Falcon-H1's multiplier.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1.0), "logits_scaling": (None, 1.0),
-                    "lm_head_multiplier": (None, 1.0), "output_multiplier": (None, 1.0)}
+#: Config fields by which a causal LM's logits differ from hidden @ W.T + b, each with how it acts: a factor
+#: ("*": Cohere's and MPT's logit_scale, Falcon-H1's lm_head_multiplier, output_multiplier), a divisor ("/":
+#: Granite's logits_scaling), or the tanh cap applied after them (Gemma 2's, and Gemma 3's where set).
+LOGIT_TRANSFORMS = {"logit_scale": "*", "logits_scaling": "/", "lm_head_multiplier": "*", "output_multiplier": "*",
+                    "final_logit_softcapping": "cap"}
+#: The transform of a model whose logits are hidden @ W.T + b.
+LINEAR = (1.0, None)
 
 
-def check_linear_logits(name: str, config) -> None:
-    """Refuses a model whose config transforms its logits after the output head (a softcap, a scale): the
-    fused losses take logits = hidden @ W.T + b, and on such a model they would silently compute another
-    loss than its own logits give (an InputError naming ``name`` and the field)."""
+def _positive(name: str, field: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InputError(f"{name}: its config sets {field}={value!r}, which promptkd cannot apply as a logit "
+                         f"transform (a finite number > 0 is needed)")
+    return float(value)
+
+
+def logit_transform(name: str, config) -> tuple[float, float | None]:
+    """(scale, softcap) by which the model of ``config`` turns z = hidden @ W.T + b into its own logits,
+    softcap * tanh(scale * z / softcap) (scale * z without a cap), read from the fields of
+    :data:`LOGIT_TRANSFORMS`; what the fused losses take as ``*_logit_scale`` / ``*_softcap``. A value that is
+    no positive number (MPT's ``logit_scale="inv_sqrt_d_model"``) is an InputError naming ``name``."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for field, neutral in LOGIT_TRANSFORMS.items():
+    scale, softcap = 1.0, None
+    for field, kind in LOGIT_TRANSFORMS.items():
         value = getattr(text, field, None)
-        if value not in neutral:
-            raise InputError(f"{name}: its config sets {field}={value!r}, so its logits are not hidden @ W.T + b; "
-                             f"promptkd's losses do not apply logit transforms yet and would compute a different "
-                             f"loss than the model's own logits give ({getattr(text, 'model_type', '?')} model)")
+        if value is None:
+            continue
+        value = _positive(name, field, value)
+        if kind == "cap":
+            softcap = value
+        else:
+            scale = scale * value if kind == "*" else scale / value
+    return scale, softcap
+
+
+def check_linear_logits(name: str, config, why: str = "") -> None:
+    """Refuses a model whose config transforms its logits after the output head (:func:`logit_transform`),
+    for a path that does not apply the transform (``why`` says which): it would silently compute another
+    loss than the model's own logits give (an InputError naming ``name`` and the fields)."""
+    if logit_transform(name, config) == LINEAR:
+        return
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    fields = ", ".join(f"{f}={getattr(text, f)!r}" for f in LOGIT_TRANSFORMS if getattr(text, f, None) is not None)
+    raise InputError(f"{name}: its config sets {fields}, so its logits are not hidden @ W.T + b, and "
+                     f"{why or 'this path'} applies no logit transform yet: it would compute a different result "
+                     f"than the model's own logits give ({getattr(text, 'model_type', '?')} model)")
 
 
 @torch.no_grad()
-def probe_linear_logits(name: str, model, tokens: int = 8) -> None:
-    """Checks on a few tokens that ``model``'s own logits are its final hidden states times its output
-    head (what every promptkd loss computes), so a logit transform that no known config field names
-    (:data:`LOGIT_TRANSFORMS`) is refused too, before training; an InputError names the difference."""
-    check_linear_logits(name, model.config)
+def probe_logits(name: str, model, tokens: int = 8) -> tuple[float, float | None]:
+    """The model's logit transform (:func:`logit_transform`), checked on a few tokens: its own logits must be
+    its final hidden states times its output head, transformed so. A transform no known config field names
+    is thereby refused (an InputError naming the difference) before training rather than computed without."""
+    from ..kd.reference import transform_logits
+
+    transform = logit_transform(name, model.config)
     weight, bias = output_head(model)
-    device = weight.device
-    ids = (torch.arange(tokens, device=device) % weight.shape[0])[None]
+    ids = (torch.arange(tokens, device=weight.device) % weight.shape[0])[None]
     mask = torch.ones_like(ids)
     was_training = model.training
     model.eval()
@@ -178,21 +215,23 @@ def probe_linear_logits(name: str, model, tokens: int = 8) -> None:
         hidden = model.base_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
     finally:
         model.train(was_training)
-    ours = torch.nn.functional.linear(hidden, weight, bias).float()
-    scale = ours.abs().max().clamp(min=1e-6)
-    error = ((logits[..., :ours.shape[-1]] - ours).abs().max() / scale).item()
-    if logits.shape[-1] != ours.shape[-1] or not error <= 1e-2:
+    ours = transform_logits(torch.nn.functional.linear(hidden, weight, bias).float(), *transform)
+    error = float("nan")
+    if logits.shape == ours.shape:
+        error = ((logits - ours).abs().max() / ours.abs().max().clamp(min=1e-6)).item()
+    if not error <= 1e-2:
         raise InputError(f"{name}: the model's own logits are not its final hidden states times its output head "
-                         f"(relative difference {error:.3g} on {tokens} tokens, {type(model).__name__}): promptkd's "
+                         f"(scaled by {transform[0]:g}, capped at {transform[1]}: its config's logit transform; "
+                         f"relative difference {error:.3g} on {tokens} tokens, {type(model).__name__}): promptkd's "
                          f"losses would compute a different loss than its logits give")
+    return transform
 
 
 def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The output embedding's weight [V, H] and bias (or None). For a model sharded by
     :func:`promptkd.hf.fsdp.shard` whose head is tied to the input embedding, the weight is read where
     FSDP keeps it (the input embedding, gathered while the decoder's forward and backward need it).
-    A model whose config transforms the logits after the head is refused (:func:`check_linear_logits`)."""
-    check_linear_logits("model", model.config)
+    The model's logits are these times the hidden states, then :func:`logit_transform`."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
     if head_tied_to_input(model):
@@ -200,10 +239,13 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
     return head.weight, bias
 
 
-def _ce_chunk(hidden, weight, bias, labels):
+def _ce_chunk(hidden, weight, bias, labels, scale=1.0, softcap=None):
+    from ..kd.reference import transform_logits
+
     logits = hidden.float() @ weight.float().T
     if bias is not None:
         logits = logits + bias.float()
+    logits = transform_logits(logits, scale, softcap)
     return torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
@@ -226,11 +268,12 @@ def linear_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: in
     :func:`recompute_cross_entropy`, 0.88-1.02x eager cross-entropy's at 0.12x its memory, 1.16x the
     GEMM floor, with errors no larger than either's (bench/bench_cross_entropy.py). Its automatic chunk
     size and precision policy are not used: on the CPU in float32 they ran 2.4x slower than eager.
-    Everything else goes to :func:`recompute_cross_entropy`.
+    Everything else goes to :func:`recompute_cross_entropy`, as do outputs with a logit transform (``out.transform``:
+    the cross-entropy is the one of the model's own, transformed logits).
     """
     hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
     labels = labels.reshape(-1)
-    if not _torch_chunked_applies(hidden, out.weight, out.bias):
+    if out.transform != LINEAR or not _torch_chunked_applies(hidden, out.weight, out.bias):
         return recompute_cross_entropy(out, labels, chunk_elements)
     rows = max(1, chunk_elements // out.weight.shape[0])
     options = torch.nn.LinearCrossEntropyOptions(acc_policy="compact", chunking_method=None, batch_chunk_size=rows)
@@ -240,14 +283,15 @@ def linear_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: in
 
 
 def recompute_cross_entropy(out: LMOutput, labels: torch.Tensor, chunk_elements: int = 1 << 24) -> torch.Tensor:
-    """:func:`linear_cross_entropy` for any dtype and torch version: logits (in float32) exist one chunk of
-    tokens at a time and are recomputed in backward (activation checkpointing)."""
+    """:func:`linear_cross_entropy` for any dtype and torch version and any logit transform: logits (in float32,
+    transformed as ``out.transform`` says) exist one chunk of tokens at a time and are recomputed in backward
+    (activation checkpointing)."""
     hidden = out.hidden.reshape(-1, out.hidden.shape[-1])
     labels = labels.reshape(-1)
     rows = max(1, chunk_elements // out.weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], rows):
-        part = (hidden[start:start + rows], out.weight, out.bias, labels[start:start + rows])
+        part = (hidden[start:start + rows], out.weight, out.bias, labels[start:start + rows], *out.transform)
         if torch.is_grad_enabled() and (hidden.requires_grad or out.weight.requires_grad):
             total = total + checkpoint(_ce_chunk, *part, use_reentrant=False)
         else:

@@ -104,7 +104,7 @@ class PromptedTeacher(nn.Module):
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         self.attention_impl = attention_impl
         self.model_type = check_supported(model)
-        check_linear_logits("model", model.config)
+        check_linear_logits("model", model.config, "PromptedTeacher (its outputs are hidden states and a head)")
         if isinstance(num_prompt_tokens, bool) or not isinstance(num_prompt_tokens, int) or num_prompt_tokens < 1:
             raise ValueError(f"num_prompt_tokens must be an int >= 1, got {num_prompt_tokens!r}")
         if init not in INITS:

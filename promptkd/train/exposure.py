@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 
 from ..files import write_atomic
-from ..hf.models import lm_hidden, output_head
+from ..hf.models import lm_hidden, logit_transform, output_head
 from ..kd.api import fused_linear_kd_loss
 from ..kd.settings import IGNORE_INDEX
 from .data import collate
@@ -155,6 +155,8 @@ def step_errors(teacher, student, tokenizer, continuations: Continuations, *, ba
         return None if x is None else x.to(dtype)
 
     (ws, bs), (wt, bt) = ([cast(x) for x in output_head(m)] for m in (student, teacher))  # cast once
+    (s_scale, s_cap), (t_scale, t_cap) = (logit_transform(name, m.config) for name, m in (("student", student),
+                                                                                          ("teacher", teacher)))
     vs, vt = ws.shape[0], wt.shape[0]
     try:
         c = continuations
@@ -167,7 +169,9 @@ def step_errors(teacher, student, tokenizer, continuations: Continuations, *, ba
             counted = batch["labels"] != IGNORE_INDEX  # [B, N]: the positions that predict a response step
             mask = torch.where(counted, 0, IGNORE_INDEX)  # labels as a mask only (no hard loss, no range check)
             kl = fused_linear_kd_loss(cast(hs), ws, cast(ht), wt, mask, divergence="forward_kl", reduction="none",
-                                      student_bias=bs, teacher_bias=bt, vocab_size=min(vs, vt), impl=impl)  # [B, N]
+                                      student_bias=bs, teacher_bias=bt, vocab_size=min(vs, vt), impl=impl,
+                                      student_logit_scale=s_scale, student_softcap=s_cap, teacher_logit_scale=t_scale,
+                                      teacher_softcap=t_cap)  # [B, N]
             step = torch.where(counted, counted.cumsum(1) - 1, L)  # 0-based response step of each position
             sums.index_add_(0, step.reshape(-1), kl.clamp_min(0).reshape(-1).to(torch.float64))
     finally:

@@ -40,7 +40,16 @@ import torch
 
 from ..errors import InputError
 from ..hf.fsdp import shard
-from ..hf.models import LMOutput, linear_cross_entropy, lm_hidden, load_model, probe_linear_logits
+from ..hf.models import (
+    LINEAR,
+    LMOutput,
+    check_linear_logits,
+    linear_cross_entropy,
+    lm_hidden,
+    load_model,
+    logit_transform,
+    probe_logits,
+)
 from ..impls import pick_impl
 from ..kd.api import fused_linear_kd_loss
 from ..kd.pair import PAIR_IMPLS, fused_linear_kl_pair_loss
@@ -80,7 +89,8 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
     ``teacher_tokenizer`` (the teacher's tokenizer; ``tokenizer`` when it ships none), as the reference does."""
     student = load_model("student", os.path.join(resume_from, "model") if resume_from else cfg.student,
                          torch.float32, device)
-    probe_linear_logits("student", student)
+    if probe_logits("student", student) != LINEAR and cfg.teacher_cache:
+        check_linear_logits("student", student.config, "kd from a teacher cache (fused_linear_sparse_kd_loss)")
     student.train()
     if cfg.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)  # the newer name
@@ -91,7 +101,7 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
     teacher = prompted = None
     if cfg.method != "sft" and not cfg.teacher_cache:  # kd from a cache runs no teacher
         teacher = load_model("teacher", cfg.teacher, dtype, device)
-        probe_linear_logits("teacher", teacher)
+        probe_logits("teacher", teacher)
         teacher.requires_grad_(False).eval()
     if cfg.share_prefix:
         _use_prefix_attention(student, teacher)
@@ -221,7 +231,8 @@ class Distillation:
                              self.cfg.attention_impl)
         out = self.prompted(batch["input_ids"], batch["attention_mask"], use_prompt=prompted,
                             shared_prefix=self._shared(batch))
-        return LMOutput(out.hidden_states, out.output_weight, out.output_bias)
+        return LMOutput(out.hidden_states, out.output_weight, out.output_bias,
+                        logit_transform("teacher", self.teacher_model.config))
 
     def _cast(self, x):
         return None if x is None else x.to(self.dtype)
@@ -231,7 +242,8 @@ class Distillation:
         return fused_linear_kd_loss(c(student.hidden), c(student.weight), c(teacher.hidden), c(teacher.weight),
                                     labels, divergence=divergence, student_bias=c(student.bias),
                                     teacher_bias=c(teacher.bias), vocab_size=self.vocab_size,
-                                    impl=self.cfg.loss_impl, **kwargs)
+                                    impl=self.cfg.loss_impl, **student.loss_transforms("student"),
+                                    **teacher.loss_transforms("teacher"), **kwargs)
 
     def cached_kd(self, student: LMOutput, examples: list[Example], labels) -> torch.Tensor:
         """``kd`` from the teacher cache: the sparse loss on the batch's cached targets (see the module docstring)."""
@@ -287,7 +299,9 @@ class Distillation:
             return fused_linear_kl_pair_loss(c(prompted.hidden), c(prompted.weight), c(student.hidden),
                                              c(student.weight), c(plain.hidden), c(plain.weight), labels,
                                              anchor_scale=reg, bias=c(prompted.bias), student_bias=c(student.bias),
-                                             anchor_bias=c(plain.bias), vocab_size=self.vocab_size, impl=impl)
+                                             anchor_bias=c(plain.bias), vocab_size=self.vocab_size, impl=impl,
+                                             **student.loss_transforms("student"),
+                                             **prompted.loss_transforms("teacher"))
         return self.kd(student, prompted, labels, "forward_kl") + reg * self.kd(plain, prompted, labels, "forward_kl")
 
     def student_loss(self, batch) -> torch.Tensor:

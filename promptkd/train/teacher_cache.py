@@ -499,7 +499,7 @@ def _settings(teacher, data, tokenizer_path, tokenizer, mode, k, samples, temper
     from ..hf.models import check_linear_logits, load_config
 
     config = load_config("teacher", teacher)
-    check_linear_logits("teacher", config)
+    check_linear_logits("teacher", config, "cache-teacher (fused_linear_topk)")
     rows = getattr(config.get_text_config(), "vocab_size", None)
     if vocab_size is not None and rows is not None and vocab_size > rows:
         raise InputError(f"vocab_size={vocab_size} exceeds the teacher's vocabulary ({rows})")
@@ -596,7 +596,7 @@ def cache_teacher(teacher: str, data: str, out: str, *, top_k: int | None = None
     """
     from tqdm.auto import tqdm
 
-    from ..hf.models import load_model, load_tokenizer, probe_linear_logits
+    from ..hf.models import load_model, load_tokenizer, probe_logits
     from .distributed import Processes
 
     check_cache_args(teacher, data, out, top_k=top_k, samples=samples, temperature=temperature,
@@ -640,7 +640,7 @@ def cache_teacher(teacher: str, data: str, out: str, *, top_k: int | None = None
         model = load_model("teacher", teacher, torch.bfloat16 if procs.device.type == "cuda" else torch.float32,
                            procs.device)
         model.requires_grad_(False).eval()
-        probe_linear_logits("teacher", model)
+        probe_logits("teacher", model)
         head_rows = model.get_output_embeddings().weight.shape[0]
         if settings["vocab_size"] > head_rows:
             raise InputError(f"vocab_size={settings['vocab_size']} exceeds the rows of the teacher's output layer "
