@@ -61,8 +61,10 @@ setup(
     # liger-kernel, if installed, adds a GPU baseline.
     # gguf: models from .gguf files (transformers' GGUF loader needs gguf >= 0.10 and accelerate). accelerate
     # asks for torch>=2.0, which the torch promptkd requires already satisfies: it pulls no other torch build.
-    # The test extra has both (accelerate through PEFT) so that CI runs the GGUF tests.
-    extras_require={"test": ["pytest>=8", "pytest-xdist", "pytest-benchmark>=4", "ruff", "peft>=0.17", "gguf>=0.10.0"],
+    # The test extra has both (accelerate through PEFT) so that CI runs the GGUF tests, and the documentation
+    # site's builder (mkdocs-material, mkdocstrings) so that CI builds the site with --strict.
+    extras_require={"test": ["pytest>=8", "pytest-xdist", "pytest-benchmark>=4", "ruff", "peft>=0.17", "gguf>=0.10.0",
+                             "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
                     "gguf": ["gguf>=0.10.0", "accelerate"],
                     "tensorboard": ["tensorboard"]},
     package_data={"promptkd.train": ["configs/*.yaml"]},

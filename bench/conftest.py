@@ -1,6 +1,6 @@
 """The pytest-benchmark suite's options, its shared runner, and the ratio tables printed and recorded at the end.
 
-    pytest bench/ --benchmark-only                        # the CPU figures of the README (about 15 minutes)
+    pytest bench/ --benchmark-only                        # the CPU figures of docs/benchmarks.md (about 15 minutes)
     pytest bench/ --benchmark-only --bench-size quick     # seconds
     pytest bench/ --benchmark-only -k kd_loss --benchmark-autosave   # JSON under bench/results/benchmarks/
     pytest bench/ --benchmark-only --benchmark-compare    # against the last saved run
@@ -39,7 +39,7 @@ RESULTS = HERE / "results"
 def pytest_addoption(parser):
     group = parser.getgroup("promptkd bench")
     group.addoption("--bench-size", default="default", choices=["default", "quick"],
-                    help="problem sizes: default (the README's figures) or quick (seconds)")
+                    help="problem sizes: default (the figures of docs/benchmarks.md) or quick (seconds)")
     group.addoption("--bench-device", default="cpu", choices=["cpu", "cuda"])
     group.addoption("--bench-no-memory", action="store_true", help="skip the fresh-process peak-memory runs")
     group.addoption("--bench-no-record", action="store_true", help="do not append to bench/results/suite.csv")

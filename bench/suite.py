@@ -46,7 +46,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kd_loss import peak_extra_bytes  # noqa: E402
 
-#: Problem sizes per group: ``default`` (the CPU figures of the README), ``quick`` (seconds; what CI runs),
+#: Problem sizes per group: ``default`` (the CPU figures of docs/benchmarks.md), ``quick`` (seconds; what CI runs),
 #: ``cuda`` (the GPU check).
 SIZES = {
     "kd_loss": {"default": dict(n=4096, d=512, v=32000), "quick": dict(n=256, d=64, v=2048),

@@ -2,7 +2,7 @@
 
 The interpreter cannot catch compile errors, shared-memory overflow or local-memory arrays; this can.
 ptxas's spill stores (spills to the stack frame) are reported by ``python -m promptkd.kernels.aot``
-but not asserted: several configurations still spill (see the README's Tests section). Local memory
+but not asserted: several configurations still spill (see docs/tests.md). Local memory
 is read with the cuobjdump that Triton ships; without one the test is skipped with that reason.
 Each case compiles in a fresh process without TRITON_INTERPRET (set for the rest of the suite).
 """

@@ -1,5 +1,5 @@
 """``promptkd experiment smollm2`` end to end at smoke-test sizes, on a tiny Llama GGUF written here as
-llama.cpp writes SmolLM2's (the real 135M model takes about 70 minutes; see the README).
+llama.cpp writes SmolLM2's (the real 135M model takes about 70 minutes; see docs/experiments.md).
 
 Checks: every stage runs and writes its table, scores, prompt cost, exposure curves and plots; the
 student is the SFT teacher's layers; the prompt cost's numbers are the teacher's cross-entropy computed

@@ -49,7 +49,7 @@ ENTRIES = ("experiment.json", "data", "init", "teacher", "sft_init", *BASELINES,
 
 @dataclass(frozen=True)
 class ExperimentSettings:
-    """Sizes, schedules and learning rates (the defaults: about 40 minutes on 2 CPU cores; see README)."""
+    """Sizes, schedules and learning rates (the defaults: about 40 minutes on 2 CPU cores; see docs/experiments.md)."""
 
     n_train: int = 2000
     n_valid: int = 24
