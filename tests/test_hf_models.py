@@ -109,6 +109,9 @@ def test_logit_transforms_are_read_from_the_config(field, value, transform):
     assert models.logit_transform("student", model.config) == transform
     with pytest.raises(models.InputError, match=f"student: its config sets {field}={value}, .* and cache-teacher"):
         models.check_linear_logits("student", model.config, "cache-teacher")
+    if field == "logits_scaling":
+        model.config.model_type = "hyperclovax"  # which multiplies where Granite divides
+        assert models.logit_transform("student", model.config) == (2.0, None)
     setattr(model.config, field, "inv_sqrt_d_model")
     with pytest.raises(models.InputError, match=f"student: its config sets {field}='inv_sqrt_d_model'"):
         models.logit_transform("student", model.config)

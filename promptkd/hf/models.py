@@ -151,7 +151,8 @@ def lm_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, shar
 
 #: Config fields by which a causal LM's logits differ from hidden @ W.T + b, each with how it acts: a factor
 #: ("*": Cohere's and MPT's logit_scale, Falcon-H1's lm_head_multiplier, output_multiplier), a divisor ("/":
-#: Granite's logits_scaling), or the tanh cap applied after them (Gemma 2's, and Gemma 3's where set).
+#: Granite's logits_scaling; HyperCLOVA X multiplies by its), or the tanh cap applied after them (Gemma 2's, and
+#: Gemma 3's where set).
 LOGIT_TRANSFORMS = {"logit_scale": "*", "logits_scaling": "/", "lm_head_multiplier": "*", "output_multiplier": "*",
                     "final_logit_softcapping": "cap"}
 #: The transform of a model whose logits are hidden @ W.T + b.
@@ -177,6 +178,8 @@ def logit_transform(name: str, config) -> tuple[float, float | None]:
         if value is None:
             continue
         value = _positive(name, field, value)
+        if field == "logits_scaling" and getattr(text, "model_type", "").startswith("hyperclovax"):
+            kind = "*"  # HyperCLOVA X multiplies by its logits_scaling where Granite divides
         if kind == "cap":
             softcap = value
         else:
