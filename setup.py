@@ -66,6 +66,8 @@ setup(
     extras_require={"test": ["pytest>=8", "pytest-xdist", "pytest-benchmark>=4", "ruff", "peft>=0.17", "gguf>=0.10.0",
                              "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocstrings[python]>=0.26"],
                     "gguf": ["gguf>=0.10.0", "accelerate"],
+                    # promptkd.integrations.trl overrides an internal method of TRL's DistillationTrainer: pinned.
+                    "trl": ["trl>=1.16.0,<1.17.0"],
                     "tensorboard": ["tensorboard"]},
     package_data={"promptkd.train": ["configs/*.yaml"]},
     # The native CPU kernels: a plain shared library built by CMake (no Python extension module), loaded

@@ -19,11 +19,15 @@ EXAMPLES = [(page, i, code) for page in PAGES
 def test_readme_and_pages_have_examples():
     assert sum(page.name == "README.md" for page, _, _ in EXAMPLES) >= 5
     assert {page.name for page, _, _ in EXAMPLES} >= {"README.md", "index.md", "offline.md", "prefix-attention.md",
-                                                        "training.md"}
+                                                        "training.md", "trl.md"}
 
 
 @pytest.mark.parametrize("page,index,code", EXAMPLES, ids=[f"{p.relative_to(ROOT)}-{i}" for p, i, _ in EXAMPLES])
 def test_example_runs(page, index, code):
+    """An example whose first line is ``# requires: PACKAGE`` (an optional extra) is skipped without it."""
+    first = code.splitlines()[0]
+    if first.startswith("# requires: "):
+        pytest.importorskip(first.removeprefix("# requires: ").strip())
     exec(compile(code, f"{page.relative_to(ROOT)} example {index}", "exec"), {})
 
 

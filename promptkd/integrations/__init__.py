@@ -1,0 +1,1 @@
+"""Integrations with other training libraries (each an optional extra): :mod:`promptkd.integrations.trl`."""
