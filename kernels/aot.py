@@ -62,7 +62,8 @@ _POINTER_TYPES = {
     **dict.fromkeys(("STATS", "LSE", "PARTIAL", "ROWS", "DELTA", "DPK", "DPV"), "*fp32"),  # float32 statistics
     "KEEP": "*u8",  # the key-padding mask, bool viewed as uint8
 }
-_FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight", "qk_scale", "scale")
+_FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight", "qk_scale", "scale", "s_scale", "s_cap",
+               "t_scale", "t_cap")
 # The KD launchers turn fused multiply-adds off (promptkd/kd/triton_impl._compile_switches); the attention
 # launchers turn them on (promptkd/attention/triton_impl._switches).
 _NO_FP_FUSION = ("kd_online_kernel", "kd_terms_kernel", "kd_backward_kernel", "kd_rows_kernel", "sparse_rows_kernel")
@@ -138,13 +139,15 @@ def compile_one(fn, dtype: str, arch: int, constexprs: dict, num_warps: int, num
 
 def _base(cfg: configs.TileConfig, from_logits: bool) -> dict:
     return dict(HAS_BIAS_S=not from_logits, HAS_BIAS_T=not from_logits, FROM_LOGITS=from_logits, UPCAST=False,
-                PRECISION="ieee", BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d)
+                PRECISION="ieee", S_CAP=False, T_CAP=False, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v,
+                BLOCK_D=cfg.block_d)
 
 
-_HEAVIEST = {  # the variant with the most live state, per kernel
-    "forward": (kd_online_kernel, dict(DIVERGENCE=1, HAS_HARD=True)),
-    "terms": (kd_terms_kernel, dict(DIVERGENCE=4)),
-    "backward": (kd_backward_kernel, dict(DIVERGENCE=4, HAS_HARD=True, NEED_S=True, NEED_T=True)),
+_HEAVIEST = {  # the variant with the most live state, per kernel (both sides' softcaps on)
+    "forward": (kd_online_kernel, dict(DIVERGENCE=1, HAS_HARD=True, S_CAP=True, T_CAP=True)),
+    "terms": (kd_terms_kernel, dict(DIVERGENCE=4, S_CAP=True, T_CAP=True)),
+    "backward": (kd_backward_kernel, dict(DIVERGENCE=4, HAS_HARD=True, NEED_S=True, NEED_T=True, S_CAP=True,
+                                          T_CAP=True)),
 }
 _OTHER_VARIANTS = [
     (kd_online_kernel, dict(DIVERGENCE=0, HAS_HARD=False)),

@@ -43,12 +43,45 @@ def logits_tile(X, W, B, o_n, o_v, m_n, m_v, D, stride_x, stride_w,
 
 
 @triton.jit
+def tanh(x):
+    """tanh in float32 without overflow: an odd series below |x| = 1/8 (where 1 - e^(-2|x|) would cancel; the
+    first omitted term is below 2e-10 relative), (1 - e^(-2|x|)) / (1 + e^(-2|x|)) above."""
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    r = tl.where(ax < 0.125, small, (1.0 - e) / (1.0 + e))
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def transform(b_z, scale, cap, HAS_CAP: tl.constexpr):
+    """A side's logit transform (promptkd.kd.settings.KDSettings.transform): cap * tanh(scale * z / cap), or
+    scale * z without a cap. scale and cap are runtime values; HAS_CAP only switches the cap on."""
+    b_z = b_z * scale
+    if HAS_CAP:
+        b_z = cap * tanh(b_z / cap)
+    return b_z
+
+
+@triton.jit
+def transform_derivative(b_z, scale, cap, HAS_CAP: tl.constexpr):
+    """d(transformed)/d(logit) from the transformed logits b_z: scale * (1 - (b_z / cap)^2), or scale."""
+    if HAS_CAP:
+        b_u = b_z / cap
+        return scale * (1.0 - b_u * b_u)
+    return tl.full(b_z.shape, 1.0, tl.float32) * scale
+
+
+@triton.jit
 def student_teacher_tiles(XS, WS, BS, XT, WT, BT, o_n, m_n, v0, v_end, DS, DT, stride_xs, stride_ws, stride_xt,
-                          stride_wt, FROM_LOGITS: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                          PRECISION: tl.constexpr):
+                          stride_wt, s_scale, s_cap, t_scale, t_cap, FROM_LOGITS: tl.constexpr,
+                          HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr, S_CAP: tl.constexpr,
+                          T_CAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+                          UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """(o_v, m_v, s, t): the vocabulary columns o_v = v0 + [0, BLOCK_V) (int64; m_v = o_v < v_end) and
-    the student and teacher logit tiles of tokens o_n there (logits_tile, float32 [BLOCK_N, BLOCK_V])."""
+    the student and teacher logit tiles of tokens o_n there (logits_tile, float32 [BLOCK_N, BLOCK_V]), each
+    after its side's transform (scale, then the cap where S_CAP / T_CAP)."""
     o_v = (v0 + tl.arange(0, BLOCK_V)).to(tl.int64)
     m_v = o_v < v_end
     b_s = logits_tile(XS, WS, BS, o_n, o_v, m_n, m_v, DS, stride_xs, stride_ws, FROM_LOGITS=FROM_LOGITS,
@@ -57,7 +90,7 @@ def student_teacher_tiles(XS, WS, BS, XT, WT, BT, o_n, m_n, v0, v_end, DS, DT, s
     b_t = logits_tile(XT, WT, BT, o_n, o_v, m_n, m_v, DT, stride_xt, stride_wt, FROM_LOGITS=FROM_LOGITS,
                       HAS_BIAS=HAS_BIAS_T, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, UPCAST=UPCAST,
                       PRECISION=PRECISION)
-    return o_v, m_v, b_s, b_t
+    return o_v, m_v, transform(b_s, s_scale, s_cap, HAS_CAP=S_CAP), transform(b_t, t_scale, t_cap, HAS_CAP=T_CAP)
 
 
 @triton.jit

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .common import FORWARD_KL, REVERSE_KL, divergence_terms, student_teacher_tiles
+from .common import FORWARD_KL, REVERSE_KL, divergence_terms, student_teacher_tiles, transform_derivative
 from .kd_planes import CP, CQ, GRAD, MAX_A, MAX_B, MAX_C, SUM_A, SUM_B, SUM_C
 
 
@@ -11,9 +11,9 @@ from .kd_planes import CP, CQ, GRAD, MAX_A, MAX_B, MAX_C, SUM_A, SUM_B, SUM_C
 def kd_backward_kernel(
     XS, WS, BS, XT, WT, BT, LABELS, ROWS, DZS, DZT,
     N, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt, stride_dzs, stride_dzt,
-    v_start, v_end, inv_t, lw_p, lw_q, soft_weight, hard_weight,
+    v_start, v_end, inv_t, lw_p, lw_q, soft_weight, hard_weight, s_scale, s_cap, t_scale, t_cap,
     DIVERGENCE: tl.constexpr, HAS_HARD: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
-    NEED_S: tl.constexpr, NEED_T: tl.constexpr,
+    NEED_S: tl.constexpr, NEED_T: tl.constexpr, S_CAP: tl.constexpr, T_CAP: tl.constexpr,
     FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -26,7 +26,8 @@ def kd_backward_kernel(
     lp = (b - m_b) - log l_b, q = e^lq, p = e^lp and (Gp, Gq) from divergence_terms:
         dS = g (soft_weight / T (Gq - q cq) + hard_weight (softmax(s) - onehot(label)))   (NEED_S)
         dT = g  soft_weight / T (Gp - p cp)                                              (NEED_T)
-    written to DZS / DZT at [token, v - v_start] in their element type. The KL divergences keep the
+    each times its side's transform derivative (common.transform_derivative: s and t above are the
+    transformed logits), written to DZS / DZT at [token, v - v_start] in their element type. The KL divergences keep the
     forward's centring on the argmax element (kd_forward.kd_online_kernel): there cp, cq hold
     C = acc / l and x_at, and  forward_kl: dB = p ((b - m_b) - (a - a_at) - C), dA = q - p;
     reverse_kl: dA = q ((a - m_a) - (b - b_at) - C), dB = p - q.
@@ -37,8 +38,9 @@ def kd_backward_kernel(
     m_n = o_n < N
     o_v, m_v, b_s, b_t = student_teacher_tiles(  # b_s, b_t: [BLOCK_N, BLOCK_V]
         XS, WS, BS, XT, WT, BT, o_n, m_n, v_start + i_v * BLOCK_V, v_end, DS, DT, stride_xs, stride_ws, stride_xt,
-        stride_wt, FROM_LOGITS=FROM_LOGITS, HAS_BIAS_S=HAS_BIAS_S, HAS_BIAS_T=HAS_BIAS_T, BLOCK_N=BLOCK_N,
-        BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D, UPCAST=UPCAST, PRECISION=PRECISION)
+        stride_wt, s_scale, s_cap, t_scale, t_cap, S_CAP=S_CAP, T_CAP=T_CAP, FROM_LOGITS=FROM_LOGITS,
+        HAS_BIAS_S=HAS_BIAS_S, HAS_BIAS_T=HAS_BIAS_T, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V, BLOCK_D=BLOCK_D,
+        UPCAST=UPCAST, PRECISION=PRECISION)
     b_ma = tl.load(ROWS + MAX_A * N + o_n, mask=m_n, other=0.0)
     b_lla = tl.load(ROWS + SUM_A * N + o_n, mask=m_n, other=0.0)
     b_mb = tl.load(ROWS + MAX_B * N + o_n, mask=m_n, other=0.0)
@@ -72,8 +74,8 @@ def kd_backward_kernel(
             b_label = tl.load(LABELS + o_n, mask=m_n, other=-1)
             b_onehot = tl.where(o_v[None, :] == b_label[:, None], 1.0, 0.0)
             b_ds += hard_weight * (tl.exp((b_s - b_mc[:, None]) - b_llc[:, None]) - b_onehot)
-        b_ds = b_ds * b_g[:, None]
+        b_ds = b_ds * b_g[:, None] * transform_derivative(b_s, s_scale, s_cap, HAS_CAP=S_CAP)
         tl.store(DZS + o_n[:, None] * stride_dzs + o_out, b_ds.to(DZS.dtype.element_ty), mask=m_out)
     if NEED_T:
-        b_dt = ((soft_weight * inv_t) * b_g)[:, None] * b_db
+        b_dt = ((soft_weight * inv_t) * b_g)[:, None] * b_db * transform_derivative(b_t, t_scale, t_cap, HAS_CAP=T_CAP)
         tl.store(DZT + o_n[:, None] * stride_dzt + o_out, b_dt.to(DZT.dtype.element_ty), mask=m_out)

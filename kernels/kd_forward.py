@@ -39,14 +39,15 @@ def _at_argmax(b_x, b_y, BLOCK_V: tl.constexpr):
 def kd_online_kernel(
     XS, WS, BS, XT, WT, BT, LABELS, STATS,
     N, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt, stride_stat,
-    tiles_per_split, inv_t,
+    tiles_per_split, inv_t, s_scale, s_cap, t_scale, t_cap,
     DIVERGENCE: tl.constexpr, HAS_HARD: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
-    FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr, FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Online statistics of one split, written to STATS[plane, token, split] (float32; planes: kd_planes.py):
 
-    a = s / T, b = t / T (s, t: student, teacher logits). Running maxima m and rescaled sums l give
+    a = s / T, b = t / T (s, t: student, teacher logits, each after its side's transform: scale, then the
+    cap where S_CAP / T_CAP; common.transform). Running maxima m and rescaled sums l give
         MAX_A, SUM_A: m_a, l_a   lse(a) = m_a + log l_a
         MAX_B, SUM_B: m_b, l_b   lse(b) = m_b + log l_b
         ACC:    forward_kl  acc = sum_v e^(b - m_b) ((b - m_b) - (a - a_at)),  a_at = a at argmax b
@@ -78,6 +79,7 @@ def kd_online_kernel(
     for i_t in range(t_start, t_end):
         o_v, m_v, b_s, b_t = student_teacher_tiles(  # b_s, b_t: [BLOCK_N, BLOCK_V]
             XS, WS, BS, XT, WT, BT, o_n, m_n, i_t * BLOCK_V, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt,
+            s_scale, s_cap, t_scale, t_cap, S_CAP=S_CAP, T_CAP=T_CAP,
             FROM_LOGITS=FROM_LOGITS, HAS_BIAS_S=HAS_BIAS_S, HAS_BIAS_T=HAS_BIAS_T, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
             BLOCK_D=BLOCK_D, UPCAST=UPCAST, PRECISION=PRECISION)
         b_a = tl.where(m_v[None, :], b_s * inv_t, NEG)
@@ -126,9 +128,9 @@ def kd_online_kernel(
 def kd_terms_kernel(
     XS, WS, BS, XT, WT, BT, ROWS, PARTIAL,
     N, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt, stride_stat,
-    tiles_per_split, inv_t, lw_p, lw_q,
+    tiles_per_split, inv_t, lw_p, lw_q, s_scale, s_cap, t_scale, t_cap,
     DIVERGENCE: tl.constexpr, HAS_BIAS_S: tl.constexpr, HAS_BIAS_T: tl.constexpr,
-    FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr, FROM_LOGITS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Second forward pass of the mixture divergences (jsd, skew_forward_kl, skew_reverse_kl).
@@ -151,6 +153,7 @@ def kd_terms_kernel(
     for i_t in range(t_start, t_end):
         o_v, m_v, b_s, b_t = student_teacher_tiles(  # b_s, b_t: [BLOCK_N, BLOCK_V]
             XS, WS, BS, XT, WT, BT, o_n, m_n, i_t * BLOCK_V, V, DS, DT, stride_xs, stride_ws, stride_xt, stride_wt,
+            s_scale, s_cap, t_scale, t_cap, S_CAP=S_CAP, T_CAP=T_CAP,
             FROM_LOGITS=FROM_LOGITS, HAS_BIAS_S=HAS_BIAS_S, HAS_BIAS_T=HAS_BIAS_T, BLOCK_N=BLOCK_N, BLOCK_V=BLOCK_V,
             BLOCK_D=BLOCK_D, UPCAST=UPCAST, PRECISION=PRECISION)
         b_lq = (b_s * inv_t - b_ma[:, None]) - b_lla[:, None]

@@ -5,19 +5,23 @@ model's own logits.
 Against float64 (rule of tests/helpers.py: fused error <= same-dtype eager error + tol) for every
 divergence, the hard loss, temperature, biases, ignored tokens, both sides' gradients and one side's,
 ordinary logits and logits far past the cap; the reference's transform itself against the formula
-written out; the pair loss; the module forms; the refusals (bad values, the fused Triton kernels).
+written out; the pair loss; the module forms; bad values; the fused Triton kernels (interpreter) and
+their float32 tanh.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import promptkd
 import promptkd.kd.torch_impl
+import promptkd.kd.triton_impl
 from helpers import CPU_IMPLS, SIDES, assert_close_to_truth, linear_loss, logits_loss, make_inputs, make_labels, run
-from promptkd.kd.api import pick_kd_impl
-from promptkd.kd.settings import DIVERGENCES, KDSettings
+from promptkd.kd.settings import DIVERGENCES
+from promptkd.kernels.common import tanh
 
 
 @pytest.fixture(autouse=True)
@@ -156,13 +160,51 @@ def test_bad_transform_values_are_refused(name, value, message):
         promptkd.kd_loss(z, z, student_softcap="30")
 
 
-def test_the_fused_triton_kernels_refuse_transforms():
-    """They apply no transform yet: impl='triton' is refused by name; auto picks chunked (its row pass is
-    Triton's on CUDA), and without a transform auto still picks triton on CUDA."""
-    cuda = torch.device("cuda")
-    capped = KDSettings(teacher_softcap=30.0)
-    assert pick_kd_impl("auto", cuda, torch.float32, capped) == "chunked"
-    assert pick_kd_impl("auto", cuda, torch.float32, KDSettings()) == "triton"
-    assert pick_kd_impl("auto", torch.device("cpu"), torch.float32, capped) == "chunked"
-    with pytest.raises(ValueError, match="impl='triton' .* does not apply logit transforms"):
-        pick_kd_impl("triton", cuda, torch.float32, KDSettings(student_logit_scale=2.0))
+TRITON_CASES = [(dtype, *case) for case in TRANSFORMS[:2] for dtype in (torch.float32, torch.bfloat16)
+                if dtype == torch.float32 or case[0] == "both"]  # bfloat16 on logits of 600: both errors are noise
+
+
+@pytest.mark.parametrize("div", ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl"])
+@pytest.mark.parametrize("dtype,name,std,forms", TRITON_CASES, ids=[f"{c[1]}-{str(c[0])[6:]}" for c in TRITON_CASES])
+def test_triton_kernels_with_transforms_match_fp64(div, dtype, name, std, forms, monkeypatch):
+    """The fused kernels (Triton's interpreter here) transform each logit tile (common.transform: a float32
+    tanh without overflow) and chain the cap's derivative in backward; several vocabulary chunks."""
+    monkeypatch.setattr(promptkd.kd.triton_impl, "BACKWARD_CHUNK_BYTES", 37 * 4 * 300)
+    x = make_inputs(bias=True, logit_scale=std)
+    labels = make_labels((37,), 1001, "some")
+    kwargs = dict(divergence=div, temperature=2.0, hard_weight=0.3, beta=0.3, alpha=0.2, **forms)
+    truth = run(linear_loss, x, torch.float64, labels, impl="reference", **kwargs)
+    eager = run(linear_loss, x, dtype, labels, impl="reference", **kwargs)
+    fused = run(linear_loss, x, dtype, labels, impl="triton", **kwargs)
+    assert_close_to_truth(fused, eager, truth, dtype)
+
+
+def test_triton_kernels_on_logits_with_transforms():
+    g = torch.Generator().manual_seed(4)
+    x = {"student_logits": torch.randn(5, 301, generator=g, dtype=torch.float64) * 40,
+         "teacher_logits": torch.randn(5, 301, generator=g, dtype=torch.float64) * 40}
+    labels = make_labels((5,), 301, "none")
+    kwargs = dict(divergence="jsd", hard_weight=0.5, **TRANSFORMS[0][2])
+    truth = run(logits_loss, x, torch.float64, labels, impl="reference", **kwargs)
+    eager = run(logits_loss, x, torch.float32, labels, impl="reference", **kwargs)
+    fused = run(logits_loss, x, torch.float32, labels, impl="triton", **kwargs)
+    assert_close_to_truth(fused, eager, truth, torch.float32)
+
+
+@triton.jit
+def _apply_tanh(X, Y, N, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.store(Y + o, tanh(tl.load(X + o, mask=o < N)), mask=o < N)
+
+
+def test_the_triton_tanh_is_accurate():
+    """common.tanh against torch's in float64, over small arguments (the series), the switch at 1/8, large
+    ones and past float32's exp range: within 2 float32 ulps of 1 absolute, and relative for small ones."""
+    x = torch.cat([torch.logspace(-8, 2.5, 400), torch.tensor([0.0, 0.1249, 0.125, 0.1251, 1e4, 1e30])])
+    x = torch.cat([x, -x]).float()
+    y = torch.empty_like(x)
+    _apply_tanh[(1,)](x, y, x.numel(), BLOCK=1024)
+    want = torch.tanh(x.double())
+    assert ((y.double() - want).abs() <= 2.4e-7).all()
+    small = x.abs() < 0.125
+    assert ((y.double() - want).abs()[small] <= 2.4e-7 * want.abs()[small]).all()

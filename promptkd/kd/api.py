@@ -106,20 +106,6 @@ def _static_settings(settings: KDSettings) -> KDSettings:
     return replace(settings, **changes)
 
 
-def pick_kd_impl(impl: str, device: torch.device, dtype: torch.dtype, settings: KDSettings) -> str:
-    """:func:`promptkd.impls.pick_impl` for the KD losses: the fused Triton kernels apply no logit transform,
-    so with one set ``auto`` picks ``chunked`` (whose row pass runs in Triton on CUDA) and an explicit
-    ``triton`` is a ValueError."""
-    picked = pick_impl(impl, device, dtype)
-    if picked != "triton" or not settings.transforms:
-        return picked
-    if impl == "triton":
-        raise ValueError("impl='triton' (the fused kernels) does not apply logit transforms yet (student_logit_scale, "
-                         "teacher_logit_scale, student_softcap, teacher_softcap): use impl='chunked' (its row pass "
-                         "runs in Triton on CUDA) or 'auto'")
-    return "chunked"
-
-
 def check_float(name: str, x: torch.Tensor, dtype, device, ndim=None, cast=None):
     """``cast``: the autocast dtype (None: autocast off); x's dtype is compared as autocast_target makes it."""
     if x.dtype not in FLOATS:
@@ -172,8 +158,7 @@ def fused_linear_kd_loss(
     Cohere's ``logit_scale``, Granite's 1 / ``logits_scaling``) and ``student_softcap`` / ``teacher_softcap``
     (> 0 or None; Gemma 2's ``final_logit_softcapping``), so the loss is the one the models' own logits give.
     Gradients flow through them (the cap's derivative is scale * (1 - tanh^2): a logit far past the cap gets
-    almost none). ``chunked``, ``torch`` and ``reference`` apply them; the fused ``triton`` kernels do not yet:
-    with a transform set, ``auto`` picks ``chunked`` on CUDA too and ``impl="triton"`` is a ValueError.
+    almost none). Every implementation applies them (the fused Triton kernels in their logit tiles).
 
     Tokens whose label equals ``ignore_index`` count zero. ``reduction``: ``mean`` divides by the
     number of counted tokens (a device tensor: no host synchronisation), ``sum`` adds, ``none``
@@ -263,7 +248,7 @@ def fused_linear_kd_loss_from_settings(student_hidden, student_weight, teacher_h
                 raise ValueError(f"{name} must have shape [{v}], got {tuple(bias.shape)}")
     settings = _resolve_vocab(vs, vt, settings)
     labels = check_labels(labels, lead, settings.vocab_size, settings, device)
-    impl = pick_kd_impl(impl, device, dtype, settings)
+    impl = pick_impl(impl, device, dtype)
 
     student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = autocast_inputs(
         cast, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
@@ -320,7 +305,7 @@ def kd_loss_from_settings(student_logits, teacher_logits, labels, *, settings: K
                          f"student_logits's {tuple(lead)}")
     settings = _resolve_vocab(student_logits.shape[-1], teacher_logits.shape[-1], settings)
     labels = check_labels(labels, lead, settings.vocab_size, settings, device)
-    impl = pick_kd_impl(impl, device, dtype, settings)
+    impl = pick_impl(impl, device, dtype)
 
     student_logits, teacher_logits = student_logits.to(dtype), teacher_logits.to(dtype)  # no-ops but under autocast
     with autocast_off(device.type):

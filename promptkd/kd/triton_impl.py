@@ -49,6 +49,13 @@ def _side_args(x, w, b):
     return x, w, (x if b is None else b), x.shape[1], x.stride(0), w.stride(0), b is not None
 
 
+def _transforms(settings: KDSettings) -> tuple[tuple, dict]:
+    """The logit transforms as the kernels take them: (s_scale, s_cap, t_scale, t_cap) runtime floats (a cap of
+    1.0 where there is none: unread), and the S_CAP / T_CAP switches."""
+    (s_scale, s_cap), (t_scale, t_cap) = settings.transform("student"), settings.transform("teacher")
+    return (s_scale, s_cap or 1.0, t_scale, t_cap or 1.0), dict(S_CAP=s_cap is not None, T_CAP=t_cap is not None)
+
+
 def _combine_lse(m: torch.Tensor, sums: torch.Tensor):
     """Merge per-split (max, rescaled sum) [N, splits] into (global max, sum) [N], in a fixed order."""
     mx = m.amax(1)
@@ -79,15 +86,16 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
 
     XS, WS, BS, DS, sxs, sws, has_bs = _side_args(xs, ws, bs)
     XT, WT, BT, DT, sxt, swt, has_bt = _side_args(xt, wt, bt)
+    forms, caps = _transforms(settings)
     common = dict(FROM_LOGITS=ws is None, BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, HAS_BIAS_S=has_bs, HAS_BIAS_T=has_bt,
-                  **_compile_switches(xs))
+                  **caps, **_compile_switches(xs))
     grid = (row_blocks, splits)
     online = code if settings.divergence in ("forward_kl", "reverse_kl") else 0
     stats = launch.buffer((plane.STAT_PLANES, n, splits), torch.float32, device)
     kd_online_kernel[grid](
         XS, WS, BS, XT, WT, BT, XS if labels is None else labels, stats,
-        n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t,
+        n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t, *forms,
         DIVERGENCE=online, HAS_HARD=settings.has_hard, **common)
     stat = stats.unbind(0)  # per split
     rows = launch.buffer((plane.GRAD, n), torch.float32, device)  # per token: all planes but GRAD (backward's)
@@ -109,7 +117,7 @@ def _forward(xs, ws, bs, xt, wt, bt, labels, settings: KDSettings):
         partial = launch.buffer((plane.TERM_PLANES, n, splits), torch.float32, device)
         kd_terms_kernel[grid](
             XS, WS, BS, XT, WT, BT, rows, partial,
-            n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t, lw_p, lw_q,
+            n, vocab, DS, DT, sxs, sws, sxt, swt, n * splits, tiles_per_split, inv_t, lw_p, lw_q, *forms,
             DIVERGENCE=code, **common)
         term = partial.sum(2).unbind(0)
         div, cp, cq = term[plane.F_SUM], term[plane.GP_SUM], term[plane.GQ_SUM]
@@ -165,6 +173,7 @@ def triton_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, rows, settings: KD
     rows = torch.cat([rows, row_scale(grad_out, labels, settings, n, torch.float32)[None]])  # the last plane, GRAD
     cfg = configs.pick("backward", xs.element_size(), n)
     lw_p, lw_q = settings.mix_log_weights
+    forms, caps = _transforms(settings)
     XS, WS, BS, DS, sxs, sws, has_bs = _side_args(xs, ws, bs)
     XT, WT, BT, DT, sxt, swt, has_bt = _side_args(xt, wt, bt)
     if from_logits:
@@ -190,8 +199,8 @@ def triton_backward(grad_out, xs, ws, bs, xt, wt, bt, labels, rows, settings: KD
             XS if cs is None else cs, XS if ct is None else ct,
             n, vocab, DS, DT, sxs, sws, sxt, swt,
             0 if cs is None else cs.stride(0), 0 if ct is None else ct.stride(0),
-            v0, v1, 1.0 / settings.temperature, lw_p, lw_q, settings.soft_weight, settings.hard_weight,
-            DIVERGENCE=DIVERGENCE_CODES[settings.divergence], HAS_HARD=settings.has_hard,
+            v0, v1, 1.0 / settings.temperature, lw_p, lw_q, settings.soft_weight, settings.hard_weight, *forms,
+            DIVERGENCE=DIVERGENCE_CODES[settings.divergence], HAS_HARD=settings.has_hard, **caps,
             HAS_BIAS_S=has_bs, HAS_BIAS_T=has_bt, NEED_S=need_s, NEED_T=need_t, FROM_LOGITS=from_logits,
             BLOCK_N=cfg.block_n, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **_compile_switches(xs))
