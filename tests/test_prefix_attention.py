@@ -355,6 +355,32 @@ def test_large_scores_and_custom_scale():
     assert err(fused["out"], truth["out"]) < 1e-5
 
 
+@pytest.mark.parametrize("impl", ["torch", "auto"])
+def test_softcapped_scores_match_fp64(impl):
+    """softcap: the scores scale * q . k capped as c * tanh(s / c) (tight, so it matters) against float64 and
+    against the cap applied by hand to explicitly computed attention (prefix, padding and GQA included)."""
+    case = CASES[1]
+    inputs = make_inputs(*case[:7])
+    inputs["q"] *= 4
+    kwargs = dict(_kwargs(case), softcap=2.0)
+    truth = run(inputs, torch.float64, "reference", **kwargs)
+    eager = run(inputs, torch.float32, "reference", **kwargs)
+    fused = run(inputs, torch.float32, impl, **kwargs)
+    assert_close_to_truth(fused, eager, truth, torch.float32)
+    uncapped = run(inputs, torch.float64, "reference", **_kwargs(case))
+    assert err(uncapped["out"], truth["out"]) > 1e-2, "the cap changed nothing: the test could not fail"
+    # The cap by hand: one sample, no prefix groups, attention written out.
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) * 2 for _ in range(3))
+    pk, pv = (torch.randn(1, 2, 3, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    keys, values = torch.cat([pk, k], 2), torch.cat([pv, v], 2)
+    scores = 2.0 * torch.tanh((q @ keys.transpose(-1, -2)) * 8 ** -0.5 / 2.0)
+    allowed = torch.ones(5, 8, dtype=torch.bool).tril(3)
+    want = torch.softmax(scores.masked_fill(~allowed, float("-inf")), -1) @ values
+    got = prefix_attention(q, k, v, pk, pv, softcap=2.0, impl="torch")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 # Bad input: a ValueError / TypeError naming the argument.
 def _bad_cases():
     base = {name: x.float() for name, x in make_inputs(2, 2, 3, 5, 4, 2, 8).items()}
@@ -381,6 +407,9 @@ def _bad_cases():
     yield "mask-type", base, dict(key_padding_mask=[[True] * 5] * 2), "key_padding_mask"
     yield "scale-negative", base, dict(scale=-1.0), "scale"
     yield "scale-tensor", base, dict(scale=torch.tensor(0.5)), "scale"
+    yield "softcap-zero", base, dict(softcap=0.0), "softcap"
+    yield "softcap-str", base, dict(softcap="50"), "softcap"
+    yield "softcap-triton", base, dict(softcap=50.0, impl="triton"), "impl='triton' has no attention-score softcap"
     yield "impl", base, dict(impl="cuda"), "impl"
     yield "impl-triton-fp64", {n: x.double() for n, x in base.items()}, dict(impl="triton"), "impl"
     wide = {name: x.float() for name, x in make_inputs(1, 1, 2, 3, 2, 2, 160).items()}

@@ -381,21 +381,36 @@ def test_bad_arguments():
         teacher(ids[0])
 
 
-def test_softcaps_and_short_sliding_windows_are_refused():
-    """What prefix attention and the losses do not implement is refused by name, never computed without:
-    Gemma 2's attention-score and final-logit softcaps, and a sliding window shorter than the keys a
-    query sees (prompt included); a window that covers them runs (the PEFT comparison above)."""
-    with pytest.raises(ValueError, match="attn_logit_softcapping=50"):
-        PromptedTeacher(tiny_decoder("gemma2", attn_logit_softcapping=50.0, **SMALL), P, init="random")
+@pytest.mark.parametrize("padding", ["none", "right"])
+def test_gemma2_attention_softcap_matches_peft(padding):
+    """Gemma 2's attention-score softcap (tight, so it matters) through prefix attention (auto: the torch path
+    computes capped scores), against PEFT's prompt tuning on the model's own attention; the cap changes the
+    logits (the comparison could fail)."""
+    changes = dict(attn_logit_softcapping=0.5, initializer_range=0.5)
+    twin_model = tiny_decoder("gemma2", **SMALL, **changes)
+    config = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=P)
+    twin = peft.get_peft_model(twin_model, config).eval()
+    twin_prompt = twin.prompt_encoder["default"].embedding.weight
+    teacher = PromptedTeacher(tiny_decoder("gemma2", **SMALL, **changes), P, init_embeddings=twin_prompt.detach())
+    ids, mask = batch(padding)
+    out = teacher(ids, mask, return_logits=True).logits
+    ref = twin(input_ids=ids, attention_mask=mask).logits[:, P:]
+    real = torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool()
+    assert rel(out[real], ref[real]) < 1e-5
+    out[real].logsumexp(-1).sum().backward()
+    ref[real].logsumexp(-1).sum().backward()
+    assert rel(teacher.soft_prompt.grad, twin_prompt.grad) < 1e-4
+    uncapped = PromptedTeacher(tiny_decoder("gemma2", **SMALL, initializer_range=0.5), P,
+                               init_embeddings=twin_prompt.detach())
+    assert rel(uncapped(ids, mask, return_logits=True).logits[real], ref[real]) > 1e-3
+
+
+def test_final_softcaps_and_short_sliding_windows_are_refused():
+    """What the prompted teacher does not implement is refused by name, never computed without: a final-logit
+    softcap (its outputs are hidden states and a head), and a sliding window shorter than the keys a query
+    sees (prompt included); a window that covers them runs (the PEFT comparison above)."""
     with pytest.raises(ValueError, match="final_logit_softcapping=30"):
         PromptedTeacher(tiny_decoder("gemma2", final_logit_softcapping=30.0, **SMALL), P, init="random")
-    model = tiny_decoder("gemma2", attn_logit_softcapping=50.0, **SMALL)
-    model.config.attn_logit_softcapping = None  # past the constructor's check: the attention call refuses it too
-    teacher = PromptedTeacher(model, P, init="random")
-    for layer in model.model.layers:
-        layer.self_attn.attn_logit_softcapping = 50.0
-    with pytest.raises(ValueError, match="softcap"):
-        teacher(*batch("right"))
     teacher = PromptedTeacher(tiny_decoder("gemma3_text", sliding_window=17, **SMALL), P, init="random")
     ids, mask = batch("right", n=10)
     teacher(ids, mask)  # 7 prompt tokens + 10 = 17 keys: the window covers them all

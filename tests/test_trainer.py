@@ -207,7 +207,8 @@ def test_newer_families_train(setup, tmp_path, family):
 def test_kd_and_sft_on_a_gemma2_pair_are_the_losses_of_their_own_logits(setup, tmp_path):
     """A Gemma 2 teacher and student with their final-logit softcaps (tight ones, so they matter) and the
     teacher's attention softcap: the trainer reads the caps from the configs, and its kd loss (soft and hard
-    terms) and sft cross-entropy equal those computed in float64 from the models' own logits."""
+    terms), sft cross-entropy and promptkd prompt loss equal those computed in float64 from the models' own
+    logits (the prompted teacher's without the prompt equal to the model's)."""
     pair = family_pair(setup, tmp_path, "gemma2", student_changes=dict(final_logit_softcapping=0.8,
                                                                        initializer_range=0.5),
                        final_logit_softcapping=0.5, attn_logit_softcapping=50.0, initializer_range=0.5)
@@ -235,10 +236,33 @@ def test_kd_and_sft_on_a_gemma2_pair_are_the_losses_of_their_own_logits(setup, t
     torch.testing.assert_close(linear_cross_entropy(student, labels).double(), ce, rtol=1e-5, atol=1e-6)
     uncapped = linear_cross_entropy(LMOutput(student.hidden, student.weight, student.bias), labels)
     assert abs(uncapped.item() - ce.item()) > 0.1, "the cap did not matter: the test could not fail"
-    pair = family_pair(setup, tmp_path / "attn", "gemma2", attn_logit_softcapping=50.0)
-    with pytest.raises(InputError, match="attn_logit_softcapping=50.0"):
-        Trainer(config(setup, tmp_path / "promptkd", method="promptkd", student=pair["student"],
-                       teacher=pair["teacher"]), log=lambda _: None)
+    # promptkd on the same pair: the prompted teacher's attention softcap and final softcap, the student's cap.
+    from transformers import AutoModelForCausalLM
+
+    cfg = config(setup, tmp_path / "promptkd", method="promptkd", student=pair["student"], teacher=pair["teacher"],
+                 batch_size=3, max_steps=5, prompt_reg=0.7)
+    trainer = Trainer(cfg, log=lambda _: None)
+    batch, _ = trainer.distill.batch(*trainer.distill.on_policy(examples, 2, 0))
+    counted = batch["labels"] != -100
+    prompted = trainer.prompted
+
+    def log_probs(logits):
+        return torch.log_softmax(logits.double(), -1)[counted]
+
+    def kl(log_p, log_q):
+        return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+    inputs = (batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        q = log_probs(trainer.student(input_ids=inputs[0], attention_mask=inputs[1]).logits)
+        a = log_probs(prompted(*inputs, use_prompt=False, return_logits=True).logits)
+        fresh = AutoModelForCausalLM.from_pretrained(pair["teacher"]).eval()  # its own attention implementation
+        plain = log_probs(fresh(input_ids=inputs[0], attention_mask=inputs[1]).logits)
+    torch.testing.assert_close(a, plain, rtol=1e-5, atol=1e-6)  # the model's own (capped) logits
+    p = log_probs(prompted(*inputs, return_logits=True).logits)
+    reg = 0.7 * (1 - 2 / 5)
+    eager = kl(p, q) + reg * kl(p, a)
+    torch.testing.assert_close(trainer.distill.prompt_loss(batch, reg).double(), eager, rtol=1e-5, atol=1e-6)
 
 
 def test_prompt_step_touches_only_the_prompt(setup, tmp_path):

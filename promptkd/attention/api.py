@@ -62,6 +62,7 @@ def prefix_attention(
     group_index: torch.Tensor | Sequence[int] | None = None,
     key_padding_mask: torch.Tensor | None = None,
     scale: float | None = None,
+    softcap: float | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Causal attention over a shared prefix and each sample's own keys.
@@ -79,6 +80,11 @@ def prefix_attention(
     key_padding_mask[b, j]} with g = group_index[b]:
         out[b, h, i] = sum_{j in K} softmax_j(scale * q[b, h, i] . key_j) value_j,  scale = 1/sqrt(D).
     A row with no key to attend returns zeros. P = 0 is plain causal attention.
+
+    ``softcap`` (None or > 0; Gemma 2's ``attn_logit_softcapping``): the scores scale * q . key become
+    softcap * tanh(scores / softcap) before the softmax. ``torch`` then computes the scores explicitly
+    (the reference's path: scaled_dot_product_attention has no softcap), and so does ``auto``; the Triton
+    kernels have none yet (``impl="triton"`` with a softcap is a ValueError).
 
     Gradients flow to q, k, v, prefix_k and prefix_v (whichever require grad); the prefix gradient
     is the sum over the samples using each prefix, in a fixed order (same bits on every run).
@@ -167,13 +173,25 @@ def prefix_attention(
         raise TypeError(f"scale must be a float, got {type(scale).__name__}")
     elif not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be finite and > 0, got {scale}")
+    softcap = static_float(softcap)
+    if softcap is not None:
+        if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+            raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
+        if not math.isfinite(softcap) or softcap <= 0:
+            raise ValueError(f"softcap must be finite and > 0 (or None), got {softcap}")
+        if impl == "triton":
+            raise ValueError("impl='triton' has no attention-score softcap yet: use impl='torch' (or 'auto', which "
+                             "picks it when softcap is set)")
+        if impl == "auto":
+            impl = "torch"
     impl = pick_impl(impl, device, dtype, head_dim=d)
 
     q, k, v, prefix_k, prefix_v = autocast_inputs(cast, q, k, v, prefix_k, prefix_v)
     args = (q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, float(scale))
     with autocast_off(device.type):
-        if impl == "reference":
-            return prefix_attention_reference(*args)
+        if impl == "reference" or (impl == "torch" and softcap is not None):
+            # SDPA has no score softcap: the capped torch path is the reference's explicit scores (plain autograd)
+            return prefix_attention_reference(*args, softcap=None if softcap is None else float(softcap))
         if impl == "torch":
             return prefix_attention_torch(*args)
         return prefix_attention_triton(*args)  # promptkd.attention.ops; imports triton only now

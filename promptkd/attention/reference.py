@@ -13,9 +13,10 @@ import torch
 from .masks import allowed_mask, zero_masked
 
 
-def prefix_attention_reference(q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, scale):
+def prefix_attention_reference(q, k, v, prefix_k, prefix_v, lengths, group, key_padding_mask, scale, softcap=None):
     """Output [B, Hq, N, D] in q's dtype; products in the inputs' dtype, softmax in float32 for 16-bit
-    inputs (as eager attention does). Rows that see no key give 0."""
+    inputs (as eager attention does). Rows that see no key give 0. ``softcap``: scores become
+    softcap * tanh(scores / softcap) before the mask (Gemma 2's attention softcapping)."""
     n, p = q.shape[2], prefix_k.shape[2]
     rep = q.shape[1] // k.shape[1]
     allowed = allowed_mask(group, lengths, key_padding_mask, n, p)
@@ -24,6 +25,8 @@ def prefix_attention_reference(q, k, v, prefix_k, prefix_v, lengths, group, key_
     keys = torch.cat([prefix_k[group], k], dim=2).repeat_interleave(rep, dim=1)  # [B, Hq, P+N, D]
     values = torch.cat([prefix_v[group], v], dim=2).repeat_interleave(rep, dim=1)
     scores = (q @ keys.transpose(-1, -2)) * scale  # [B, Hq, N, P+N]
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     soft_dtype = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     scores = scores.to(soft_dtype).masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(scores, dim=-1)

@@ -13,9 +13,10 @@ a layer's keywords for its recomputation):
 * absent: plain causal attention with padding, so the model keeps working for other callers.
 
 Not supported: packed sequences (position ids that restart inside a row, with no mask). Refused with
-an error: custom 4-D masks, attention dropout, attention-score softcapping (Gemma 2's
-``attn_logit_softcapping``), and a sliding window shorter than the keys a query could see, prefix
-included (the window never cuts a prefix off: a layer whose window would is refused). Only decoder families whose
+an error: custom 4-D masks, attention dropout, and a sliding window shorter than the keys a query could
+see, prefix included (the window never cuts a prefix off: a layer whose window would is refused).
+Attention-score softcapping (Gemma 2's ``attn_logit_softcapping``, the ``softcap`` keyword) is applied
+(``prefix_attention``'s ``softcap``: the torch implementation, also under ``auto`` on CUDA). Only decoder families whose
 attention modules take (module, q [B, Hq, N, D], k/v [B, Hkv, N, D], mask, scaling) and carry
 ``layer_idx`` are accepted: :data:`SUPPORTED_MODEL_TYPES`. Qwen3's and Gemma 3's q/k norms, Gemma's
 ``query_pre_attn_scalar`` and Phi-3's fused qkv projection happen before that call, inside each family's
@@ -144,11 +145,12 @@ def shared_prefix_forward(base, num_layers: int, prefix_ids: torch.Tensor, prefi
     return out.last_hidden_state
 
 
-def _cached_decode(query, key, value, padding, scaling):
+def _cached_decode(query, key, value, padding, scaling, softcap=None):
     """Queries are the last N of K keys (decoding with a KV cache): causal, aligned bottom-right.
 
     Padded keys/values and the queries of rows that see no key read as 0 and such rows return 0, so
-    whatever those positions hold (NaN, inf) influences nothing (a zero weight times NaN is NaN)."""
+    whatever those positions hold (NaN, inf) influences nothing (a zero weight times NaN is NaN).
+    ``softcap``: scores capped as softcap * tanh(scores / softcap), computed explicitly (SDPA has no cap)."""
     n, kv = query.shape[2], key.shape[2]
     mask = torch.ones(n, kv, dtype=torch.bool, device=query.device).tril(kv - n)[None, None]
     if padding is not None:
@@ -157,8 +159,16 @@ def _cached_decode(query, key, value, padding, scaling):
         mask = mask & padding[:, None, None, -kv:]
     alive = mask.any(-1, keepdim=True)  # [B, 1, N, 1]
     query = torch.where(alive, query, torch.zeros((), dtype=query.dtype, device=query.device))
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | ~alive, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask | ~alive, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+    else:
+        rep = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        scores = (query @ key.transpose(-1, -2)).float() * scale
+        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~(mask | ~alive), float("-inf"))
+        out = torch.softmax(scores, -1).to(value.dtype) @ value
     return torch.where(alive, out, torch.zeros((), dtype=out.dtype, device=out.device))
 
 
@@ -166,9 +176,6 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
                              promptkd_prefix=None, promptkd_impl="auto", sliding_window=None, softcap=None, **kwargs):
     """The attention-interface function: returns ([B, N, Hq, D], None). ``promptkd_impl`` picks the
     prefix_attention implementation (default ``auto``: the Triton kernels on CUDA)."""
-    if softcap is not None:
-        raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention has no attention-score softcapping (got softcap="
-                         f"{softcap}, Gemma 2's attn_logit_softcapping)")
     if dropout:
         raise ValueError(f"'{ATTN_IMPLEMENTATION}' attention has no attention dropout (got p={dropout}): "
                          "run the model in eval mode")
@@ -182,7 +189,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
     if key.shape[2] != query.shape[2]:
         if promptkd_prefix is not None:
             raise ValueError("a prefix cannot be combined with a KV cache")
-        out = _cached_decode(query, key, value, attention_mask, scaling)
+        out = _cached_decode(query, key, value, attention_mask, scaling, softcap)
         return out.transpose(1, 2).contiguous(), None
     padding = None if attention_mask is None else attention_mask[:, -key.shape[2]:]
     span = key.shape[2] + (0 if promptkd_prefix is None else promptkd_prefix.length)
@@ -198,7 +205,8 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         pk, pv = pk.to(key.dtype), pv.to(value.dtype)
         lengths, group = promptkd_prefix.lengths, promptkd_prefix.group_index
     out = prefix_attention(query, key, value, pk, pv, prefix_lengths=lengths, group_index=group,
-                           key_padding_mask=padding, scale=scaling, impl=promptkd_impl)
+                           key_padding_mask=padding, scale=scaling, softcap=softcap,
+                           impl="torch" if softcap is not None and promptkd_impl == "auto" else promptkd_impl)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -234,9 +242,4 @@ def check_supported(model) -> str:
                          f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
     if model.get_output_embeddings() is None:
         raise ValueError(f"model: {type(model).__name__} has no output embedding; pass a *ForCausalLM model")
-    softcap = getattr(config.get_text_config(), "attn_logit_softcapping", None)
-    if softcap is not None:
-        raise ValueError(f"model: its config sets attn_logit_softcapping={softcap} (attention-score softcapping), "
-                         f"which '{ATTN_IMPLEMENTATION}' attention does not implement; a {model_type} model "
-                         f"without it is supported")
     return model_type

@@ -28,7 +28,7 @@ from .attention import (
     register,
     shared_prefix_forward,
 )
-from .models import check_linear_logits, output_head
+from .models import check_linear_logits, logit_transform, output_head
 
 DEFAULT_INIT_TEXT = "Suppose you are a student."
 INITS = ("text", "pad", "random")
@@ -41,14 +41,17 @@ class TeacherOutput:
     """What the distillation losses need (see :func:`promptkd.fused_linear_kd_loss`).
 
     hidden_states [B, N, H]: final hidden states at the input positions (not the prompt's);
-    output_weight [V, H] and output_bias [V] or None: the output embedding, logits = h @ W.T + b;
-    logits [B, N, V] only when asked for.
+    output_weight [V, H] and output_bias [V] or None: the output embedding, logits = h @ W.T + b, then
+    ``logit_transform`` (scale, softcap) where the model has one (a fused loss takes it as
+    ``teacher_logit_scale`` / ``teacher_softcap``; only with ``allow_logit_transform=True``);
+    logits [B, N, V] (transformed) only when asked for.
     """
 
     hidden_states: torch.Tensor
     output_weight: torch.Tensor
     output_bias: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    logit_transform: tuple[float, float | None] = (1.0, None)
 
 
 def _layer_count(model) -> int:
@@ -85,7 +88,10 @@ class PromptedTeacher(nn.Module):
     ``gradient_checkpointing=True`` recomputes each decoder layer in backward (non-reentrant
     checkpoints; the prefix is read-only, so the recomputation reads what the forward read).
     ``attention_impl`` is the :func:`promptkd.prefix_attention` implementation its layers use
-    (``auto``: the Triton kernels on CUDA, ``torch`` elsewhere).
+    (``auto``: the Triton kernels on CUDA, ``torch`` elsewhere; ``torch`` for a layer with an attention
+    softcap, Gemma 2's). A model whose logits are transformed after its head (Gemma 2's final softcap:
+    :func:`promptkd.hf.models.logit_transform`) is refused unless ``allow_logit_transform=True``, since its
+    outputs are hidden states and a head; then the output's ``logit_transform`` must reach the loss.
 
     ``forward(input_ids, attention_mask)`` returns a :class:`TeacherOutput`. Positions continue after
     the prompt (P, P + 1, ...), as with concatenation; with an ``attention_mask`` each sample's
@@ -96,7 +102,8 @@ class PromptedTeacher(nn.Module):
 
     def __init__(self, model: nn.Module, num_prompt_tokens: int = 7, *, init: str = "text",
                  init_text: str = DEFAULT_INIT_TEXT, tokenizer=None, init_embeddings: torch.Tensor | None = None,
-                 gradient_checkpointing: bool = False, attention_impl: str = "auto"):
+                 gradient_checkpointing: bool = False, attention_impl: str = "auto",
+                 allow_logit_transform: bool = False):
         super().__init__()
         from ..impls import ATTENTION_IMPLS
 
@@ -104,7 +111,11 @@ class PromptedTeacher(nn.Module):
             raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
         self.attention_impl = attention_impl
         self.model_type = check_supported(model)
-        check_linear_logits("model", model.config, "PromptedTeacher (its outputs are hidden states and a head)")
+        self.logit_transform = logit_transform("model", model.config)
+        if not allow_logit_transform:
+            check_linear_logits("model", model.config, "PromptedTeacher without allow_logit_transform=True (its "
+                                "outputs are hidden states and a head: the loss must then apply "
+                                "TeacherOutput.logit_transform)")
         if isinstance(num_prompt_tokens, bool) or not isinstance(num_prompt_tokens, int) or num_prompt_tokens < 1:
             raise ValueError(f"num_prompt_tokens must be an int >= 1, got {num_prompt_tokens!r}")
         if init not in INITS:
@@ -228,8 +239,12 @@ class PromptedTeacher(nn.Module):
                                            position_ids=positions, use_cache=False, promptkd_prefix=prefix,
                                            promptkd_impl=self.attention_impl).last_hidden_state
         weight, bias = output_head(self.model)
-        logits = torch.nn.functional.linear(hidden, weight, bias) if return_logits else None
-        return TeacherOutput(hidden, weight, bias, logits)
+        logits = None
+        if return_logits:
+            from ..kd.reference import transform_logits
+
+            logits = transform_logits(torch.nn.functional.linear(hidden, weight, bias), *self.logit_transform)
+        return TeacherOutput(hidden, weight, bias, logits, self.logit_transform)
 
     # ---- saving and loading as a PEFT prompt-tuning adapter ----
 

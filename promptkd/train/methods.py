@@ -47,7 +47,6 @@ from ..hf.models import (
     linear_cross_entropy,
     lm_hidden,
     load_model,
-    logit_transform,
     probe_logits,
 )
 from ..impls import pick_impl
@@ -115,7 +114,8 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
             raise InputError(f"promptkd: the teacher's {e}") from None
         prompted = PromptedTeacher(teacher, cfg.prompt_length, init="text", init_text=cfg.prompt_init_text,
                                    tokenizer=teacher_tokenizer or tokenizer,
-                                   gradient_checkpointing=cfg.gradient_checkpointing, attention_impl=cfg.attention_impl)
+                                   gradient_checkpointing=cfg.gradient_checkpointing, attention_impl=cfg.attention_impl,
+                                   allow_logit_transform=True)
         if resume_from:
             prompted.load_prompt(os.path.join(resume_from, "prompt"))
     if cfg.fsdp:
@@ -231,8 +231,7 @@ class Distillation:
                              self.cfg.attention_impl)
         out = self.prompted(batch["input_ids"], batch["attention_mask"], use_prompt=prompted,
                             shared_prefix=self._shared(batch))
-        return LMOutput(out.hidden_states, out.output_weight, out.output_bias,
-                        logit_transform("teacher", self.teacher_model.config))
+        return LMOutput(out.hidden_states, out.output_weight, out.output_bias, out.logit_transform)
 
     def _cast(self, x):
         return None if x is None else x.to(self.dtype)
