@@ -294,6 +294,19 @@ def test_cached_generation_still_works_on_the_wrapped_model():
                        plain.generate(ids, attention_mask=mask, **kw))
 
 
+def test_cached_generation_with_an_attention_softcap():
+    """Gemma 2's attention softcap (tight) in decoding with a KV cache through the wrapped model's attention
+    (explicit capped scores) gives the plain model's greedy tokens and step logits."""
+    plain = tiny_decoder("gemma2", attn_logit_softcapping=0.5, initializer_range=0.5, **SMALL)
+    teacher = PromptedTeacher(copy.deepcopy(plain), P, init="random")
+    ids, mask = batch("left")
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    ours, theirs = (m.generate(ids, attention_mask=mask, **kw) for m in (teacher.model, plain))
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.logits, theirs.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_cached_decoding_ignores_what_padded_positions_hold():
     """Decoding with a KV cache (queries are the last N of K keys): NaN and inf in padded keys/values and
     in the queries of rows that see no key change nothing, and those rows return 0."""
