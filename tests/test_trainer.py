@@ -192,13 +192,15 @@ def family_pair(setup, root, family: str, student_changes=None, **teacher_change
 def test_newer_families_train(setup, tmp_path, family):
     """promptkd with shared prefixes (the prompted teacher and both models' attention through prefix
     attention, the student's samples) on a teacher and a student of each newer family: finite losses,
-    a student that changed."""
+    a student that changed, a validation pass (generation)."""
     pair = family_pair(setup, tmp_path, family)
     cfg = config(setup, tmp_path / "run", method="promptkd", student=pair["student"], teacher=pair["teacher"],
-                 num_samples=2, share_prefix=True, max_steps=2, max_new_tokens=4)
+                 num_samples=2, share_prefix=True, max_steps=2, max_new_tokens=4, valid_file=setup["valid"],
+                 eval_interval=2, eval_max_new_tokens=4, max_valid_examples=2)
     run_dir = train(cfg, log=lambda _: None)
     lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
     assert [x["step"] for x in lines] == [1, 2]
+    assert "valid/rougeL" in lines[1]  # evaluation generates with the family's own model
     assert all(torch.isfinite(torch.tensor([x["train/loss"], x["prompt/loss"]])).all() for x in lines)
     start = load_file(os.path.join(pair["student"], "model.safetensors"))
     assert any(not torch.equal(start[k], v) for k, v in weights(run_dir).items()), "the student did not change"
