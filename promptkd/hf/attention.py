@@ -205,8 +205,7 @@ def prefix_attention_forward(module, query, key, value, attention_mask, scaling=
         pk, pv = pk.to(key.dtype), pv.to(value.dtype)
         lengths, group = promptkd_prefix.lengths, promptkd_prefix.group_index
     out = prefix_attention(query, key, value, pk, pv, prefix_lengths=lengths, group_index=group,
-                           key_padding_mask=padding, scale=scaling, softcap=softcap,
-                           impl="torch" if softcap is not None and promptkd_impl == "auto" else promptkd_impl)
+                           key_padding_mask=padding, scale=scaling, softcap=softcap, impl=promptkd_impl)
     return out.transpose(1, 2).contiguous(), None
 
 
