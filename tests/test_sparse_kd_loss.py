@@ -328,17 +328,20 @@ def test_opcheck_sparse_ops():
     h, w, b = (x[k].float().requires_grad_() for k in ("student_hidden", "student_weight", "student_bias"))
     labels = torch.tensor([3, -100, 0, 10, 7, -100])
     ids, lp = ids.reshape(6, 3), lp.reshape(6, 3)
-    for impl, reduction in (("chunked", "mean"), ("torch", "none")):
-        settings = (True, 2.0, 0.7, 0.3, -100, reduction, 11)
+    for impl, reduction, transform in (("chunked", "mean", (1.0, 0.0)), ("torch", "none", (1.3, 2.0)),
+                                       ("chunked", "sum", (0.7, 1.5))):
+        settings = (True, 2.0, 0.7, 0.3, -100, reduction, 11, *transform)
         grads = [impl == "chunked"] * 3
         torch.library.opcheck(ops.sparse_kd_loss_op, (h, w, b, ids, lp, labels, None, *settings, impl, grads))
         grad = torch.rand(6 if reduction == "none" else ()) + 0.5
         torch.library.opcheck(ops.sparse_kd_loss_backward_op, (grad, h.detach(), w.detach(), b.detach(), ids, lp,
                                                                labels, None, *settings, impl, [True, False, True]))
     torch.library.opcheck(ops.checked_sparse_targets, (ids, lp, 11, 1e-4))
-    torch.library.opcheck(ops.linear_topk_op, (h.detach(), w.detach(), b.detach(), 4, 1.5, 11, 0, None, None))
+    torch.library.opcheck(ops.linear_topk_op, (h.detach(), w.detach(), b.detach(), 4, 1.5, 11, 0, None, None, 1.0,
+                                               0.0))
     keys, counters = torch.full((6,), 3), torch.arange(6)
-    torch.library.opcheck(ops.linear_topk_op, (h.detach(), w.detach(), None, 5, 1.0, 11, 4, keys, counters))
+    torch.library.opcheck(ops.linear_topk_op, (h.detach(), w.detach(), None, 5, 1.0, 11, 4, keys, counters, 1.2,
+                                               0.5))
 
 
 @pytest.mark.gpu

@@ -21,20 +21,28 @@ from .settings import SUM_TOLERANCE, SparseKDSettings
 #: The values of the sparse loss's ``impl=``: ``auto`` is ``chunked`` on every device (CUDA included: torch's
 #: GEMMs per chunk, the row pass in torch ops there).
 SPARSE_IMPLS = ("auto", "reference", "chunked", "torch")
-FLOAT_SETTINGS = ("temperature", "soft_weight", "hard_weight")
+FLOAT_SETTINGS = ("temperature", "soft_weight", "hard_weight", "student_logit_scale")
 
 
-def _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size) -> SparseKDSettings:
+def _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size,
+              student_logit_scale=1.0, student_softcap=None) -> SparseKDSettings:
     if torch.compiler.is_compiling():
-        temperature, soft_weight, hard_weight = map(static_float, (temperature, soft_weight, hard_weight))
+        temperature, soft_weight, hard_weight, student_logit_scale = map(
+            static_float, (temperature, soft_weight, hard_weight, student_logit_scale))
+        if student_softcap is not None:
+            student_softcap = static_float(student_softcap)
     return SparseKDSettings(tail=tail, temperature=temperature, soft_weight=soft_weight, hard_weight=hard_weight,
-                            ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size)
+                            ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                            student_logit_scale=student_logit_scale, student_softcap=student_softcap)
 
 
 def _static_settings(settings: SparseKDSettings) -> SparseKDSettings:
     if not torch.compiler.is_compiling():
         return settings
-    return replace(settings, **{name: static_float(getattr(settings, name)) for name in FLOAT_SETTINGS})
+    fields = {name: static_float(getattr(settings, name)) for name in FLOAT_SETTINGS}
+    if settings.student_softcap is not None:
+        fields["student_softcap"] = static_float(settings.student_softcap)
+    return replace(settings, **fields)
 
 
 def pick_sparse_impl(impl: str) -> str:
@@ -94,7 +102,7 @@ def fused_linear_sparse_kd_loss(
     teacher_logprobs: torch.Tensor, labels: torch.Tensor | None = None, *, tail: bool = True,
     temperature: float = 1.0, soft_weight: float = 1.0, hard_weight: float = 0.0, ignore_index: int = -100,
     reduction: str = "mean", student_bias: torch.Tensor | None = None, vocab_size: int | None = None,
-    impl: str = "auto",
+    student_logit_scale: float = 1.0, student_softcap: float | None = None, impl: str = "auto",
 ) -> torch.Tensor:
     """Distillation loss on sparse teacher targets, straight from the student's hidden states and output weight.
 
@@ -123,6 +131,12 @@ def fused_linear_sparse_kd_loss(
     reductions, ``vocab_size`` (how many leading rows of the weight are real tokens) and the "no T^2 factor" rule
     exactly as :func:`promptkd.fused_linear_kd_loss`. The result is float32 (float64 for float64 inputs).
 
+    ``student_logit_scale`` (> 0) and ``student_softcap`` (> 0 or None): the student model's own logit transform,
+    as in :func:`promptkd.fused_linear_kd_loss`: the logits above are ``softcap * tanh(scale * z / softcap)`` of
+    z = hidden @ weight.T + bias (``scale * z`` without a cap), the cross-entropy's included, and the gradients
+    flow through it. (The teacher's transform is already in its targets: :func:`promptkd.fused_linear_topk`'s
+    ``logit_scale`` / ``softcap``.)
+
     Targets are checked before any work: ids outside [0, vocab_size) other than -1, an id repeated within a
     token, a NaN log-probability, or probabilities summing above 1 + tolerance (1e-4 for float32
     log-probabilities, 2e-2 for float16, 5e-2 for bfloat16: they were rounded) raise a ValueError naming the
@@ -138,7 +152,8 @@ def fused_linear_sparse_kd_loss(
     ``auto`` (``chunked``, on every device). The row pass runs in native C++ on the CPU (``promptkd info``),
     in torch ops elsewhere.
     """
-    settings = _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size)
+    settings = _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size,
+                         student_logit_scale, student_softcap)
     return fused_linear_sparse_kd_loss_from_settings(student_hidden, student_weight, teacher_ids, teacher_logprobs,
                                                      labels, student_bias, settings=settings, impl=impl)
 
@@ -204,14 +219,16 @@ def sparse_kd_loss(
     student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
     labels: torch.Tensor | None = None, *, tail: bool = True, temperature: float = 1.0, soft_weight: float = 1.0,
     hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean", vocab_size: int | None = None,
-    impl: str = "auto",
+    student_logit_scale: float = 1.0, student_softcap: float | None = None, impl: str = "auto",
 ) -> torch.Tensor:
     """The loss of :func:`fused_linear_sparse_kd_loss` on student logits you already have ([..., V]).
 
     Same formulas, keywords, target and label rules; the gradient goes to the logits when they require grad.
-    Autocast leaves the logits in their dtype (the loss is computed in float32 anyway).
+    ``student_logit_scale`` / ``student_softcap`` transform the given logits first (for logits taken before a
+    model's own transform). Autocast leaves the logits in their dtype (the loss is computed in float32 anyway).
     """
-    settings = _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size)
+    settings = _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size,
+                         student_logit_scale, student_softcap)
     return sparse_kd_loss_from_settings(student_logits, teacher_ids, teacher_logprobs, labels, settings=settings,
                                         impl=impl)
 

@@ -20,11 +20,13 @@ class FusedLinearSparseKDLoss(nn.Module):
 
     def __init__(self, *, tail: bool = True, temperature: float = 1.0, soft_weight: float = 1.0,
                  hard_weight: float = 0.0, ignore_index: int = -100, reduction: str = "mean",
-                 vocab_size: int | None = None, impl: str = "auto"):
+                 vocab_size: int | None = None, student_logit_scale: float = 1.0, student_softcap: float | None = None,
+                 impl: str = "auto"):
         super().__init__()
         self.settings = SparseKDSettings(tail=tail, temperature=temperature, soft_weight=soft_weight,
                                          hard_weight=hard_weight, ignore_index=ignore_index, reduction=reduction,
-                                         vocab_size=vocab_size)
+                                         vocab_size=vocab_size, student_logit_scale=student_logit_scale,
+                                         student_softcap=student_softcap)
         self.impl = impl
 
     def forward(self, student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_ids: torch.Tensor,

@@ -3,12 +3,14 @@
     promptkd::sparse_kd_loss(x, w?, b?, ids, lp, labels?, bad?, *settings, impl, grads) -> (loss, dx, dw, db)
     promptkd::sparse_kd_loss_backward(grad, x, w?, b?, ids, lp, labels?, bad?, *settings, impl, need) -> (dx, dw, db)
     promptkd::checked_sparse_targets(ids, lp, vocab_size, tolerance) -> ids
-    promptkd::linear_topk(x, w?, b?, k, temperature, vocab_size, samples, keys?, counters?) -> (ids, lp)
+    promptkd::linear_topk(x, w?, b?, k, temperature, vocab_size, samples, keys?, counters?, logit_scale,
+                          softcap) -> (ids, lp)
 
 Inputs as ``promptkd.sparse.torch_impl`` takes them (flattened; the weight None for logits; ``bad`` the rows
 with unusable targets, off the CPU). ``settings``: the
 fields of a resolved ``SparseKDSettings`` (tail, temperature, soft_weight, hard_weight, ignore_index,
-reduction, vocab_size); ``impl``: ``chunked`` or ``torch``; ``grads`` [3]: the inputs whose gradients the
+reduction, vocab_size, student_logit_scale, student_softcap; a softcap of 0.0 stands for None, in
+``linear_topk`` too); ``impl``: ``chunked`` or ``torch``; ``grads`` [3]: the inputs whose gradients the
 forward computes (the chunked strategy), empty tensors elsewhere. ``checked_sparse_targets`` is the CPU check
 of the targets under compile (the real op raises the eager ValueError; marked side-effectful).
 
@@ -51,15 +53,20 @@ torch.fx.node.has_side_effect(torch.ops.promptkd.checked_sparse_targets.default)
 
 
 def settings_args(settings: SparseKDSettings) -> tuple:
+    """A resolved ``SparseKDSettings`` as the ops' plain arguments (a softcap of None is 0.0; floats constant
+    under compile)."""
     floats = (settings.temperature, settings.soft_weight, settings.hard_weight)
+    transform = (settings.student_logit_scale, settings.student_softcap or 0.0)
     if torch.compiler.is_compiling():
-        floats = tuple(map(static_float, floats))
-    return (settings.tail, *floats, settings.ignore_index, settings.reduction, settings.vocab_size)
+        floats, transform = tuple(map(static_float, floats)), tuple(map(static_float, transform))
+    return (settings.tail, *floats, settings.ignore_index, settings.reduction, settings.vocab_size, *transform)
 
 
 @functools.lru_cache(maxsize=256)
 def _settings(*args) -> SparseKDSettings:
-    return SparseKDSettings(*args)
+    """The ``SparseKDSettings`` of :func:`settings_args`' values (a softcap of 0.0 is None)."""
+    *head, student_softcap = args
+    return SparseKDSettings(*head, student_softcap=student_softcap or None)
 
 
 def _empty(x: Tensor) -> Tensor:
@@ -75,10 +82,11 @@ def _compute(x, w, b, ids, lp, labels, bad, fields: tuple, grads) -> tuple[Tenso
 
 def _forward(x: Tensor, w: Tensor | None, b: Tensor | None, ids: Tensor, lp: Tensor, labels: Tensor | None,
              bad: Tensor | None, tail: bool, temperature: float, soft_weight: float, hard_weight: float,
-             ignore_index: int, reduction: str, vocab_size: int, impl: str,
-             grads: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+             ignore_index: int, reduction: str, vocab_size: int, student_logit_scale: float, student_softcap: float,
+             impl: str, grads: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     loss, kept = _compute(x, w, b, ids, lp, labels, bad, (tail, temperature, soft_weight, hard_weight, ignore_index,
-                                                     reduction, vocab_size), grads)
+                                                     reduction, vocab_size, student_logit_scale, student_softcap),
+                          grads)
     return (loss.contiguous(), *(_empty(x) if g is None else g.contiguous() for g in kept))
 
 
@@ -87,7 +95,7 @@ sparse_kd_loss_op = torch.library.custom_op("promptkd::sparse_kd_loss", _forward
 
 @sparse_kd_loss_op.register_fake
 def _(x, w, b, ids, lp, labels, bad, tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size,
-      impl, grads):
+      student_logit_scale, student_softcap, impl, grads):
     loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=compute_dtype(x.dtype))
     kept = alloc_grads(x, w, b, grads)
     return (loss, *(_empty(x) if g is None else g.new_empty(g.shape) for g in kept))
@@ -95,9 +103,10 @@ def _(x, w, b, ids, lp, labels, bad, tail, temperature, soft_weight, hard_weight
 
 def _recompute(grad: Tensor, x: Tensor, w: Tensor | None, b: Tensor | None, ids: Tensor, lp: Tensor,
                labels: Tensor | None, bad: Tensor | None, tail: bool, temperature: float, soft_weight: float,
-               hard_weight: float, ignore_index: int, reduction: str, vocab_size: int, impl: str,
-               need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
-    settings = _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size)
+               hard_weight: float, ignore_index: int, reduction: str, vocab_size: int, student_logit_scale: float,
+               student_softcap: float, impl: str, need: Sequence[bool]) -> tuple[Tensor, Tensor, Tensor]:
+    settings = _settings(tail, temperature, soft_weight, hard_weight, ignore_index, reduction, vocab_size,
+                         student_logit_scale, student_softcap)
     out = sparse_backward(grad, x, w, b, ids, lp, labels, bad, settings, need)
     return tuple(_empty(x) if g is None else g.contiguous() for g in out)
 
@@ -107,13 +116,13 @@ sparse_kd_loss_backward_op = torch.library.custom_op("promptkd::sparse_kd_loss_b
 
 @sparse_kd_loss_backward_op.register_fake
 def _(grad, x, w, b, ids, lp, labels, bad, tail, temperature, soft_weight, hard_weight, ignore_index, reduction,
-      vocab_size, impl, need):
+      vocab_size, student_logit_scale, student_softcap, impl, need):
     return tuple(t.new_empty(t.shape) if asked else _empty(x) for t, asked in zip((x, w, b), need, strict=True))
 
 
 def _save(ctx, inputs: tuple, kept: tuple) -> None:
-    ctx.args = inputs[7:15]  # settings and impl, as the backward op takes them
-    ctx.in_forward = any(inputs[15])
+    ctx.args = inputs[7:17]  # settings and impl, as the backward op takes them
+    ctx.in_forward = any(inputs[17])
     ctx.save_for_backward(*inputs[:7], *kept)
 
 
@@ -141,7 +150,7 @@ def _backward(ctx, grad: Tensor, *unused):
         else:
             out = sparse_backward(grad, *inputs, *targets, _settings(*ctx.args[:-1]), need)
         grads = [g if asked else None for g, asked in zip(out, need, strict=True)]
-    return (*grads, *(None,) * 13)
+    return (*grads, *(None,) * 15)
 
 
 sparse_kd_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -152,7 +161,7 @@ class _SparseKDLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):
-        loss, kept = _compute(*inputs[:7], inputs[7:14], inputs[15])
+        loss, kept = _compute(*inputs[:7], inputs[7:16], inputs[17])
         _save(ctx, inputs, tuple(kept))
         return loss
 
@@ -178,25 +187,28 @@ def sparse_kd_loss(x: Tensor, w: Tensor | None, b: Tensor | None, ids: Tensor, l
 # ---- teacher targets ----
 
 def _topk_compute(x: Tensor, w: Tensor | None, b: Tensor | None, k: int, temperature: float, vocab_size: int,
-                  samples: int, keys: Tensor | None, counters: Tensor | None) -> tuple[Tensor, Tensor]:
-    return targets_forward(x, w, b, k, temperature, vocab_size, samples, keys, counters)
+                  samples: int, keys: Tensor | None, counters: Tensor | None, logit_scale: float,
+                  softcap: float) -> tuple[Tensor, Tensor]:
+    return targets_forward(x, w, b, k, temperature, vocab_size, samples, keys, counters, logit_scale, softcap or None)
 
 
 linear_topk_op = torch.library.custom_op("promptkd::linear_topk", _topk_compute, mutates_args=())
 
 
 @linear_topk_op.register_fake
-def _(x, w, b, k, temperature, vocab_size, samples, keys, counters):
+def _(x, w, b, k, temperature, vocab_size, samples, keys, counters, logit_scale, softcap):
     lp_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.new_empty((x.shape[0], k), dtype=torch.int64), x.new_empty((x.shape[0], k), dtype=lp_dtype)
 
 
 def linear_topk(x: Tensor, w: Tensor | None, b: Tensor | None, k: int, temperature: float, vocab_size: int,
-                samples: int, keys: Tensor | None, counters: Tensor | None) -> tuple[Tensor, Tensor]:
+                samples: int, keys: Tensor | None, counters: Tensor | None, logit_scale: float = 1.0,
+                softcap: float | None = None) -> tuple[Tensor, Tensor]:
     """Teacher targets of flattened inputs (``promptkd.sparse.torch_impl.targets_forward``), through the custom
     op when traced. No gradient: the results are targets."""
+    softcap = softcap or 0.0
     if tracing(x):
-        temperature = static_float(temperature)
-        return linear_topk_op(x, w, b, k, temperature, vocab_size, samples, keys, counters)
+        temperature, logit_scale, softcap = map(static_float, (temperature, logit_scale, softcap))
+        return linear_topk_op(x, w, b, k, temperature, vocab_size, samples, keys, counters, logit_scale, softcap)
     with torch.no_grad():
-        return _topk_compute(x, w, b, k, temperature, vocab_size, samples, keys, counters)
+        return _topk_compute(x, w, b, k, temperature, vocab_size, samples, keys, counters, logit_scale, softcap)

@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..kd.reference import transform_logits
 from .settings import SparseKDSettings
 
 
@@ -26,7 +27,7 @@ def sparse_kd_loss_reference(student_logits: torch.Tensor, teacher_ids: torch.Te
     """Reference of :func:`promptkd.sparse_kd_loss` on logits [..., V'] (inputs already validated; ids int64)."""
     lead = student_logits.shape[:-1]
     vocab = settings.vocab_size or student_logits.shape[-1]
-    s = student_logits[..., :vocab].reshape(-1, vocab)
+    s = transform_logits(student_logits[..., :vocab].reshape(-1, vocab), *settings.transform)
     ids = teacher_ids.reshape(s.shape[0], -1)
     valid = ids >= 0
     at = ids.clamp(min=0)

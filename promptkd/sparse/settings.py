@@ -17,7 +17,9 @@ class SparseKDSettings:
 
     Construction checks every value and raises ``ValueError`` / ``TypeError`` naming the argument.
     ``tail``: True for top-k targets (the teacher's remaining mass is one more bucket), False for sampled
-    or renormalised targets (see ``promptkd.sparse.api``).
+    or renormalised targets (see ``promptkd.sparse.api``). ``student_logit_scale`` (> 0) and ``student_softcap``
+    (> 0 or None): the student's logits z become softcap * tanh(scale * z / softcap) before the temperature, as
+    ``promptkd.KDSettings``' fields of the same names.
     """
 
     tail: bool = True
@@ -27,6 +29,8 @@ class SparseKDSettings:
     ignore_index: int = IGNORE_INDEX
     reduction: str = "mean"
     vocab_size: int | None = None
+    student_logit_scale: float = 1.0
+    student_softcap: float | None = None
 
     def __post_init__(self):
         if not isinstance(self.tail, bool):
@@ -43,6 +47,13 @@ class SparseKDSettings:
             raise ValueError(f"hard_weight must be >= 0, got {self.hard_weight}")
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        object.__setattr__(self, "student_logit_scale", number("student_logit_scale", self.student_logit_scale))
+        if self.student_logit_scale <= 0.0:
+            raise ValueError(f"student_logit_scale must be > 0, got {self.student_logit_scale}")
+        if self.student_softcap is not None:
+            object.__setattr__(self, "student_softcap", number("student_softcap", self.student_softcap))
+            if self.student_softcap <= 0.0:
+                raise ValueError(f"student_softcap must be > 0 (or None: no cap), got {self.student_softcap}")
         if self.vocab_size is not None:
             if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size, int):
                 raise TypeError(f"vocab_size must be an int or None, got {type(self.vocab_size).__name__}")
@@ -52,3 +63,8 @@ class SparseKDSettings:
     @property
     def has_hard(self) -> bool:
         return self.hard_weight > 0.0
+
+    @property
+    def transform(self) -> tuple[float, float | None]:
+        """(scale, softcap) of the student's logits (``promptkd.kd.torch_impl.transform_``)."""
+        return self.student_logit_scale, self.student_softcap

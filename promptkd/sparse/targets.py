@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ..autograd import autocast_dtype, autocast_inputs, autocast_off, autocast_target
 from ..kd.api import check_float, check_tensor
+from ..kd.reference import transform_logits
 from ..kd.settings import number
 from .ops import linear_topk
 from .reference import topk_reference
@@ -62,7 +63,7 @@ def _seeds(seed, samples: int, lead: torch.Size, n: int, device) -> tuple[torch.
 
 def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bias: torch.Tensor | None = None,
                       temperature: float = 1.0, vocab_size: int | None = None, samples: int = 0, seed=None,
-                      impl: str = "auto") -> SparseTargets:
+                      logit_scale: float = 1.0, softcap: float | None = None, impl: str = "auto") -> SparseTargets:
     """Sparse targets of a teacher from its hidden states [..., D] and output weight [V, D] (bias [V]).
 
     - ``samples=0``: the ids of the k largest logits of each row (ties to the lower id), largest first, and their
@@ -74,6 +75,11 @@ def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bia
       key ``seed`` and counter r (the flattened row); with an integer tensor ``seed`` of the leading shape, key
       ``seed[r]`` and counter 0 (rows with equal keys draw alike). Rows draw independently, and the same seed
       gives the same targets on any chunking. ``seed=None`` draws one from torch's default generator.
+
+    ``logit_scale`` (> 0) and ``softcap`` (> 0 or None): the teacher model's own logit transform (Cohere's
+    ``logit_scale``, Gemma 2's ``final_logit_softcapping``; :func:`promptkd.hf.models.logit_transform` reads
+    them from a config): the logits above are ``softcap * tanh(logit_scale * z / softcap)`` of
+    z = hidden @ weight.T + bias (``logit_scale * z`` without a cap), so the targets are the model's own.
 
     ``vocab_size``: how many leading rows of ``weight`` are real tokens (the rest, padding, are never
     chosen). Returns :class:`SparseTargets` (ids [..., k] int64; logprobs [..., k] float32, float64 for
@@ -116,6 +122,13 @@ def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bia
     temperature = number("temperature", temperature)
     if temperature <= 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    logit_scale = number("logit_scale", logit_scale)
+    if logit_scale <= 0.0:
+        raise ValueError(f"logit_scale must be > 0, got {logit_scale}")
+    if softcap is not None:
+        softcap = number("softcap", softcap)
+        if softcap <= 0.0:
+            raise ValueError(f"softcap must be > 0 (or None: no cap), got {softcap}")
     if not isinstance(impl, str) or impl not in TOPK_IMPLS:
         raise ValueError(f"impl must be one of {TOPK_IMPLS}, got {impl!r}")
     n = lead.numel()
@@ -128,10 +141,12 @@ def fused_linear_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, *, bia
         if impl == "reference":
             logits = F.linear(x, weight[:vocab], None if bias is None else bias[:vocab])
             logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+            logits = transform_logits(logits, logit_scale, softcap)
             if samples:
                 ids, lp = sample_rows(logits, samples, k, temperature, keys, counters, backend="torch")
             else:
                 ids, lp = topk_reference(logits, k, temperature)
         else:
-            ids, lp = linear_topk(x, weight, bias, k, temperature, vocab, samples, keys, counters)
+            ids, lp = linear_topk(x, weight, bias, k, temperature, vocab, samples, keys, counters, logit_scale,
+                                  softcap)
     return SparseTargets(ids.reshape(*lead, k), lp.reshape(*lead, k))

@@ -49,10 +49,12 @@ def _buffer(x: torch.Tensor, n: int, vocab: int, chunks: int) -> torch.Tensor:
     return torch.empty(min(n, chunk_rows(vocab, chunks)), vocab, dtype=kd_torch.compute_dtype(x.dtype), device=x.device)
 
 
-def targets_forward(x, w, b, k: int, temperature: float, vocab: int, samples: int, keys, counters):
+def targets_forward(x, w, b, k: int, temperature: float, vocab: int, samples: int, keys, counters,
+                    logit_scale: float = 1.0, softcap: float | None = None):
     """Teacher targets of flattened hidden states x [N, D] (logits x [N, V'] when ``w`` is None): (ids [N, k]
     int64, log-probabilities [N, k] float32, float64 for float64 inputs); top-k when ``samples`` is 0, else
-    ``samples`` draws per row with Philox keys / counters [N]."""
+    ``samples`` draws per row with Philox keys / counters [N]. Each chunk's logits are transformed first
+    (``logit_scale``, ``softcap``: ``promptkd.kd.torch_impl.transform_``), as the teacher's own are."""
     n = x.shape[0]
     lp_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     ids = torch.empty(n, k, dtype=torch.int64, device=x.device)
@@ -60,6 +62,7 @@ def targets_forward(x, w, b, k: int, temperature: float, vocab: int, samples: in
     buffer = _buffer(x, n, vocab, TARGET_CHUNKS)
     for rows in _chunks(n, vocab, TARGET_CHUNKS):
         logits = kd_torch.chunk_logits(x, w, b, rows, vocab, buffer)
+        kd_torch.transform_(logits, logit_scale, softcap, None)
         if samples:
             ids[rows], lp[rows] = sample_rows(logits, samples, k, temperature, keys[rows], counters[rows])
         else:
@@ -74,14 +77,16 @@ def _targets(labels, settings: SparseKDSettings):
 def _run_chunks(x, w, b, ids, lp, targets, scale, settings: SparseKDSettings, need, grads, per_token=None):
     n, vocab = x.shape[0], settings.vocab_size
     buffer = _buffer(x, n, vocab, LOSS_CHUNKS)
+    derivative = kd_torch.derivative_buffer(buffer, settings.transform, scale is not None and any(need))
     for rows in _chunks(n, vocab, LOSS_CHUNKS):
         logits = kd_torch.chunk_logits(x, w, b, rows, vocab, buffer)
+        factor = kd_torch.transform_(logits, *settings.transform, derivative)
         loss, grad = sparse_rows(logits, ids[rows], lp[rows], None if targets is None else targets[rows],
                                  None if scale is None else scale[rows], settings)
         if per_token is not None:
             per_token[rows] = loss
         if grad is not None:
-            kd_torch.side_grads(grad, x, w, b, rows, need, grads)
+            kd_torch.side_grads(kd_torch.chain_(grad, factor), x, w, b, rows, need, grads)
 
 
 def _nan_where(bad: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
