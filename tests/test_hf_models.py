@@ -107,8 +107,8 @@ def test_logit_transforms_are_read_from_the_config(field, value, transform):
     assert models.logit_transform("student", model.config) == models.LINEAR
     setattr(model.config, field, value)
     assert models.logit_transform("student", model.config) == transform
-    with pytest.raises(models.InputError, match=f"student: its config sets {field}={value}, .* and cache-teacher"):
-        models.check_linear_logits("student", model.config, "cache-teacher")
+    with pytest.raises(models.InputError, match=f"student: its config sets {field}={value}, .* and PromptedTeacher"):
+        models.check_linear_logits("student", model.config, "PromptedTeacher")
     if field == "logits_scaling":
         model.config.model_type = "hyperclovax"  # which multiplies where Granite divides
         assert models.logit_transform("student", model.config) == (2.0, None)

@@ -18,11 +18,20 @@ import triton
 import triton.language as tl
 
 import promptkd
-import promptkd.kd.torch_impl
 import promptkd.kd.reference
+import promptkd.kd.torch_impl
 import promptkd.kd.triton_impl
-from helpers import (CPU_IMPLS, SIDES, assert_close_to_truth, cpu_kernels, linear_loss, logits_loss, make_inputs,
-                     make_labels, run)
+from helpers import (
+    CPU_IMPLS,
+    SIDES,
+    assert_close_to_truth,
+    cpu_kernels,
+    linear_loss,
+    logits_loss,
+    make_inputs,
+    make_labels,
+    run,
+)
 from promptkd.kd.settings import DIVERGENCES
 from promptkd.kernels.common import tanh
 

@@ -23,6 +23,7 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import tiny_decoder
 
 from promptkd import fused_linear_topk
 from promptkd.cli import main
@@ -378,26 +379,6 @@ def test_cli_writes_a_cache_and_refuses_bad_arguments(setup, tmp_path, capsys, m
     assert not os.path.exists(tmp_path / "new")
 
 
-def test_a_teacher_whose_logits_are_softcapped_is_refused(setup, tmp_path, monkeypatch):
-    """Targets from hidden states times the head would not be a Gemma 2 teacher's (it caps its logits): the
-    cache is refused by name, from the config, before the teacher's weights are read."""
-    from transformers import AutoConfig
-
-    capped = tmp_path / "capped"
-    config = AutoConfig.from_pretrained(setup["teacher_init"])
-    config.final_logit_softcapping = 30.0
-    shutil.copytree(setup["teacher_init"], capped)
-    config.save_pretrained(capped)
-
-    def no_loading(*args, **kwargs):
-        raise AssertionError("the teacher's weights were read before its config was checked")
-
-    monkeypatch.setattr("promptkd.hf.models.load_model", no_loading)
-    with pytest.raises(InputError, match="teacher: its config sets final_logit_softcapping=30.0"):
-        make_cache(setup, tmp_path / "out", teacher=str(capped), top_k=2)
-    assert not os.path.exists(tmp_path / "out" / MANIFEST)
-
-
 # ---------------------------------------------------------------- training from the cache
 
 
@@ -425,17 +406,32 @@ def full_cache(setup, tmp_path_factory):
     return str(out)
 
 
-def test_kd_from_a_cache_refuses_a_student_whose_logits_are_transformed(setup, tmp_path, full_cache):
-    """The sparse loss applies no logit transform: a student whose config scales its logits is refused by name."""
-    from transformers import AutoConfig
+def test_kd_from_a_full_cache_of_a_capped_gemma2_pair_is_online_kd(setup, tmp_path):
+    """Gemma 2 caps its final logits: the cache holds the targets of the teacher's capped logits (the cap read
+    from its config and recorded in the manifest), and kd from it applies the student's cap, so that with every
+    token of the vocabulary cached (top-k = V, float32) the run's losses and weights are online kd's on the
+    models' own logits. Tight caps, so that either one missing changes the losses."""
+    from transformers import AutoTokenizer
 
-    scaled = tmp_path / "scaled"
-    shutil.copytree(setup["student_init"], scaled)
-    student_config = AutoConfig.from_pretrained(scaled)
-    student_config.logit_scale = 1.001  # the probe cannot tell so small a scale from none; the config field says it
-    student_config.save_pretrained(scaled)
-    with pytest.raises(InputError, match=r"student: its config sets logit_scale=1.001, .* kd from a teacher cache"):
-        Trainer(config(setup, tmp_path / "run", student=str(scaled), teacher_cache=full_cache), **QUIET)
+    tokenizer = AutoTokenizer.from_pretrained(setup["student_init"])
+    special = dict(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+                   eos_token_id=tokenizer.eos_token_id, max_position_embeddings=512, sliding_window=512,
+                   initializer_range=0.5)
+    pair = {}
+    for name, hidden, cap in (("teacher", 32, 0.5), ("student", 16, 0.8)):
+        pair[name] = str(tmp_path / name)
+        tiny_decoder("gemma2", hidden=hidden, final_logit_softcapping=cap, **special).save_pretrained(pair[name])
+        tokenizer.save_pretrained(pair[name])
+    manifest = make_cache(setup, tmp_path / "cache", teacher=pair["teacher"], top_k=len(tokenizer), dtype="float32")
+    assert manifest["teacher_logit_transform"] == {"logit_scale": 1.0, "softcap": 0.5}
+    online = train(config(setup, tmp_path / "online", student=pair["student"], teacher=pair["teacher"],
+                          max_steps=3), **QUIET)
+    cached = train(config(setup, tmp_path / "cached", student=pair["student"], teacher=str(tmp_path / "no_teacher"),
+                          teacher_cache=str(tmp_path / "cache"), max_steps=3), **QUIET)
+    torch.testing.assert_close(torch.tensor(losses(cached)), torch.tensor(losses(online)), rtol=1e-5, atol=1e-6)
+    a, b = weights(online), weights(cached)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_kd_from_a_full_cache_trains_as_online_kd_without_the_teacher(setup, tmp_path, full_cache, monkeypatch):

@@ -41,9 +41,7 @@ import torch
 from ..errors import InputError
 from ..hf.fsdp import shard
 from ..hf.models import (
-    LINEAR,
     LMOutput,
-    check_linear_logits,
     linear_cross_entropy,
     lm_hidden,
     load_model,
@@ -88,8 +86,7 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
     ``teacher_tokenizer`` (the teacher's tokenizer; ``tokenizer`` when it ships none), as the reference does."""
     student = load_model("student", os.path.join(resume_from, "model") if resume_from else cfg.student,
                          torch.float32, device)
-    if probe_logits("student", student) != LINEAR and cfg.teacher_cache:
-        check_linear_logits("student", student.config, "kd from a teacher cache (fused_linear_sparse_kd_loss)")
+    probe_logits("student", student)
     student.train()
     if cfg.gradient_checkpointing:
         enable = getattr(student, "activation_checkpointing_enable", None)  # the newer name
@@ -255,6 +252,7 @@ class Distillation:
                                            temperature=cache.temperature, soft_weight=cfg.kd_ratio,
                                            hard_weight=1.0 - cfg.kd_ratio, student_bias=c(student.bias),
                                            vocab_size=min(student.weight.shape[0], cache.vocab_size),
+                                           **student.loss_transforms("student"),
                                            impl=cfg.loss_impl if cfg.loss_impl in SPARSE_IMPLS else "auto")
 
     # ---- the methods ----

@@ -8,7 +8,9 @@ What is cached. The teacher runs over the training file exactly as the trainer f
 examples through :func:`~promptkd.train.data.collate`, :func:`~promptkd.hf.models.lm_hidden` under ``no_grad``
 in eval mode (float32 weights on the CPU, bfloat16 on CUDA, as the trainer's ``dtype: auto``). Only the counted
 positions (``labels != -100``) are kept, in row-major order: example i has ``len(response_ids) + 1`` rows (its
-response and the closing eos). Each row's targets are :func:`promptkd.fused_linear_topk` of its hidden state:
+response and the closing eos). Each row's targets are :func:`promptkd.fused_linear_topk` of its hidden state, its
+logits transformed as the teacher's own are (:func:`~promptkd.hf.models.logit_transform` of its config, checked on
+the model by :func:`~promptkd.hf.models.probe_logits`; recorded as ``teacher_logit_transform``):
 
 - ``top_k=K``: the K most likely ids and their log-probabilities under the full softmax of logits / T;
 - ``samples=S``: the distinct ids of S draws from softmax(logits / T), most drawn first, with log(count / S)
@@ -466,8 +468,10 @@ class _Run:
                 positions = (counted.cumsum(1) - 1)[counted]
                 owners = torch.arange(first, stop)[:, None].expand_as(counted)[counted]
                 seed = row_keys(s["seed"], owners, positions).to(device)
+            form = s["teacher_logit_transform"]
             targets = fused_linear_topk(rows, out.weight, self.k, bias=out.bias, temperature=s["temperature"],
-                                        vocab_size=s["vocab_size"], samples=s["samples"] or 0, seed=seed)
+                                        vocab_size=s["vocab_size"], samples=s["samples"] or 0, seed=seed,
+                                        logit_scale=form["logit_scale"], softcap=form["softcap"])
         return targets.ids.cpu(), targets.logprobs.float().cpu(), counts
 
     def _write(self, index: int, start: int, end: int, ids, logprobs, counts) -> None:
@@ -496,10 +500,10 @@ class _Run:
 def _settings(teacher, data, tokenizer_path, tokenizer, mode, k, samples, temperature, max_length, max_prompt_length,
               batch_size, dtype, seed, shard_mb, vocab_size, processes) -> dict:
     """What ``cache.json`` records (rank 0 computes it: the teacher's files are hashed once)."""
-    from ..hf.models import check_linear_logits, load_config
+    from ..hf.models import load_config, logit_transform
 
     config = load_config("teacher", teacher)
-    check_linear_logits("teacher", config, "cache-teacher (fused_linear_topk)")
+    logit_scale, softcap = logit_transform("teacher", config)
     rows = getattr(config.get_text_config(), "vocab_size", None)
     if vocab_size is not None and rows is not None and vocab_size > rows:
         raise InputError(f"vocab_size={vocab_size} exceeds the teacher's vocabulary ({rows})")
@@ -517,7 +521,8 @@ def _settings(teacher, data, tokenizer_path, tokenizer, mode, k, samples, temper
             "tokenizer_sha256": words, "data_sha256": data_sha256, "template_sha256": template_digest(),
             "max_length": max_length, "max_prompt_length": max_prompt_length, "mode": mode, "k": k, "samples": samples,
             "temperature": float(temperature), "dtype": dtype, "id_dtype": id_dtype_for(vocab), "vocab_size": vocab,
-            "seed": seed, "batch_size": batch_size, "shard_mb": float(shard_mb), "processes": processes}
+            "seed": seed, "batch_size": batch_size, "shard_mb": float(shard_mb), "processes": processes,
+            "teacher_logit_transform": {"logit_scale": logit_scale, "softcap": softcap}}
 
 
 def _version() -> str:
@@ -570,8 +575,8 @@ def _manifest(out: str, settings: dict, procs, measured: dict) -> dict:
     size = sum(s["bytes"] for s in shards)
     measured = dict(measured, bytes_per_token=round(size / max(tokens, 1), 3))
     keys = ("format", "format_version", "promptkd_version", "teacher", "tokenizer", "data", "template_sha256",
-            "max_length", "max_prompt_length", "mode", "k", "samples", "temperature", "dtype", "id_dtype",
-            "vocab_size", "seed", "batch_size", "shard_mb", "processes")
+            "max_length", "max_prompt_length", "mode", "k", "samples", "temperature", "teacher_logit_transform",
+            "dtype", "id_dtype", "vocab_size", "seed", "batch_size", "shard_mb", "processes")
     return {**{key: settings[key] for key in keys}, "num_examples": examples, "num_tokens": tokens, "bytes": size,
             "shards": shards, "measured": measured}
 
