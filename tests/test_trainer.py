@@ -710,6 +710,51 @@ def test_fsdp_prefix_passes_match_data_parallel(setup, tmp_path):
     assert lines[-1]["prompt/lr"] > 0
 
 
+def test_fsdp_shards_each_newer_family_as_data_parallel_trains_it(setup, tmp_path):
+    """fsdp: true for a Qwen3, Phi-3, Gemma 2 and Gemma 3 pair (one torchrun launch of 2 processes, gloo, running
+    every run in turn): promptkd with shared prefixes and gradient checkpointing, the hardest case of
+    test_fsdp_prefix_passes_match_data_parallel, reaches the data-parallel run's student weights and prompt for
+    each family. Each family's decoder layers are the FSDP units (its attention, norms and MLP inside them)."""
+    import yaml
+
+    script = tmp_path / "runs.py"
+    script.write_text(
+        "import os, sys\n"
+        "import torch.distributed as dist\n"
+        "dist.init_process_group('gloo')  # one group for every run: train() leaves a group it did not make\n"
+        "from promptkd.train import TrainConfig, train\n"
+        "for path in sys.argv[1:]:\n"
+        "    train(TrainConfig.load(path), log=lambda _: None)\n"
+        "dist.barrier()\n"
+        "sys.stdout.flush(); sys.stderr.flush()\n"
+        "os._exit(0)  # FSDP's DTensor caches keep the gloo group alive: no interpreter teardown with it\n")
+    common = dict(method="promptkd", share_prefix=True, num_samples=2, gradient_checkpointing=True, batch_size=2,
+                  gradient_accumulation=1, max_steps=2, max_new_tokens=4)
+    paths, runs = [], {}
+    for family in NEWER_FAMILIES:
+        pair = family_pair(setup, tmp_path / family, family)
+        for mode in ("ddp", "fsdp"):
+            cfg = config(setup, tmp_path / family / mode, student=pair["student"], teacher=pair["teacher"],
+                         fsdp=mode == "fsdp", **common)
+            path = tmp_path / family / f"{mode}.yaml"
+            path.write_text(yaml.safe_dump(cfg.to_dict()))
+            paths.append(str(path))
+            runs[family, mode] = cfg.output_dir
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+               *paths]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    for family in NEWER_FAMILIES:
+        data_parallel, sharded = runs[family, "ddp"], runs[family, "fsdp"]
+        assert_same(weights(data_parallel), weights(sharded), exact=False)
+        prompts = [load_file(os.path.join(run, "final", "prompt", "adapter_model.safetensors"))["prompt_embeddings"]
+                   for run in (data_parallel, sharded)]
+        torch.testing.assert_close(prompts[0], prompts[1], rtol=1e-5, atol=1e-6, msg=family)
+        initial = load_file(os.path.join(tmp_path / family / "student", "model.safetensors"))
+        assert any(not torch.equal(initial[k], v) for k, v in weights(sharded).items()), family
+
+
 def test_sampling_streams_differ_per_rank(setup, tmp_path):
     trainer = Trainer(config(setup, tmp_path / "run", method="rkl"), log=lambda _: None)
     seeds = set()
