@@ -63,7 +63,7 @@ _POINTER_TYPES = {
     "KEEP": "*u8",  # the key-padding mask, bool viewed as uint8
 }
 _FLOAT_ARGS = ("inv_t", "lw_p", "lw_q", "soft_weight", "hard_weight", "qk_scale", "scale", "s_scale", "s_cap",
-               "t_scale", "t_cap")
+               "t_scale", "t_cap", "cap_scale", "cap_l2")
 # The KD launchers turn fused multiply-adds off (promptkd/kd/triton_impl._compile_switches); the attention
 # launchers turn them on (promptkd/attention/triton_impl._switches).
 _NO_FP_FUSION = ("kd_online_kernel", "kd_terms_kernel", "kd_backward_kernel", "kd_rows_kernel", "sparse_rows_kernel")
@@ -232,10 +232,10 @@ def sparse_rows_variants():
 
 
 _ATTENTION = {  # kernel -> (configuration table key, heaviest switches)
-    prefix_attention_forward_kernel: ("forward", dict(HAS_LENGTHS=True, HAS_PADDING=True)),
-    prefix_attention_dq_kernel: ("dq", dict(NEED_DQ=True, HAS_LENGTHS=True, HAS_PADDING=True)),
-    prefix_attention_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_PADDING=True)),
-    prefix_attention_prefix_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_LENGTHS=True)),
+    prefix_attention_forward_kernel: ("forward", dict(HAS_LENGTHS=True, HAS_PADDING=True, HAS_CAP=False)),
+    prefix_attention_dq_kernel: ("dq", dict(NEED_DQ=True, HAS_LENGTHS=True, HAS_PADDING=True, HAS_CAP=False)),
+    prefix_attention_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_PADDING=True, HAS_CAP=False)),
+    prefix_attention_prefix_dkdv_kernel: ("dkdv", dict(NEED_DK=True, NEED_DV=True, HAS_LENGTHS=True, HAS_CAP=False)),
 }
 _ATTENTION_OTHER_VARIANTS = [
     (prefix_attention_forward_kernel, dict(HAS_LENGTHS=False, HAS_PADDING=False)),
@@ -247,6 +247,7 @@ _ATTENTION_OTHER_VARIANTS = [
     (prefix_attention_prefix_dkdv_kernel, dict(NEED_DK=False)),
     (prefix_attention_prefix_dkdv_kernel, dict(NEED_DV=False)),
     (prefix_attention_prefix_dkdv_kernel, dict(HAS_LENGTHS=False)),
+    *((fn, dict(HAS_CAP=True)) for fn in _ATTENTION),  # Gemma 2's softcapped scores
 ]
 
 

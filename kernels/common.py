@@ -157,3 +157,18 @@ def load_rows(base, o_r, m_r, o_d, m_d, stride_r, MASK_ROWS: tl.constexpr, EVEN_
     if UPCAST:
         b_x = b_x.to(tl.float32)
     return b_x
+
+
+@triton.jit
+def scores(b_q, b_k, qk_scale, cap_scale, cap_l2, HAS_CAP: tl.constexpr, PRECISION: tl.constexpr):
+    """Prefix attention's base-2 scores of a [BLOCK_M, BLOCK_D] query tile and a [BLOCK_N, BLOCK_D] key tile
+    (kernels/prefix_attention_forward.py), and the tanh of the cap (for the backward's derivative 1 - tanh^2;
+    without a cap the raw scores, unused)."""
+    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+    if HAS_CAP:
+        b_th = tanh(b_s * cap_scale)
+        b_s = b_th * cap_l2
+    else:
+        b_th = b_s
+        b_s = b_s * qk_scale
+    return b_s, b_th

@@ -4,12 +4,14 @@ A query block walks its group's prefix keys (full blocks unmasked, the last part
 column), then its own keys left of the diagonal (unmasked; a key-padding column mask behind
 HAS_PADDING) and the diagonal block(s) (causal mask), with an online softmax in base 2. Masked keys
 (padding, prefix positions >= L) are loaded as 0: a zero weight times a NaN or infinite value is NaN.
+With HAS_CAP the scores are softcapped (Gemma 2's attention): s = cap * tanh(scale * q . k / cap), in base 2
+cap_l2 * tanh(cap_scale * q . k) with cap_scale = scale / cap and cap_l2 = cap * log2(e), runtime values.
 """
 
 import triton
 import triton.language as tl
 
-from .common import load_rows
+from .common import load_rows, scores
 
 # Start of the running maxima: finite, so a masked score (-inf) gives 2^(-inf - m) = 0 and a row that
 # has seen nothing yet rescales by 2^(NEG - NEG) = 1 instead of NaN.
@@ -17,9 +19,9 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale,
+def _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale, cap_scale, cap_l2,
                   MASK_LOAD: tl.constexpr, MASK_COLS: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_CAP: tl.constexpr):
     """Fold key block o_n (K, V: the head's key and value rows) into (acc, m, l) of query rows o_m.
 
     MASK_LOAD: rows outside m_n read as 0; MASK_COLS: columns outside m_n get no weight;
@@ -28,7 +30,7 @@ def _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn
     # both [BLOCK_N, BLOCK_D]
     b_k = load_rows(K, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=MASK_LOAD, EVEN_D=EVEN_D, UPCAST=UPCAST)
     b_v = load_rows(V, o_n, m_n, o_d, m_d, stride_kn, MASK_ROWS=MASK_LOAD, EVEN_D=EVEN_D, UPCAST=UPCAST)
-    b_s = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    b_s, _ = scores(b_q, b_k, qk_scale, cap_scale, cap_l2, HAS_CAP=HAS_CAP, PRECISION=PRECISION)
     if MASK_COLS:
         b_s = tl.where(m_n[None, :], b_s, float("-inf"))
     if CAUSAL:
@@ -44,16 +46,17 @@ def _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn
 @triton.jit(do_not_specialize=["N", "P"])
 def prefix_attention_forward_kernel(
     Q, K, V, PK, PV, LENGTHS, GROUP, KEEP, OUT, LSE,
-    N, P, D, HQ, REP, qk_scale,
+    N, P, D, HQ, REP, qk_scale, cap_scale, cap_l2,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_pg, stride_ph, stride_pn, stride_ob, stride_oh, stride_on,
     HAS_LENGTHS: tl.constexpr, HAS_PADDING: tl.constexpr, EVEN_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, HAS_CAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Query i of sample b, head h (key head h // REP, prefix g = GROUP[b]); scores in base 2
 
-        s_ij = qk_scale * q_i . key_j,   qk_scale = scale * log2(e),
+        s_ij = qk_scale * q_i . key_j,   qk_scale = scale * log2(e)
+        (HAS_CAP: s_ij = cap_l2 * tanh(cap_scale * q_i . key_j)),
 
     over the keys it sees: prefix keys j < L_g (LENGTHS[g], or P) and own keys j <= i with KEEP[b, j]:
         OUT[b, h, i] = sum_j 2^(s_ij - lse_i) value_j
@@ -86,14 +89,16 @@ def prefix_attention_forward_kernel(
     l_full = (L // BLOCK_N) * BLOCK_N
     for j0 in range(0, l_full, BLOCK_N):
         o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn, qk_scale,
-                                        MASK_LOAD=False, MASK_COLS=False, CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST,
-                                        PRECISION=PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn,
+                                        qk_scale, cap_scale, cap_l2, MASK_LOAD=False, MASK_COLS=False,
+                                        CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION,
+                                        HAS_CAP=HAS_CAP)
     if l_full < L:
         o_n = (l_full + tl.arange(0, BLOCK_N)).to(tl.int64)
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn, qk_scale,
-                                        MASK_LOAD=True, MASK_COLS=True, CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST,
-                                        PRECISION=PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, PK, PV, o_n, o_n < L, o_m, o_d, m_d, stride_pn,
+                                        qk_scale, cap_scale, cap_l2, MASK_LOAD=True, MASK_COLS=True,
+                                        CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION,
+                                        HAS_CAP=HAS_CAP)
 
     # Own keys: blocks left of the diagonal (all j < m0 <= i), then the diagonal block(s). Padded keys
     # are loaded as 0 (whatever they hold must not reach the output).
@@ -105,17 +110,19 @@ def prefix_attention_forward_kernel(
         m_n = o_n < N
         if HAS_PADDING:
             m_n = tl.load(KEEP + i_b * N + o_n) != 0
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale,
-                                        MASK_LOAD=HAS_PADDING, MASK_COLS=HAS_PADDING, CAUSAL=False, EVEN_D=EVEN_D,
-                                        UPCAST=UPCAST, PRECISION=PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
+                                        qk_scale, cap_scale, cap_l2, MASK_LOAD=HAS_PADDING, MASK_COLS=HAS_PADDING,
+                                        CAUSAL=False, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION,
+                                        HAS_CAP=HAS_CAP)
     for j0 in range(off_end, tl.minimum(m0 + BLOCK_M, N), BLOCK_N):
         o_n = (j0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         m_n = o_n < N
         if HAS_PADDING:
             m_n = m_n & (tl.load(KEEP + i_b * N + o_n, mask=m_n, other=0) != 0)
-        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn, qk_scale,
-                                        MASK_LOAD=True, MASK_COLS=True, CAUSAL=True, EVEN_D=EVEN_D, UPCAST=UPCAST,
-                                        PRECISION=PRECISION)
+        b_acc, b_m, b_l = _online_block(b_acc, b_m, b_l, b_q, K, V, o_n, m_n, o_m, o_d, m_d, stride_kn,
+                                        qk_scale, cap_scale, cap_l2, MASK_LOAD=True, MASK_COLS=True,
+                                        CAUSAL=True, EVEN_D=EVEN_D, UPCAST=UPCAST, PRECISION=PRECISION,
+                                        HAS_CAP=HAS_CAP)
 
     m_seen = b_l > 0
     b_o = b_acc / tl.where(m_seen, b_l, 1.0)[:, None]  # acc is 0 where nothing was seen

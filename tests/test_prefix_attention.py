@@ -355,18 +355,23 @@ def test_large_scores_and_custom_scale():
     assert err(fused["out"], truth["out"]) < 1e-5
 
 
-@pytest.mark.parametrize("impl", ["torch", "auto"])
-def test_softcapped_scores_match_fp64(impl):
-    """softcap: the scores scale * q . k capped as c * tanh(s / c) (tight, so it matters) against float64 and
-    against the cap applied by hand to explicitly computed attention (prefix, padding and GQA included)."""
-    case = CASES[1]
+@pytest.mark.parametrize("impl,dtype,case", [
+    ("torch", torch.float32, 1), ("auto", torch.float32, 1),
+    pytest.param("triton", torch.float32, 1, marks=pytest.mark.interpret),
+    pytest.param("triton", torch.bfloat16, 1, marks=pytest.mark.interpret),
+    pytest.param("triton", torch.float32, 2, marks=pytest.mark.interpret)], ids=lambda x: str(x).removeprefix("torch."))
+def test_softcapped_scores_match_fp64(impl, dtype, case):
+    """softcap: the scores scale * q . k capped as c * tanh(s / c) (tight, so it matters) against float64, every
+    input's gradient included (the Triton kernels: the cap in each score tile, its derivative in the backward),
+    and against the cap applied by hand to explicitly computed attention (prefix, padding and GQA included)."""
+    case = CASES[case]
     inputs = make_inputs(*case[:7])
     inputs["q"] *= 4
     kwargs = dict(_kwargs(case), softcap=2.0)
     truth = run(inputs, torch.float64, "reference", **kwargs)
-    eager = run(inputs, torch.float32, "reference", **kwargs)
-    fused = run(inputs, torch.float32, impl, **kwargs)
-    assert_close_to_truth(fused, eager, truth, torch.float32)
+    eager = run(inputs, dtype, "reference", **kwargs)
+    fused = run(inputs, dtype, impl, **kwargs)
+    assert_close_to_truth(fused, eager, truth, dtype)
     uncapped = run(inputs, torch.float64, "reference", **_kwargs(case))
     assert err(uncapped["out"], truth["out"]) > 1e-2, "the cap changed nothing: the test could not fail"
     # The cap by hand: one sample, no prefix groups, attention written out.
@@ -409,7 +414,6 @@ def _bad_cases():
     yield "scale-tensor", base, dict(scale=torch.tensor(0.5)), "scale"
     yield "softcap-zero", base, dict(softcap=0.0), "softcap"
     yield "softcap-str", base, dict(softcap="50"), "softcap"
-    yield "softcap-triton", base, dict(softcap=50.0, impl="triton"), "impl='triton' has no attention-score softcap"
     yield "impl", base, dict(impl="cuda"), "impl"
     yield "impl-triton-fp64", {n: x.double() for n, x in base.items()}, dict(impl="triton"), "impl"
     wide = {name: x.float() for name, x in make_inputs(1, 1, 2, 3, 2, 2, 160).items()}
@@ -452,6 +456,20 @@ def test_gpu_matches_fp64(case, dtype, real_tiles):
     again = run(inputs, dtype, "triton", layout=case[-1], **kwargs)
     for key in fused:
         assert torch.equal(fused[key], again[key]), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_softcap_matches_fp64(dtype, real_tiles):
+    """On CUDA, the real tiles: softcapped scores (Gemma 2) through the Triton kernels against float64."""
+    case = GPU_CASES[1]
+    inputs = make_inputs(*case[:7], device="cuda")
+    inputs["q"] *= 4
+    kwargs = dict(_kwargs(case, "cuda"), softcap=2.0)
+    truth = run(inputs, torch.float64, "reference", **kwargs)
+    eager = run(inputs, dtype, "reference", **kwargs)
+    fused = run(inputs, dtype, "triton", **kwargs)
+    assert_close_to_truth(fused, eager, truth, dtype)
 
 
 @pytest.mark.gpu

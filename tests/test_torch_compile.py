@@ -244,14 +244,16 @@ def _attention_inputs(seed=0):
     return q, k, v, pk, pv, torch.tensor([P, 1]), torch.tensor([1, 0, 1]), keep
 
 
-def test_opcheck_triton_attention_ops():
+@pytest.mark.parametrize("softcap", [0.0, 1.5], ids=["no-cap", "cap"])
+def test_opcheck_triton_attention_ops(softcap):
     inputs = _attention_inputs()
-    torch.library.opcheck(attention_ops.attention_op, (*inputs, HD ** -0.5))
+    torch.library.opcheck(attention_ops.attention_op, (*inputs, HD ** -0.5, softcap))
     plain = tuple(x.detach() for x in inputs)
-    out, lse = attention_ops.attention_op(*plain, HD ** -0.5)
+    out, lse = attention_ops.attention_op(*plain, HD ** -0.5, softcap)
     grad = torch.randn(out.shape)
     torch.library.opcheck(attention_ops.attention_backward_op,
-                          (grad, *plain[:5], out, lse, *plain[5:], HD ** -0.5, [True, False, True, True, False]))
+                          (grad, *plain[:5], out, lse, *plain[5:], HD ** -0.5, softcap,
+                           [True, False, True, True, False]))
 
 
 @pytest.mark.gpu

@@ -82,9 +82,10 @@ def prefix_attention(
     A row with no key to attend returns zeros. P = 0 is plain causal attention.
 
     ``softcap`` (None or > 0; Gemma 2's ``attn_logit_softcapping``): the scores scale * q . key become
-    softcap * tanh(scores / softcap) before the softmax. ``torch`` then computes the scores explicitly
-    (the reference's path: scaled_dot_product_attention has no softcap), and so does ``auto``; the Triton
-    kernels have none yet (``impl="triton"`` with a softcap is a ValueError).
+    softcap * tanh(scores / softcap) before the softmax, and the gradients flow through the cap. ``triton``
+    caps each score tile in float32 (the backward recomputes the tile's tanh); ``torch`` computes the scores
+    explicitly (the reference's path: scaled_dot_product_attention has no softcap, so this path holds
+    [B, Hq, N, P + N] scores).
 
     Gradients flow to q, k, v, prefix_k and prefix_v (whichever require grad); the prefix gradient
     is the sum over the samples using each prefix, in a fixed order (same bits on every run).
@@ -179,11 +180,7 @@ def prefix_attention(
             raise TypeError(f"softcap must be a float or None, got {type(softcap).__name__}")
         if not math.isfinite(softcap) or softcap <= 0:
             raise ValueError(f"softcap must be finite and > 0 (or None), got {softcap}")
-        if impl == "triton":
-            raise ValueError("impl='triton' has no attention-score softcap yet: use impl='torch' (or 'auto', which "
-                             "picks it when softcap is set)")
-        if impl == "auto":
-            impl = "torch"
+        softcap = float(softcap)
     impl = pick_impl(impl, device, dtype, head_dim=d)
 
     q, k, v, prefix_k, prefix_v = autocast_inputs(cast, q, k, v, prefix_k, prefix_v)
@@ -191,7 +188,7 @@ def prefix_attention(
     with autocast_off(device.type):
         if impl == "reference" or (impl == "torch" and softcap is not None):
             # SDPA has no score softcap: the capped torch path is the reference's explicit scores (plain autograd)
-            return prefix_attention_reference(*args, softcap=None if softcap is None else float(softcap))
+            return prefix_attention_reference(*args, softcap=softcap)
         if impl == "torch":
             return prefix_attention_torch(*args)
-        return prefix_attention_triton(*args)  # promptkd.attention.ops; imports triton only now
+        return prefix_attention_triton(*args, softcap)  # promptkd.attention.ops; imports triton only now

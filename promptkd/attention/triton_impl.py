@@ -3,7 +3,8 @@
 Forward (kernels/prefix_attention_forward.py): one program per (query block, sample x query head)
 walks the group's prefix keys and its own keys up to the diagonal with an online softmax in base 2,
 and stores the output and one combined log-sum-exp per row (float32; +inf for a row that sees
-nothing, whose output is 0).
+nothing, whose output is 0). A softcap (Gemma 2's attention) caps each score tile in float32 (the
+backward recomputes the tile's tanh for the cap's derivative).
 
 Backward (kernels/prefix_attention_backward.py): the dQ kernel also computes delta = rowsum(dO * O);
 the own-keys kernel writes dK, dV of each sample's keys; the prefix kernel writes float32 partial
@@ -72,25 +73,35 @@ def _strides(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
-def triton_forward(q, k, v, pk, pv, lengths, group, key_padding_mask, scale: float):
-    """(output [B, Hq, N, D] in q's dtype, log-sum-exp [B, Hq, N] float32) on inputs laid out by :func:`prepare`."""
+def _caps(scale: float, softcap: float | None) -> tuple[float, float, bool]:
+    """The kernels' (cap_scale, cap_l2, HAS_CAP): capped base-2 scores are cap_l2 * tanh(cap_scale * q . k)."""
+    if softcap is None:
+        return 1.0, 1.0, False
+    return scale / softcap, softcap * math.log2(math.e), True
+
+
+def triton_forward(q, k, v, pk, pv, lengths, group, key_padding_mask, scale: float, softcap: float | None = None):
+    """(output [B, Hq, N, D] in q's dtype, log-sum-exp [B, Hq, N] float32) on inputs laid out by :func:`prepare`;
+    ``softcap``: the scores become softcap * tanh(scores / softcap)."""
     keep = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     b, hq, n, d = q.shape
     o = launch.buffer(q.shape, q.dtype, q.device)
     lse = launch.buffer((b, hq, n), torch.float32, q.device)
     sw = _switches(q, "forward")
     grid = (launch.cdiv(n, sw["BLOCK_M"]), b * hq)
+    cap_scale, cap_l2, has_cap = _caps(scale, softcap)
     prefix_attention_forward_kernel[grid](
         q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep, o, lse,
-        n, pk.shape[2], d, hq, hq // k.shape[1], scale * math.log2(math.e),
+        n, pk.shape[2], d, hq, hq // k.shape[1], scale * math.log2(math.e), cap_scale, cap_l2,
         *_strides(q), *_strides(k), *_strides(pk), *_strides(o),
-        HAS_LENGTHS=lengths is not None, HAS_PADDING=keep is not None, **sw)
+        HAS_LENGTHS=lengths is not None, HAS_PADDING=keep is not None, HAS_CAP=has_cap, **sw)
     return o, lse
 
 
-def triton_backward(grad_out, q, k, v, pk, pv, o, lse, lengths, group, key_padding_mask, scale: float, need) -> list:
+def triton_backward(grad_out, q, k, v, pk, pv, o, lse, lengths, group, key_padding_mask, scale: float, need,
+                    softcap: float | None = None) -> list:
     """The gradients of q, k, v, prefix_k, prefix_v flagged in ``need`` (None for the others), in their dtypes;
-    ``o`` and ``lse`` from :func:`triton_forward` on the same inputs."""
+    ``o`` and ``lse`` from :func:`triton_forward` on the same inputs (the same ``softcap``)."""
     keep = None if key_padding_mask is None else key_padding_mask.view(torch.uint8)
     b, hq, n, d = q.shape
     hkv, (g, _, p, _) = k.shape[1], pk.shape
@@ -100,7 +111,8 @@ def triton_backward(grad_out, q, k, v, pk, pv, o, lse, lengths, group, key_paddi
         return grads
     do = grad_out.contiguous()  # shares the strides of o (contiguous)
     qk_scale = scale * math.log2(math.e)
-    common = (n, d, hq, hq // hkv, qk_scale, scale)
+    cap_scale, cap_l2, has_cap = _caps(scale, softcap)
+    common = (n, d, hq, hq // hkv, qk_scale, scale, cap_scale, cap_l2)
 
     delta = launch.buffer((b, hq, n), torch.float32, device)
     if need[0]:
@@ -109,9 +121,9 @@ def triton_backward(grad_out, q, k, v, pk, pv, o, lse, lengths, group, key_paddi
     prefix_attention_dq_kernel[(launch.cdiv(n, sw["BLOCK_M"]), b * hq)](
         q, k, v, pk, pv, group if lengths is None else lengths, group, group if keep is None else keep,
         o, do, lse, delta, q if grads[0] is None else grads[0],
-        n, p, d, hq, hq // hkv, qk_scale, scale,
+        n, p, d, hq, hq // hkv, qk_scale, scale, cap_scale, cap_l2,
         *_strides(q), *_strides(k), *_strides(pk), *_strides(o),
-        NEED_DQ=need[0], HAS_LENGTHS=lengths is not None, HAS_PADDING=keep is not None, **sw)
+        NEED_DQ=need[0], HAS_LENGTHS=lengths is not None, HAS_PADDING=keep is not None, HAS_CAP=has_cap, **sw)
 
     sw = _switches(q, "dkdv")
     if need[1] or need[2]:
@@ -122,7 +134,7 @@ def triton_backward(grad_out, q, k, v, pk, pv, o, lse, lengths, group, key_paddi
             q, k, v, group if keep is None else keep, do, lse, delta, out if dk is None else dk,
             out if dv is None else dv, *common,
             *_strides(q), *_strides(k), *_strides(o), *_strides(out),
-            NEED_DK=need[1], NEED_DV=need[2], HAS_PADDING=keep is not None, **sw)
+            NEED_DK=need[1], NEED_DV=need[2], HAS_PADDING=keep is not None, HAS_CAP=has_cap, **sw)
         grads[1], grads[2] = dk, dv
 
     if need[3] or need[4]:
@@ -142,9 +154,9 @@ def triton_backward(grad_out, q, k, v, pk, pv, o, lse, lengths, group, key_paddi
             prefix_attention_prefix_dkdv_kernel[(blocks, g * hkv, splits)](
                 q, pk, pv, group if lengths is None else lengths, order, offsets, do, lse, delta,
                 out if dpk is None else dpk, out if dpv is None else dpv,
-                n, p, d, hq, hq // hkv, qk_scale, scale,
+                n, p, d, hq, hq // hkv, qk_scale, scale, cap_scale, cap_l2,
                 *_strides(q), *_strides(pk), *_strides(o), *out.stride()[:4],
-                NEED_DK=need[3], NEED_DV=need[4], HAS_LENGTHS=lengths is not None, **sw)
+                NEED_DK=need[3], NEED_DV=need[4], HAS_LENGTHS=lengths is not None, HAS_CAP=has_cap, **sw)
             # Sum over splits in a fixed order (deterministic), then cast.
             grads[3] = None if dpk is None else dpk.sum(0).to(pk.dtype)
             grads[4] = None if dpv is None else dpv.sum(0).to(pv.dtype)
