@@ -182,14 +182,28 @@ def gemm_floor(n, d, v, dtype, device, reps) -> float:
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append result rows to a CSV under bench/results (header written when the file is new)."""
+    """Append result rows to a CSV under bench/results (header written when the file is new). Rows with a
+    column the file lacks rewrite it with the union of the columns (earlier rows empty there), atomically."""
     path.parent.mkdir(exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    old_fields, old_rows = [], []
+    if path.exists():
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            old_fields, old_rows = list(reader.fieldnames or []), list(reader)
+    if not path.exists() or not set(fields) <= set(old_fields):
+        union = old_fields + [key for key in fields if key not in old_fields]
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=union, restval="")
             writer.writeheader()
-        writer.writerows(rows)
+            writer.writerows(old_rows + rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        with path.open("a", newline="") as f:
+            csv.DictWriter(f, fieldnames=old_fields, restval="").writerows(rows)
     print(f"\nappended {len(rows)} rows to {path}")
 
 

@@ -9,8 +9,9 @@ memory in this process (the suite runs it in a fresh one: ``python bench/suite.p
 Groups:
   kd_loss     forward KL from hidden states, gradients to the student's hidden states and weight:
               plain eager (and torch.compile'd), Liger-Kernel's chunked LigerFusedLinearJSDLoss (beta=0,
-              compiled=False / True), promptkd chunked (native / torch-ops elementwise), torch (recompute),
-              triton (CUDA). Floor: 4 GEMMs.
+              compiled=False / True), TRL's chunked divergence (``trl``: ``trl.kernels.chunked_divergence``,
+              beta=0, as its DistillationTrainer calls it), promptkd chunked (native / torch-ops elementwise),
+              torch (recompute), triton (CUDA). Floor: 4 GEMMs.
   cross_entropy  the hard loss alone, 25% of the labels ignored, gradients to hidden and weight: eager,
               ``torch.nn.functional.linear_cross_entropy`` (its automatic options), promptkd's
               ``linear_cross_entropy`` (torch's op at promptkd's chunk). Floor: 3 GEMMs.
@@ -61,7 +62,7 @@ SIZES = {
              "cuda": dict(n=8192, d=4096, v=128256)},
 }
 WAYS = {
-    "kd_loss": ("gemm", "eager", "eager_compiled", "liger", "liger_compiled", "chunked", "chunked+torchops",
+    "kd_loss": ("gemm", "eager", "eager_compiled", "liger", "liger_compiled", "trl", "chunked", "chunked+torchops",
                 "torch", "triton"),
     "cross_entropy": ("gemm", "eager", "torch_linear_ce", "promptkd"),
     "prompt_pair": ("gemm", "eager", "two_calls", "pair", "mixture"),
@@ -70,10 +71,10 @@ WAYS = {
     "topk": ("gemm", "eager_k64", "topk_k8", "topk_k64", "topk_s12", "topk_k64+torchops"),
 }
 #: The ratios' denominators: the floor, and the baselines a user would otherwise run.
-FLOOR, EAGER, LIGER = "gemm", "eager", ("liger", "liger_compiled")
+FLOOR, EAGER, LIGER, TRL = "gemm", "eager", ("liger", "liger_compiled"), "trl"
 #: Per group: ratio column -> the way (or ways: the fastest of them) it divides by; the memory ratio's way; the
 #: CSV under bench/results/ its rows go to (the first three groups share suite.csv and its columns).
-COLUMNS = {group: {"x_floor": FLOOR, "x_eager": EAGER, "x_best_liger": LIGER} for group in
+COLUMNS = {group: {"x_floor": FLOOR, "x_eager": EAGER, "x_best_liger": LIGER, "x_trl": TRL} for group in
            ("kd_loss", "cross_entropy", "prompt_pair")}
 COLUMNS["sparse_kd"] = {"x_floor": FLOOR, "x_linear_ce": "linear_ce", "x_eager_topk": "eager_k64"}
 COLUMNS["topk"] = {"x_floor": FLOOR, "x_eager_topk": "eager_k64"}
@@ -226,6 +227,23 @@ def _liger(compiled: bool):
     return loss
 
 
+def _trl():
+    """TRL's chunked divergence (``trl.kernels.chunked_divergence``, what its DistillationTrainer runs), forward KL
+    (beta = 0), every token counted, the mean over tokens: the loss of the eager way."""
+    try:
+        from trl.trainer.distillation_trainer import _chunked_divergence_loss
+    except ImportError as e:
+        raise Unavailable(f"TRL is not installed ({e}); pip install 'trl>=1.16'") from e
+    mask = {}
+
+    def loss(hs, ws, ht, wt):
+        if "m" not in mask:
+            mask["m"] = torch.ones(1, hs.shape[0], dtype=torch.long, device=hs.device)
+        return _chunked_divergence_loss(hs[None], ht[None], ws, wt, mask["m"], 0.0)[0]
+
+    return loss
+
+
 def _promptkd_kd(impl: str):
     import promptkd
 
@@ -254,6 +272,8 @@ def loss_function(group: str, way: str, device: str) -> Callable:
     if group == "kd_loss":
         if way.startswith("liger"):
             return _liger(way == "liger_compiled")
+        if way == TRL:
+            return _trl()
         if way.startswith("eager"):
             return torch.compile(_eager_kd) if way == "eager_compiled" else _eager_kd
         return _promptkd_kd(way)
