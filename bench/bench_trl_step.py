@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import platform
 import statistics
 import subprocess
 import sys
@@ -137,7 +138,9 @@ def main():
         r = json.loads(out.stdout.strip().splitlines()[-1])
         print(f"{way:9s} peak +{r['peak_extra_mb']:8.1f} MB   median step {r['median_step_s']:7.3f} s   "
               f"losses {r['losses']}")
-        rows.append(dict(timestamp=stamp, device=args.device, **info, trl=version("trl"), beta=args.beta,
+        device = torch.cuda.get_device_name() if args.device == "cuda" else \
+            f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+        rows.append(dict(timestamp=stamp, device=device, **info, trl=version("trl"), beta=args.beta,
                          vocab=args.vocab, hidden=args.hidden, batch=args.batch, prompt=args.prompt,
                          completion=args.completion, steps=args.steps, **r))
     if not args.no_record:
