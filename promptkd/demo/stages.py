@@ -91,18 +91,22 @@ def cached(path: str, compute):
 
 def table(rows: dict, seeds: int) -> str:
     """A markdown table of ``rows`` (name -> {"test": scores, "test_heldout": scores}, as ``evaluate`` returns)."""
-    lines = ["| model | test ROUGE-L | test exact match | held-out templates ROUGE-L | held-out exact match |",
-             "|---|---|---|---|---|"]
+    with_ce = all("ce" in r["test"] and "ce" in r["test_heldout"] for r in rows.values())
+    lines = ["| model | test ROUGE-L | test exact match | held-out templates ROUGE-L | held-out exact match |"
+             + (" test CE | held-out CE |" if with_ce else ""),
+             "|---|---|---|---|---|" + ("---|---|" if with_ce else "")]
     for name, scores in rows.items():
         t, h = scores["test"], scores["test_heldout"]
         lines.append(f"| {name} | {t['rougeL']:.1f} ± {t['rougeL_std']:.1f} | "
                      f"{t['exact_match']:.1f} ± {t['exact_match_std']:.1f} | "
                      f"{h['rougeL']:.1f} ± {h['rougeL_std']:.1f} | "
-                     f"{h['exact_match']:.1f} ± {h['exact_match_std']:.1f} |")
+                     f"{h['exact_match']:.1f} ± {h['exact_match_std']:.1f} |"
+                     + (f" {t['ce']:.3f} | {h['ce']:.3f} |" if with_ce else ""))
     first = next(iter(rows.values()))
     lines.append(f"\nSampled generation (temperature 1), mean ± std over {seeds} sampling seed(s), "
                  f"{first['test']['num_examples']} test and {first['test_heldout']['num_examples']} held-out-template "
-                 "examples.")
+                 "examples." + (" CE: cross-entropy on the references given the prompts (nats per token; lower is "
+                                "better)." if with_ce else ""))
     return "\n".join(lines)
 
 
