@@ -103,9 +103,9 @@ QUICK = ExperimentSettings(n_train=96, n_valid=4, n_test=6, keep_layers=2, max_l
                            prompt_lr=0.05, warmup_steps=0, eval_seeds=(10, 20), exposure_prompts=3, exposure_samples=1,
                            exposure_length=4)
 #: The open regime (``promptkd experiment smollm2-open``): see docs/experiments.md for why these sizes.
-OPEN = ExperimentSettings(regime="open", n_train=400, n_valid=8, n_test=60, keep_layers=10, max_length=96,
+OPEN = ExperimentSettings(regime="open", n_train=240, n_valid=8, n_test=60, keep_layers=10, max_length=96,
                           max_prompt_length=64, max_new_tokens=48, batch_size=8, teacher_steps=0, sft_steps=0,
-                          distill_steps=100, distill_lr=3e-4, prompt_lr=1e-3, warmup_steps=5, exposure_prompts=24,
+                          distill_steps=60, distill_lr=3e-4, prompt_lr=1e-3, warmup_steps=5, exposure_prompts=24,
                           exposure_length=24)
 QUICK_OPEN = ExperimentSettings(regime="open", n_train=24, n_valid=2, n_test=4, keep_layers=2, max_length=200,
                                 max_prompt_length=190, max_new_tokens=6, batch_size=4, teacher_steps=0, sft_steps=0,
