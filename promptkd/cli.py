@@ -276,7 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the demo's tasks, a layer-dropped student, sft/kd/rkl/gkd/distillm/promptkd "
                                      "at equal steps, ROUGE-L over sampling seeds, the prompt's cost to the teacher, "
                                      "exposure bias (about 40 minutes on 2 CPU cores, each promptkd variant about 9 "
-                                     "more; see promptkd.demo.smollm2).")
+                                     "more). smollm2-open: open-ended instructions the pretrained teacher answers, "
+                                     "the layer-dropped student distilled directly, the cross-entropy on the "
+                                     "references beside ROUGE-L (about 45 minutes per training seed). See "
+                                     "promptkd.demo.smollm2.")
     exp.add_argument("name", choices=("smollm2", "smollm2-open"),
                      help="smollm2: the demo's short-answer tasks; smollm2-open: open-ended instructions answered by "
                           "the pretrained teacher, every method from the layer-dropped student (see "
