@@ -15,11 +15,12 @@ import time
 import torch
 
 from promptkd.demo.open_tasks import answer_with_teacher, generate_open_tasks
+from promptkd.demo.smollm2 import reference_ce
 from promptkd.files import write_jsonl
 from promptkd.hf.layer_drop import init_student
-from promptkd.hf.models import LMOutput, linear_cross_entropy, lm_hidden, load_model, load_tokenizer
+from promptkd.hf.models import load_model, load_tokenizer
 from promptkd.train import TrainConfig, train
-from promptkd.train.data import collate, load_examples
+from promptkd.train.data import load_examples
 from promptkd.train.evaluate import evaluate
 
 OUT = os.environ.get("OUT", "runs/pilot-open")  # python docs/smollm2-open/pilot.py [methods]; env: TEACHER=dir
@@ -59,19 +60,9 @@ def held_out_ce(model_dir, path):
     tok = load_tokenizer("m", model_dir)
     model = load_model("m", model_dir, torch.float32, torch.device("cpu")).eval()
     examples, _ = load_examples(path, tok, 64, MAX_LEN)
-    total = count = 0
-    with torch.no_grad():
-        for i in range(0, len(examples), 16):
-            chunk = examples[i:i + 16]
-            b = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], tok.pad_token_id,
-                        tok.eos_token_id)
-            out = lm_hidden(model, b["input_ids"], b["attention_mask"])
-            n = int((b["labels"] != -100).sum())
-            total += float(linear_cross_entropy(LMOutput(out.hidden, out.weight, out.bias), b["labels"])) * n
-            count += n
     items = [{"prompt": e.prompt, "references": e.references} for e in examples]
     r = evaluate(model, tok, items, seeds=(10,), max_new_tokens=MAX_NEW, batch_size=64)
-    return {"ce": total / count, "rougeL": r["rougeL"]}
+    return {"ce": reference_ce(model, tok, examples), "rougeL": r["rougeL"]}
 
 
 def main():

@@ -16,7 +16,7 @@ Not supported: packed sequences (position ids that restart inside a row, with no
 an error: custom 4-D masks, attention dropout, and a sliding window shorter than the keys a query could
 see, prefix included (the window never cuts a prefix off: a layer whose window would is refused).
 Attention-score softcapping (Gemma 2's ``attn_logit_softcapping``, the ``softcap`` keyword) is applied
-(``prefix_attention``'s ``softcap``: the torch implementation, also under ``auto`` on CUDA). Only decoder families whose
+(``prefix_attention``'s ``softcap``, in every implementation). Only decoder families whose
 attention modules take (module, q [B, Hq, N, D], k/v [B, Hkv, N, D], mask, scaling) and carry
 ``layer_idx`` are accepted: :data:`SUPPORTED_MODEL_TYPES`. Qwen3's and Gemma 3's q/k norms, Gemma's
 ``query_pre_attn_scalar`` and Phi-3's fused qkv projection happen before that call, inside each family's
