@@ -23,6 +23,7 @@ from test_gguf import tiny_llama, write_llama_gguf  # noqa: E402
 
 from promptkd.cli import main  # noqa: E402
 from promptkd.demo import smollm2  # noqa: E402
+from promptkd.demo.stages import stage_seconds  # noqa: E402
 from promptkd.errors import InputError  # noqa: E402
 
 ROWS = ["teacher", "sft_init", "sft", "kd", "rkl", "gkd", "distillm", "promptkd"]
@@ -68,6 +69,11 @@ def check_every_stage_and_result(run):
     curve = results["exposure"]["students"]["kd"]
     assert len(curve["exaccerr"]) == smollm2.QUICK.exposure_length
     assert results["seconds"]["total"] > 0 and "student: teacher layers 0,3" in log
+    for method in ROWS[2:]:  # each trained stage records its training wall time; its group shows it
+        timing = stage_seconds(os.path.join(out, method))
+        assert timing["seconds"] > 0 and timing["resumed"] is False
+        assert results["seed_groups"][method]["seconds"] == timing["seconds"]
+        assert f"| {timing['seconds']:.0f} |" in text
 
 
 def check_student_is_the_sft_teachers_kept_layers(run):
@@ -273,21 +279,35 @@ def test_open_regime_end_to_end_with_training_seeds(teacher, tmp_path):
         group = results["seed_groups"][m]
         assert group["runs"] == {m: 10, f"{m}[{m}_seed11]": 11}
         assert math.isfinite(group["ce"]) and math.isfinite(group["ce_std"])
+        times = [stage_seconds(os.path.join(out, m))["seconds"],
+                 stage_seconds(os.path.join(out, "variants", f"{m}_seed11"))["seconds"]]
+        assert group["seconds"] == pytest.approx(sum(times) / 2, abs=0.051)
     text = open(os.path.join(out, "results.md")).read()
     assert "Verdict over training seeds" in text and "does distillation beat fine-tuning?" in text
     assert "promptkd against the best baseline" in text and "| test CE | held-out CE |" in text
     teacher_dir = os.path.join(out, "init", "teacher")
     tokenizer = load_tokenizer("t", teacher_dir)
-    model = load_model("t", teacher_dir, torch.float32, torch.device("cpu")).eval()
     examples, _ = load_examples(os.path.join(out, "data", "test.jsonl"), tokenizer, q.max_prompt_length, q.max_length)
-    total = count = 0
-    with torch.no_grad():
-        for e in examples:
-            ids = torch.tensor([e.prompt_ids + e.response_ids + [tokenizer.eos_token_id]])
-            logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1]
-            total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(e.prompt_ids):], reduction="sum"))
-            count += len(e.response_ids) + 1
-    assert results["scores"]["teacher"]["test"]["ce"] == pytest.approx(total / count, rel=1e-4)
+    # The teacher's CE, and kd's on its final weights (the open regime scores every run's last weights).
+    for row, model_dir in (("teacher", teacher_dir), ("kd", os.path.join(out, "kd", "final", "model"))):
+        model = load_model("t", model_dir, torch.float32, torch.device("cpu")).eval()
+        total = count = 0
+        with torch.no_grad():
+            for e in examples:
+                ids = torch.tensor([e.prompt_ids + e.response_ids + [tokenizer.eos_token_id]])
+                logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1]
+                total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(e.prompt_ids):], reduction="sum"))
+                count += len(e.response_ids) + 1
+        assert results["scores"][row]["test"]["ce"] == pytest.approx(total / count, rel=1e-4), row
+    # The references are sampled apart from every evaluation seed: the teacher, sampling again at an
+    # evaluation seed, does not reproduce them.
+    for split in ("test", "test_heldout"):
+        assert all(p["rougeL"] < 100 for p in results["scores"]["teacher"][split]["per_seed"])
+    with open(os.path.join(out, "experiment.json")) as f:
+        assert json.load(f)["references_seed"] == 10 + smollm2.REFERENCES_SEED_OFFSET
+    with pytest.raises(InputError, match="the references' sampling seed"):
+        smollm2.run_experiment(str(tmp_path / "y"), teacher=teacher, quick=True, name="smollm2-open",
+                               train_seeds=(10 + smollm2.REFERENCES_SEED_OFFSET,))
     with pytest.raises(InputError, match="is the experiment's own seed"):
         smollm2.run_experiment(str(tmp_path / "x"), teacher=teacher, quick=True, name="smollm2-open", train_seeds=(10,))
 

@@ -250,13 +250,25 @@ def prepare(out: str, teacher: str, settings: ExperimentSettings, seed: int, log
         if os.path.isfile(paths[split]):
             continue
         t0 = time.perf_counter()
-        answered = answer_with_teacher(model, tokenizer, records, max_new_tokens=settings.max_new_tokens, seed=seed,
+        answered = answer_with_teacher(model, tokenizer, records, max_new_tokens=settings.max_new_tokens,
+                                       seed=references_seed(seed),
                                        temperature=settings.answer_temperature, top_p=1.0, batch_size=64)
         write_jsonl(answered, paths[split])
         cut = sum(r["truncated"] for r in answered)
         log(f"data: {len(answered)} {split} answers by the teacher in {time.perf_counter() - t0:.0f} s ({cut} cut "
             f"at {settings.max_new_tokens} tokens)")
     return paths
+
+
+#: The open regime's references are sampled from ``seed + REFERENCES_SEED_OFFSET``: never an evaluation or
+#: validation seed, whose samples would otherwise draw the same random numbers as the references (the teacher
+#: then reproduces them exactly, and a student near the teacher scores higher for it).
+REFERENCES_SEED_OFFSET = 1_000_000
+
+
+def references_seed(seed: int) -> int:
+    """The sampling seed of the open regime's references (:data:`REFERENCES_SEED_OFFSET`)."""
+    return seed + REFERENCES_SEED_OFFSET
 
 
 def reference_ce(model, tokenizer, examples) -> float:
@@ -413,7 +425,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     from ..hf.layer_drop import init_student
     from ..hf.models import check_model_path
     from ..train.plot import bar_chart, plot_comparison
-    from .stages import best_model, best_weights, cached, start, table, train_stage, verdict
+    from .stages import best_model, cached, final_model, stage_seconds, start, table, train_stage, verdict
 
     hf_logging.disable_progress_bar()
     if name not in EXPERIMENTS:
@@ -438,6 +450,17 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         _config(settings, dict.fromkeys(("train", "valid"), "x"), "x", seed, **{"method": "promptkd", **resolved})
     manifest = {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed,
                 "teacher": os.path.basename(os.path.normpath(teacher))}
+    if settings.regime == "open":
+        # Recorded so that a run from before these rules (references sampled from ``seed``, best weights
+        # scored) is refused on resume rather than mixed with them.
+        manifest.update(references_seed=references_seed(seed), scored="final")
+        for s_ in (*settings.eval_seeds, seed, *train_seeds):
+            if s_ == references_seed(seed):
+                raise InputError(f"seed {s_} is the references' sampling seed (seed + {REFERENCES_SEED_OFFSET}); "
+                                 "choose evaluation and training seeds apart from it")
+    # The weights each run is scored on: in the open regime its last (every method the same budget; 8
+    # validation examples are too few to select on), else the checkpoint validation ROUGE-L selected.
+    scored = final_model if settings.regime == "open" else best_model
     started = time.perf_counter()
     start(out, manifest, resume, overwrite, manifest_name="experiment.json", entries=ENTRIES, what="experiment")
     # Seconds per stage, summed over the invocations of a resumed run (a stage trained earlier adds ~0).
@@ -491,7 +514,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
                                   if "teacher_cache" in changes else {})}
         runs[row] = stage(row, run_dir, **{"method": "promptkd", **common, **resolved})
 
-    models.update({row: best_model(run_dir) for row, run_dir in runs.items()})
+    models.update({row: scored(run_dir) for row, run_dir in runs.items()})
     order = [r for r in ("teacher", "sft_init") if r in models] + [r for r in runs if r not in ("teacher", "sft_init")]
     rows = {}
     for row in order:
@@ -505,7 +528,8 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     if os.path.isfile(cost_path):
         with open(cost_path) as f:
             known = json.load(f)
-    prompt_dirs = {k: os.path.join(best_weights(v), "prompt") for k, v in runs.items() if k.startswith("promptkd")}
+    prompt_dirs = {k: os.path.join(os.path.dirname(scored(v)), "prompt") for k, v in runs.items()
+                   if k.startswith("promptkd")}
     cost = timed("prompt_cost", lambda: prompt_cost(teacher_dir, prompt_dirs, paths, s, init_text, known))
     if cost != known:
         write_text(cost_path, json.dumps(cost, indent=2))
@@ -521,7 +545,8 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     if curves != known_curves:
         write_text(exposure_path, json.dumps(curves, indent=2))
 
-    groups = seed_groups(rows, parsed, seed)
+    groups = seed_groups(rows, parsed, seed, {row: (stage_seconds(run_dir) or {}).get("seconds")
+                                              for row, run_dir in runs.items()})
     parts = [table(rows, len(s.eval_seeds)), verdict(rows), _groups_text(groups, len(s.eval_seeds)),
              seed_verdict(groups)]
     if cache_manifests:
@@ -572,12 +597,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (math.sqrt(sum((x - mean) ** 2 for x in values) / (len(values) - 1)) if len(values) > 1 else 0.0)
 
 
-def seed_groups(rows: dict, variants: dict, seed: int) -> dict:
+def seed_groups(rows: dict, variants: dict, seed: int, seconds: dict | None = None) -> dict:
     """Runs that differ only in their training seed, grouped: {group: {"runs": {row: seed}, "test": mean of the
     runs' test ROUGE-L, "train_std": their std over training seeds (sample std; 0 for one run), "sampling_std":
     the mean of their sampling-seed stds, and where the scores have it "ce" / "ce_std": the mean and training-seed
-    std of the test cross-entropy on the references}}. A group is the method plus every other change of its
-    variant."""
+    std of the test cross-entropy on the references, and where ``seconds`` (row -> training seconds or None) has
+    every run's time "seconds": their mean}}. A group is the method plus every other change of its variant."""
     groups: dict[str, dict] = {}
     for row in rows:
         if row in ("teacher", "sft_init"):
@@ -594,6 +619,9 @@ def seed_groups(rows: dict, variants: dict, seed: int) -> dict:
                      sampling_std=sum(rows[r]["test"]["rougeL_std"] for r in group["runs"]) / len(group["runs"]))
         if all("ce" in rows[r]["test"] for r in group["runs"]):
             group["ce"], group["ce_std"] = _mean_std([rows[r]["test"]["ce"] for r in group["runs"]])
+        times = [(seconds or {}).get(r) for r in group["runs"]]
+        if None not in times:
+            group["seconds"] = round(sum(times) / len(times), 1)
     return groups
 
 
@@ -601,13 +629,15 @@ def _groups_text(groups: dict, seeds: int) -> str:
     with_ce = all("ce" in g for g in groups.values())
     lines = [f"Test ROUGE-L over training seeds (each run: the mean over {seeds} sampling seeds)"
              + (", and the test cross-entropy on the references (nats per token, lower is better)" if with_ce else "")
-             + ":", "", "| runs | training seeds | mean | std over training seeds | mean sampling std |"
-             + (" CE mean | CE std over training seeds |" if with_ce else ""),
-             "|---|---|---|---|---|" + ("---|---|" if with_ce else "")]
+             + "; training wall time per run (mean; — where a run's time was not recorded):", "",
+             "| runs | training seeds | mean | std over training seeds | mean sampling std |"
+             + (" CE mean | CE std over training seeds |" if with_ce else "") + " training s |",
+             "|---|---|---|---|---|" + ("---|---|" if with_ce else "") + "---|"]
     for label, g in groups.items():
         lines.append(f"| {label} | {', '.join(str(x) for x in g['runs'].values())} | {g['test']:.1f} | "
                      f"{g['train_std']:.1f} | {g['sampling_std']:.1f} |"
-                     + (f" {g['ce']:.3f} | {g['ce_std']:.3f} |" if with_ce else ""))
+                     + (f" {g['ce']:.3f} | {g['ce_std']:.3f} |" if with_ce else "")
+                     + (f" {g['seconds']:.0f} |" if "seconds" in g else " — |"))
     return "\n".join(lines)
 
 

@@ -54,6 +54,11 @@ def best_model(run_dir: str) -> str:
     return best if os.path.isdir(best) else os.path.join(run_dir, "final", "model")
 
 
+def final_model(run_dir: str) -> str:
+    """The run's model after its last step (``final/``)."""
+    return os.path.join(run_dir, "final", "model")
+
+
 def best_weights(run_dir: str) -> str:
     """The directory of the checkpoint :func:`best_model` picks (its ``model/``, and ``prompt/`` for promptkd)."""
     return os.path.dirname(best_model(run_dir))
@@ -61,6 +66,7 @@ def best_weights(run_dir: str) -> str:
 
 def train_stage(run_dir: str, config, log, name: str | None = None) -> str:
     """Trains ``config`` into ``run_dir`` unless it finished earlier; resumes one cut before its end."""
+    from ..files import write_text
     from ..train.checkpoints import checkpoints
     from ..train.trainer import train
 
@@ -72,8 +78,24 @@ def train_stage(run_dir: str, config, log, name: str | None = None) -> str:
     # A stage cut before its first checkpoint left only files of its own: start it again.
     again = checkpoints(run_dir)
     train(config, log=lambda _: None, resume=bool(again), overwrite=not again)
-    log(f"{name}: trained in {time.perf_counter() - t0:.0f} s" + (" (resumed)" if again else ""))
+    seconds = time.perf_counter() - t0
+    write_text(os.path.join(run_dir, TIMING), json.dumps({"seconds": round(seconds, 1), "resumed": bool(again)}))
+    log(f"{name}: trained in {seconds:.0f} s" + (" (resumed)" if again else ""))
     return run_dir
+
+
+#: A finished stage's training wall time, written by :func:`train_stage`: {"seconds", "resumed"} (a resumed
+#: stage's seconds are only those of the invocation that finished it).
+TIMING = "timing.json"
+
+
+def stage_seconds(run_dir: str) -> dict | None:
+    """What :func:`train_stage` recorded of ``run_dir``'s training time, or None (trained by an older version)."""
+    path = os.path.join(run_dir, TIMING)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def cached(path: str, compute):
