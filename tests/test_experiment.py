@@ -282,6 +282,8 @@ def test_open_regime_end_to_end_with_training_seeds(teacher, tmp_path):
         times = [stage_seconds(os.path.join(out, m))["seconds"],
                  stage_seconds(os.path.join(out, "variants", f"{m}_seed11"))["seconds"]]
         assert group["seconds"] == pytest.approx(sum(times) / 2, abs=0.051)
+    for plot in ("groups_rougeL.png", "groups_ce.png"):
+        assert os.path.getsize(os.path.join(out, "plots", plot)) > 0
     text = open(os.path.join(out, "results.md")).read()
     assert "Verdict over training seeds" in text and "does distillation beat fine-tuning?" in text
     assert "promptkd against the best baseline" in text and "| test CE | held-out CE |" in text

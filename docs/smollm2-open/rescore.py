@@ -25,6 +25,7 @@ from promptkd.demo.smollm2 import (
     _exposure_text,
     _groups_text,
     exposure,
+    group_plots,
     prompt_cost,
     seed_groups,
     seed_verdict,
@@ -85,6 +86,7 @@ def main(run: str, log_file: str, out: str) -> None:
         {"run": run, "eval_seeds": EVAL_SEEDS, "scored": "final", "scores": rows, "seed_groups": groups,
          "prompt_cost": cost, "exposure": curves, "seconds": seconds}, indent=2))
     plots = os.path.join(out, "plots")
+    group_plots(groups, plots)
     for split, title in (("test", "Test"), ("test_heldout", "Held-out templates")):
         bar_chart({k: v[split]["rougeL"] for k, v in rows.items()}, os.path.join(plots, f"{split}_rougeL.png"),
                   f"{title} ROUGE-L (final weights, mean over {n} sampling seeds)", "ROUGE-L",

@@ -565,6 +565,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         bar_chart({k: v[split]["rougeL"] for k, v in rows.items()}, os.path.join(plots, f"{split}_rougeL.png"),
                   f"{title} ROUGE-L (sampled, mean over {len(s.eval_seeds)} seeds)", "ROUGE-L",
                   errors={k: v[split]["rougeL_std"] for k, v in rows.items()})
+    group_plots(groups, plots)
     distilled = {k: v for k, v in runs.items() if k not in ("teacher", "sft_init")}
     plot_comparison(distilled, "valid/rougeL", os.path.join(plots, "valid_rougeL.png"), "Validation ROUGE-L")
     plot_comparison({k: v for k, v in distilled.items() if k.startswith("promptkd")}, "prompt/loss",
@@ -623,6 +624,21 @@ def seed_groups(rows: dict, variants: dict, seed: int, seconds: dict | None = No
         if None not in times:
             group["seconds"] = round(sum(times) / len(times), 1)
     return groups
+
+
+def group_plots(groups: dict, plots: str) -> list[str]:
+    """Bar charts of :func:`seed_groups`' means with their training-seed stds as error bars: test ROUGE-L
+    (``groups_rougeL.png``) and, where scored, the test cross-entropy (``groups_ce.png``); returns the paths."""
+    from ..train.plot import bar_chart
+
+    paths = [bar_chart({k: g["test"] for k, g in groups.items()}, os.path.join(plots, "groups_rougeL.png"),
+                       "Test ROUGE-L (mean ± std over training seeds)", "ROUGE-L",
+                       errors={k: g["train_std"] for k, g in groups.items()})]
+    if all("ce" in g for g in groups.values()):
+        paths.append(bar_chart({k: g["ce"] for k, g in groups.items()}, os.path.join(plots, "groups_ce.png"),
+                               "Test CE on the references (mean ± std over training seeds)", "nats per token",
+                               errors={k: g["ce_std"] for k, g in groups.items()}))
+    return paths
 
 
 def _groups_text(groups: dict, seeds: int) -> str:
