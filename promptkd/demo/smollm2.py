@@ -454,7 +454,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         # Recorded so that a run from before these rules (references sampled from ``seed``, best weights
         # scored) is refused on resume rather than mixed with them.
         manifest.update(references_seed=references_seed(seed), scored="final")
-        for s_ in (*settings.eval_seeds, seed, *train_seeds):
+        for s_ in (*settings.eval_seeds, *train_seeds):  # validation samples at ``seed``, never equal to it
             if s_ == references_seed(seed):
                 raise InputError(f"seed {s_} is the references' sampling seed (seed + {REFERENCES_SEED_OFFSET}); "
                                  "choose evaluation and training seeds apart from it")

@@ -51,7 +51,7 @@ def start(out: str, manifest: dict, resume: bool, overwrite: bool, *, manifest_n
 def best_model(run_dir: str) -> str:
     """The run's model selected by validation ROUGE-L (``best/``), else its last (``final/``)."""
     best = os.path.join(run_dir, "best", "model")
-    return best if os.path.isdir(best) else os.path.join(run_dir, "final", "model")
+    return best if os.path.isdir(best) else final_model(run_dir)
 
 
 def final_model(run_dir: str) -> str:
@@ -90,7 +90,8 @@ TIMING = "timing.json"
 
 
 def stage_seconds(run_dir: str) -> dict | None:
-    """What :func:`train_stage` recorded of ``run_dir``'s training time, or None (trained by an older version)."""
+    """What :func:`train_stage` recorded of ``run_dir``'s training time, or None (trained by an older version, or
+    cut between its training's end and the record)."""
     path = os.path.join(run_dir, TIMING)
     if not os.path.isfile(path):
         return None
