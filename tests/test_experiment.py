@@ -263,7 +263,7 @@ def test_open_regime_end_to_end_with_training_seeds(teacher, tmp_path):
     equal to a direct computation), and the verdict over training seeds is in results.md."""
     import json
 
-    from promptkd.hf.models import load_model, load_tokenizer
+    from promptkd.hf.models import load_tokenizer
     from promptkd.train.data import load_examples
 
     out = str(tmp_path / "open")
@@ -292,15 +292,8 @@ def test_open_regime_end_to_end_with_training_seeds(teacher, tmp_path):
     examples, _ = load_examples(os.path.join(out, "data", "test.jsonl"), tokenizer, q.max_prompt_length, q.max_length)
     # The teacher's CE, and kd's on its final weights (the open regime scores every run's last weights).
     for row, model_dir in (("teacher", teacher_dir), ("kd", os.path.join(out, "kd", "final", "model"))):
-        model = load_model("t", model_dir, torch.float32, torch.device("cpu")).eval()
-        total = count = 0
-        with torch.no_grad():
-            for e in examples:
-                ids = torch.tensor([e.prompt_ids + e.response_ids + [tokenizer.eos_token_id]])
-                logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1]
-                total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(e.prompt_ids):], reduction="sum"))
-                count += len(e.response_ids) + 1
-        assert results["scores"][row]["test"]["ce"] == pytest.approx(total / count, rel=1e-4), row
+        expected = _reference_ce(model_dir, examples, tokenizer.eos_token_id)
+        assert results["scores"][row]["test"]["ce"] == pytest.approx(expected, rel=1e-4), row
     # The references are sampled apart from every evaluation seed: the teacher, sampling again at an
     # evaluation seed, does not reproduce them.
     for split in ("test", "test_heldout"):
@@ -312,6 +305,55 @@ def test_open_regime_end_to_end_with_training_seeds(teacher, tmp_path):
                                train_seeds=(10 + smollm2.REFERENCES_SEED_OFFSET,))
     with pytest.raises(InputError, match="is the experiment's own seed"):
         smollm2.run_experiment(str(tmp_path / "x"), teacher=teacher, quick=True, name="smollm2-open", train_seeds=(10,))
+
+
+def _reference_ce(model_dir, examples, eos):
+    """Cross-entropy on the examples' responses and closing eos, from full logits, one example at a time."""
+    from promptkd.hf.models import load_model
+
+    model = load_model("t", model_dir, torch.float32, torch.device("cpu")).eval()
+    total = count = 0
+    with torch.no_grad():
+        for e in examples:
+            ids = torch.tensor([e.prompt_ids + e.response_ids + [eos]])
+            logits = model(input_ids=ids).logits[0, len(e.prompt_ids) - 1:-1]
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(e.prompt_ids):], reduction="sum"))
+            count += len(e.response_ids) + 1
+    return total / count
+
+
+def test_open_regime_with_the_student_sft_trained_first(teacher, tmp_path):
+    """``smollm2-open-sft`` at smoke sizes: ``sft_init`` trains the layer-dropped student on the references, its
+    validation logs the cross-entropy on the validation references (equal to a direct computation on its final
+    weights), and every method starts from those final weights."""
+    import json
+
+    import yaml
+
+    from promptkd.hf.models import load_tokenizer
+    from promptkd.train.data import load_examples
+
+    out = str(tmp_path / "open-sft")
+    results = smollm2.run_experiment(out, teacher=teacher, quick=True, name="smollm2-open-sft", log=lambda _: None)
+    q = smollm2.QUICK_OPEN_SFT
+    assert q.sft_steps > 0 and q.regime == "open"
+    assert list(results["scores"]) == ROWS
+    sft_final = os.path.join(out, "sft_init", "final", "model")
+    with open(os.path.join(out, "sft_init", "config.yaml")) as f:
+        assert yaml.safe_load(f)["student"] == os.path.join(out, "init", "student")
+    for m in smollm2.BASELINES:
+        with open(os.path.join(out, m, "config.yaml")) as f:
+            assert yaml.safe_load(f)["student"] == sft_final, m
+    lines = [json.loads(x) for x in open(os.path.join(out, "sft_init", "metrics.jsonl"))]
+    last = lines[-1]
+    assert last["step"] == q.sft_steps and "valid/rougeL" in last
+    tokenizer = load_tokenizer("t", os.path.join(out, "init", "teacher"))
+    valid, _ = load_examples(os.path.join(out, "data", "valid.jsonl"), tokenizer, q.max_prompt_length, q.max_length)
+    assert last["valid/ce"] == pytest.approx(_reference_ce(sft_final, valid, tokenizer.eos_token_id), rel=1e-4)
+    # sft_init is scored on the weights the methods started from.
+    test, _ = load_examples(os.path.join(out, "data", "test.jsonl"), tokenizer, q.max_prompt_length, q.max_length)
+    assert results["scores"]["sft_init"]["test"]["ce"] == pytest.approx(
+        _reference_ce(sft_final, test, tokenizer.eos_token_id), rel=1e-4)
 
 
 def test_seed_verdict_calls_apart_only_gaps_beyond_twice_the_training_seed_std():

@@ -15,13 +15,12 @@ import time
 import torch
 
 from promptkd.demo.open_tasks import answer_with_teacher, generate_open_tasks
-from promptkd.demo.smollm2 import reference_ce
 from promptkd.files import write_jsonl
 from promptkd.hf.layer_drop import init_student
 from promptkd.hf.models import load_model, load_tokenizer
 from promptkd.train import TrainConfig, train
 from promptkd.train.data import load_examples
-from promptkd.train.evaluate import evaluate
+from promptkd.train.evaluate import evaluate, reference_ce
 
 OUT = os.environ.get("OUT", "runs/pilot-open")  # python docs/smollm2-open/pilot.py [methods]; env: TEACHER=dir
 TEACHER = os.environ.get("TEACHER", "runs/smollm2/init/teacher")

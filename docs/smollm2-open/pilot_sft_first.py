@@ -14,11 +14,10 @@ import time
 
 import torch
 
-from promptkd.demo.smollm2 import reference_ce
 from promptkd.hf.models import load_model, load_tokenizer
 from promptkd.train import TrainConfig, train
 from promptkd.train.data import load_examples
-from promptkd.train.evaluate import evaluate
+from promptkd.train.evaluate import evaluate, reference_ce
 
 RUN = sys.argv[1]
 OUT = sys.argv[2]

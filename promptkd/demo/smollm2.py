@@ -1,11 +1,13 @@
-"""``promptkd experiment smollm2`` and ``smollm2-open``: PromptKD and its baselines with a real pretrained teacher,
-offline.
+"""``promptkd experiment smollm2``, ``smollm2-open`` and ``smollm2-open-sft``: PromptKD and its baselines with a real
+pretrained teacher, offline.
 
 Two regimes (:class:`ExperimentSettings` ``regime``): ``smollm2`` runs the demo's short-answer tasks (below);
 ``smollm2-open`` (:data:`OPEN`) runs open-ended instructions (:mod:`promptkd.demo.open_tasks`) whose references
 the pretrained teacher writes in its chat format (stage 1), keeps the teacher as it is (no stage 2) and distils
 the layer-dropped student directly (no ``sft_init``: the recovery setting); its scores add the cross-entropy on
-the references (the held-out language-model loss). ``--train-seeds`` runs every baseline once more per seed
+the references (the held-out language-model loss); it scores every run's final weights. ``smollm2-open-sft``
+(:data:`OPEN_SFT`) is the open regime with ``sft_init`` (its final weights: the validation cross-entropy's plateau)
+before distillation, the setting PromptKD was published in. ``--train-seeds`` runs every baseline once more per seed
 (:func:`seed_variants`); ``results.md`` then holds the means and stds over training seeds and the verdict over
 them (:func:`seed_verdict`).
 
@@ -44,7 +46,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from ..errors import InputError
 from ..train.config import TrainConfig
@@ -111,7 +113,13 @@ QUICK_OPEN = ExperimentSettings(regime="open", n_train=24, n_valid=2, n_test=4, 
                                 max_prompt_length=190, max_new_tokens=6, batch_size=4, teacher_steps=0, sft_steps=0,
                                 distill_steps=2, prompt_lr=0.05, warmup_steps=0, eval_seeds=(10, 20),
                                 exposure_prompts=3, exposure_samples=1, exposure_length=4)
-EXPERIMENTS = {"smollm2": (ExperimentSettings(), QUICK), "smollm2-open": (OPEN, QUICK_OPEN)}
+#: The open regime with the student SFT-trained first (``promptkd experiment smollm2-open-sft``), as PromptKD and
+#: its baselines were published: 60 SFT steps (two epochs, where the validation cross-entropy stops falling;
+#: docs/experiments.md), then 30 steps (one epoch) of each method from there.
+OPEN_SFT = replace(OPEN, sft_steps=60, distill_steps=30)
+QUICK_OPEN_SFT = replace(QUICK_OPEN, sft_steps=2)
+EXPERIMENTS = {"smollm2": (ExperimentSettings(), QUICK), "smollm2-open": (OPEN, QUICK_OPEN),
+               "smollm2-open-sft": (OPEN_SFT, QUICK_OPEN_SFT)}
 
 
 def packaged_teacher() -> str:
@@ -271,34 +279,14 @@ def references_seed(seed: int) -> int:
     return seed + REFERENCES_SEED_OFFSET
 
 
-def reference_ce(model, tokenizer, examples) -> float:
-    """The model's cross-entropy (nats per token) on the examples' references and their closing eos, given the
-    prompts (teacher forcing): the held-out language-model loss of the open regime."""
-    import torch
-
-    from ..hf.models import linear_cross_entropy, lm_hidden
-    from ..train.data import collate
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(examples), 32):
-            chunk = examples[i:i + 32]
-            batch = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], tokenizer.pad_token_id,
-                            tokenizer.eos_token_id)
-            out = lm_hidden(model, batch["input_ids"], batch["attention_mask"])
-            n = int((batch["labels"] != -100).sum())
-            total, count = total + float(linear_cross_entropy(out, batch["labels"])) * n, count + n
-    return total / max(count, 1)
-
-
 def _evaluate(model_dir: str, paths: dict, settings: ExperimentSettings) -> dict:
     """Per split: sampled ROUGE-L and exact match over ``eval_seeds`` (:func:`promptkd.train.evaluate.evaluate`)
-    and ``ce``, the cross-entropy on the references (:func:`reference_ce`)."""
+    and ``ce``, the cross-entropy on the references (:func:`promptkd.train.evaluate.reference_ce`)."""
     import torch
 
     from ..hf.models import load_model, load_tokenizer
     from ..train.data import load_examples
-    from ..train.evaluate import evaluate
+    from ..train.evaluate import evaluate, reference_ce
 
     tokenizer = load_tokenizer("model", model_dir)
     model = load_model("model", model_dir, torch.float32, torch.device("cpu")).eval()
@@ -498,7 +486,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     if s.sft_steps:
         runs["sft_init"] = stage("sft_init", method="sft", student=student_init, lr=s.sft_lr, max_steps=s.sft_steps,
                                  eval_interval=max(1, s.sft_steps // 5))
-        student_dir = best_model(runs["sft_init"])
+        student_dir = scored(runs["sft_init"])
     else:  # the recovery setting: every method starts from the layer-dropped student
         student_dir = models["sft_init"] = student_init
     cache_manifests = build_caches(out, caches, teacher_dir, paths, s, seed, log, timed)

@@ -295,6 +295,28 @@ def evaluate(
             "per_seed": per_seed, "generations": generations, "num_examples": len(checked)}
 
 
+def reference_ce(model, tokenizer, examples, batch_size: int = 32) -> float:
+    """The model's cross-entropy (nats per token) on tokenised examples' first references and their closing eos,
+    given the prompts (teacher forcing): ``examples`` are :class:`promptkd.train.data.Example` (``prompt_ids``,
+    ``response_ids``). The held-out language-model loss of the open regime, and the trainer's ``valid/ce``."""
+    from ..hf.models import linear_cross_entropy, lm_hidden
+    from .data import collate
+
+    _check_int("batch_size", batch_size, 1)
+    device = _model_device(model)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(examples), batch_size):
+            chunk = examples[i:i + batch_size]
+            batch = collate([e.prompt_ids for e in chunk], [e.response_ids for e in chunk], tokenizer.pad_token_id,
+                            tokenizer.eos_token_id)
+            labels = batch["labels"].to(device)
+            out = lm_hidden(model, batch["input_ids"].to(device), batch["attention_mask"].to(device))
+            n = int((labels != -100).sum())
+            total, count = total + float(linear_cross_entropy(out, labels)) * n, count + n
+    return total / max(count, 1)
+
+
 def write_generations(path: str, examples: list[dict], result: dict) -> None:
     """Write one JSON line per example: prompt, prediction (first seed's), references; atomically."""
     checked = _check_examples(examples)

@@ -236,13 +236,24 @@ class Trainer:
     # ---- validation, saving ----
 
     def validate(self) -> dict:
-        from .evaluate import evaluate
+        """Sampled ROUGE-L and exact match on the validation examples and, except under FSDP (whose sharded
+        output weight the chunked loss cannot read outside a forward), ``valid/ce``: the student's
+        cross-entropy on their first references (teacher forcing, nats per token), which shows where SFT
+        stops improving."""
+        from .evaluate import evaluate, reference_ce
 
         examples = [{"prompt": e.prompt, "references": e.references} for e in self.valid_examples]
         result = evaluate(self.student, self.tokenizer, examples, seeds=self.cfg.eval_seeds,
                           max_new_tokens=self.cfg.eval_max_new_tokens, batch_size=self.cfg.eval_batch_size,
                           synced_gpus=self.cfg.fsdp)
-        return {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"]}
+        values = {"valid/rougeL": result["rougeL"], "valid/exact_match": result["exact_match"]}
+        if not self.cfg.fsdp:
+            was_training = self.student.training
+            self.student.eval()
+            values["valid/ce"] = reference_ce(self.student, self.tokenizer, self.valid_examples,
+                                              self.cfg.eval_batch_size)
+            self.student.train(was_training)
+        return values
 
     def _snapshot(self, step: int) -> Snapshot:
         """What every save writes; first the weights and the soft prompt must be finite (one host read;
