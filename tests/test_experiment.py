@@ -350,6 +350,8 @@ def test_open_regime_with_the_student_sft_trained_first(teacher, tmp_path):
     tokenizer = load_tokenizer("t", os.path.join(out, "init", "teacher"))
     valid, _ = load_examples(os.path.join(out, "data", "valid.jsonl"), tokenizer, q.max_prompt_length, q.max_length)
     assert last["valid/ce"] == pytest.approx(_reference_ce(sft_final, valid, tokenizer.eos_token_id), rel=1e-4)
+    for plot in ("sft_init_valid_ce.png", "valid_ce.png"):
+        assert os.path.getsize(os.path.join(out, "plots", plot)) > 0
     # sft_init is scored on the weights the methods started from.
     test, _ = load_examples(os.path.join(out, "data", "test.jsonl"), tokenizer, q.max_prompt_length, q.max_length)
     assert results["scores"]["sft_init"]["test"]["ce"] == pytest.approx(

@@ -32,8 +32,9 @@ Hugging Face Llama-family directory). The data are the demo's instruction tasks
    the test responses without the soft prompt, with its initial (text) prompt and with the prompt
    PromptKD learned; ``exposure/``: ExAccErr over generation length of every student
    (:mod:`promptkd.train.exposure`).
-6. ``results.md`` / ``results.json`` and ``plots/``; runs that differ only in their training ``seed`` are
-   grouped, with the mean and the standard deviation over training seeds.
+6. ``results.md`` / ``results.json`` and ``plots/`` (among them the validation cross-entropy on the
+   references: ``sft_init_valid_ce.png``, where SFT stops improving, and ``valid_ce.png``); runs that differ
+   only in their training ``seed`` are grouped, with the mean and the standard deviation over training seeds.
 
 The output directory follows :mod:`promptkd.demo.stages`: ``--resume`` continues a run (its
 settings recorded in ``experiment.json`` must match), ``--overwrite`` replaces one.
@@ -412,7 +413,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     from ..files import write_text
     from ..hf.layer_drop import init_student
     from ..hf.models import check_model_path
-    from ..train.plot import bar_chart, plot_comparison
+    from ..train.plot import bar_chart, plot_comparison, run_series
     from .stages import best_model, cached, final_model, stage_seconds, start, table, train_stage, verdict
 
     hf_logging.disable_progress_bar()
@@ -556,6 +557,15 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     group_plots(groups, plots)
     distilled = {k: v for k, v in runs.items() if k not in ("teacher", "sft_init")}
     plot_comparison(distilled, "valid/rougeL", os.path.join(plots, "valid_rougeL.png"), "Validation ROUGE-L")
+    # The validation cross-entropy on the references (runs trained before the trainer logged it have none):
+    # sft_init's shows where SFT stops improving, the others how each method moves it.
+    with_ce = {k: v for k, v in runs.items() if k != "teacher" and "valid/ce" in run_series(v)}
+    if "sft_init" in with_ce:
+        plot_comparison({"sft_init": with_ce["sft_init"]}, "valid/ce", os.path.join(plots, "sft_init_valid_ce.png"),
+                        "sft_init: validation CE on the references")
+    if any(k != "sft_init" for k in with_ce):
+        plot_comparison({k: v for k, v in with_ce.items() if k != "sft_init"}, "valid/ce",
+                        os.path.join(plots, "valid_ce.png"), "Validation cross-entropy on the references")
     plot_comparison({k: v for k, v in distilled.items() if k.startswith("promptkd")}, "prompt/loss",
                     os.path.join(plots, "prompt_loss.png"), "PromptKD prompt loss")
     bar_chart({"no prompt": cost["no_prompt"], "initial prompt": cost["initial_prompt"],

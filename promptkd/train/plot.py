@@ -63,7 +63,8 @@ def _series(records: list[dict]) -> dict[str, tuple[list[int], list[float]]]:
     return {key: (sorted(points), [points[s] for s in sorted(points)]) for key, points in sorted(by_metric.items())}
 
 
-def _run_series(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
+def run_series(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
+    """A run directory's metrics as metric -> (steps, values), sorted by step (an error without metrics.jsonl)."""
     path = os.path.join(run_dir, METRICS_FILE)
     if not os.path.isfile(path):
         raise InputError(f"run_dir {run_dir!r} has no {METRICS_FILE}")
@@ -132,7 +133,7 @@ def plot_run(run_dir: str, out_dir: str | None = None) -> list[str]:
     Files go to ``out_dir`` (default ``run_dir/plots``), named after the metric with "/" and other
     characters unsafe in file names replaced by "_" (``train/loss`` -> ``train_loss.png``).
     """
-    series = _run_series(run_dir)
+    series = run_series(run_dir)
     if not series:
         raise InputError(f"run_dir {run_dir!r}: {METRICS_FILE} has no numeric metrics")
     out_dir = out_dir if out_dir is not None else os.path.join(run_dir, "plots")
