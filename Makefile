@@ -8,15 +8,20 @@ install:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e '.[test]'
 
+# The repository root must not be on sys.path while tests run: its kernels/ (installed as promptkd.kernels)
+# would shadow the `kernels` distribution that transformers >= 5.25 imports. `python -m` and xdist's `python -c`
+# workers prepend it; PYTHONSAFEPATH=1 (Python >= 3.11) keeps them from it.
+PYTEST = PYTHONSAFEPATH=1 $(PYTHON) -m pytest
+
 # The whole suite runs on the CPU as CI runs it (Triton's interpreter, CUDA hidden); on a machine with
 # a GPU, the tests marked gpu then run on it with compiled kernels (see tests/conftest.py).
 test:
-	CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 $(PYTHON) -m pytest -q -n $(PYTEST_WORKERS) tests
+	CUDA_VISIBLE_DEVICES= TRITON_INTERPRET=1 $(PYTEST) -q -n $(PYTEST_WORKERS) tests
 	@if $(PYTHON) -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then \
-		$(PYTHON) -m pytest -q -m gpu tests; fi
+		$(PYTEST) -q -m gpu tests; fi
 
 test-gpu:
-	$(PYTHON) -m pytest -q -m gpu tests
+	$(PYTEST) -q -m gpu tests
 
 # On a machine with a GPU, one call under 8 minutes: environment, carried wheels (bench/wheels/), the gpu tests,
 # the GPU benchmarks; results in bench/results/gpu/ (bench/gpu_check.sh; GPU_CHECK_DRY=1 prints the commands only).

@@ -148,7 +148,7 @@ done
 
 # --- tests on the GPU --------------------------------------------------------------------------------------
 if has_module xdist || [[ $DRY == 1 ]]; then
-    step test-gpu 170 "$PY" -m pytest -q -m gpu -n 4 -p no:cacheprovider tests
+    step test-gpu 170 env PYTHONSAFEPATH=1 "$PY" -m pytest -q -m gpu -n 4 -p no:cacheprovider tests
 else
     step test-gpu 170 make test-gpu PYTHON="$PY"
 fi
@@ -165,7 +165,7 @@ done
 step prefix-attn 100 "$PY" bench/bench_prefix_attention.py --device cuda --cases kernel --kernel-shapes 1024:1024 \
     --reps 3 --out "$OUT/prefix_attention.csv"
 step promptkd-step 100 "$PY" bench/bench_promptkd_step.py --device cuda --reps 3 --out "$OUT/promptkd_step.csv"
-step sparse-kd 100 "$PY" -m pytest -q -p no:cacheprovider bench/test_benchmarks.py -k "sparse_kd or topk" \
+step sparse-kd 100 env PYTHONSAFEPATH=1 "$PY" -m pytest -q -p no:cacheprovider bench/test_benchmarks.py -k "sparse_kd or topk" \
     --bench-device cuda --bench-no-memory --benchmark-only --benchmark-min-rounds 3 --benchmark-max-time 1
 
 # --- summary -----------------------------------------------------------------------------------------------
