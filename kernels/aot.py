@@ -15,7 +15,9 @@ It must run without TRITON_INTERPRET=1 (under the interpreter, kernels cannot be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import itertools
 import json
 import os
@@ -107,8 +109,14 @@ def _resources(cubin: bytes) -> tuple[int | None, int | None]:
     return (int(regs.group(1)) if regs else None), (int(local.group(1)) if local else None)
 
 
+def _spill_stores(log: str) -> int | None:
+    stores = re.findall(r"(\d+) bytes spill stores", log)
+    return sum(map(int, stores)) if stores else None
+
+
 def _ptxas_spill_stores(ptx: str, arch: int) -> int | None:
-    """Spill stores as ptxas reports them: the cubin's LOCAL count (spill_bytes) misses spills to the stack."""
+    """Spill stores as ptxas reports them (the cubin's LOCAL count, spill_bytes, misses spills to the stack),
+    from a ptxas run of its own: for a kernel Triton's cache held, whose compile ran no ptxas."""
     try:  # the ptxas Triton itself runs for this arch (Triton 3.9: a newer one for sm_90)
         from triton.backends.nvidia.compiler import get_ptxas
 
@@ -122,19 +130,36 @@ def _ptxas_spill_stores(ptx: str, arch: int) -> int | None:
         f.flush()
         out = subprocess.run([tool, "-v", f"--gpu-name=sm_{arch}{'a' if arch >= 90 else ''}", f.name, "-o", os.devnull],
                              capture_output=True, text=True).stderr
-    stores = re.search(r"(\d+) bytes spill stores", out)
-    return int(stores.group(1)) if stores else None
+    return _spill_stores(out)
+
+
+def _compile(src, target, options):
+    """``triton.compile``, and ptxas's ``-v`` log of that compile when it ran ptxas (None on a cache hit, or with
+    a Triton that cannot print it): ptxas dominates a compile, so running it a second time for the log would
+    double the cost of compiling every configuration."""
+    nvidia = getattr(getattr(triton, "knobs", None), "nvidia", None)
+    if nvidia is None or not hasattr(nvidia, "dump_ptxas_log"):
+        return triton.compile(src, target=target, options=options), None
+    log, before = io.StringIO(), nvidia.dump_ptxas_log
+    nvidia.dump_ptxas_log = True  # Triton then prints ptxas's log to stdout
+    try:
+        with contextlib.redirect_stdout(log):
+            kernel = triton.compile(src, target=target, options=options)
+    finally:
+        nvidia.dump_ptxas_log = before
+    return kernel, (log.getvalue() if "spill stores" in log.getvalue() else None)
 
 
 def compile_one(fn, dtype: str, arch: int, constexprs: dict, num_warps: int, num_stages: int) -> Compiled:
     src = triton.compiler.ASTSource(fn=fn, signature=_signature(fn, dtype, constexprs), constexprs=constexprs)
     options = dict(num_warps=num_warps, num_stages=num_stages, enable_fp_fusion=fn.__name__ not in _NO_FP_FUSION)
-    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    kernel, log = _compile(src, GPUTarget("cuda", arch, 32), options)
     regs, local = _resources(kernel.asm["cubin"])
+    stores = _spill_stores(log) if log is not None else _ptxas_spill_stores(kernel.asm["ptx"], arch)
     variant = ",".join(f"{k}={v}" for k, v in constexprs.items() if not k.startswith("BLOCK"))
     cfg = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK"))
     return Compiled(fn.__name__, f"{dtype} {cfg} w{num_warps}s{num_stages} {variant}", arch,
-                    kernel.metadata.shared, regs, local, _ptxas_spill_stores(kernel.asm["ptx"], arch))
+                    kernel.metadata.shared, regs, local, stores)
 
 
 def _base(cfg: configs.TileConfig, from_logits: bool) -> dict:
