@@ -18,6 +18,26 @@ if not torch.cuda.is_available():
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _threads_per_worker() -> int | None:
+    """The cores each xdist worker may use: the machine's, shared out over the workers (None without xdist)."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers:
+        return None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(workers))
+
+
+# Each worker would otherwise start one torch / OpenMP thread per core: with two workers on two cores, four
+# threads spinning on two cores made the CPU loss tests 25x slower than alone (0.5 s instead of 0.02 s each).
+# The workers' threads share the cores out instead; subprocesses the tests start inherit the same count. The
+# results do not depend on it (every native row pass is per row), and tests/test_native.py runs the native
+# kernels with two threads in a process of their own.
+THREADS = _threads_per_worker()
+if THREADS is not None:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+    torch.set_num_threads(THREADS)
+
+
 def _runs_triton_on_cpu(item) -> bool:
     if "interpret" in item.keywords:
         return True

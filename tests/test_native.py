@@ -146,3 +146,47 @@ def test_info_says_why_the_native_kernels_are_missing(missing_library, capsys):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     assert "UNAVAILABLE" in out and "does not exist" in out and "cmake" in out
+
+
+def _openmp_threads() -> int | None:
+    """omp_get_max_threads() of the libgomp this process loaded (torch's, which the native library shares)."""
+    import ctypes
+
+    with open("/proc/self/maps") as f:
+        paths = {line.split()[-1] for line in f if "libgomp" in line}
+    for path in paths:
+        return ctypes.CDLL(path).omp_get_max_threads()
+    return None
+
+
+def test_native_rows_are_the_same_bits_on_one_thread_and_two():
+    """The suite runs each xdist worker on one thread (tests/conftest.py); the native passes must not depend on
+    it: rows split over two OpenMP threads (each with its own scratch rows) give the one-thread bits, for the KD
+    pass, top-k, sampling and the sparse loss."""
+    require_native()
+    s, t = _rows(3, 64, 1037)
+    settings = KDSettings(divergence="jsd", beta=0.3, temperature=1.3, hard_weight=0.2, vocab_size=1037)
+    targets = torch.randint(0, 1037, (64,), generator=torch.Generator().manual_seed(5))
+    scale = torch.rand(64, generator=torch.Generator().manual_seed(6))
+    ids, lp = native.topk_rows(t.clone(), 16, 1 / 1.3)
+    keys, counters = torch.arange(64, dtype=torch.int64) * 7919, torch.zeros(64, dtype=torch.int64)
+
+    def passes():
+        a, b = s.clone(), t.clone()
+        kd = native.kd_rows(a, b, targets, scale, settings, True, True)
+        sp = s.clone()
+        sparse = native.sparse_rows(sp, ids, lp, targets, scale, True, 1 / 1.3, 1.0, 0.2)
+        return [kd, a, b, *native.topk_rows(t.clone(), 16, 1 / 1.3), *native.sample_rows(t.clone(), 12, 12, 1.0, keys,
+                                                                                         counters), sparse, sp]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = passes()
+        torch.set_num_threads(2)
+        assert _openmp_threads() in (None, 2)
+        two = passes()
+    finally:
+        torch.set_num_threads(threads)
+    for i, (x, y) in enumerate(zip(one, two, strict=True)):
+        assert torch.equal(x, y), i
