@@ -150,6 +150,10 @@ def exact_truth(tensors: dict, labels, grad_out_seed=2, digits=50, **kwargs) -> 
     dzs, dzt = torch.zeros(n, v, dtype=torch.float64), torch.zeros(n, v, dtype=torch.float64)
     inv_t = 1 / mpmath.mpf(s.temperature)
 
+    def logsumexp(values):
+        top = max(values)
+        return top + mpmath.log(sum(mpmath.exp(x - top) for x in values))
+
     def log_mix(lp, lq):
         terms = [x + w for x, w in ((lp, lw_p), (lq, lw_q)) if w is not None]
         hi = max(terms)
@@ -159,8 +163,7 @@ def exact_truth(tensors: dict, labels, grad_out_seed=2, digits=50, **kwargs) -> 
     for i in range(n):
         a = [mpmath.mpf(float(z)) * inv_t for z in zs[i]]
         b = [mpmath.mpf(float(z)) * inv_t for z in zt[i]]
-        lse_a = max(a) + mpmath.log(sum(mpmath.exp(x - max(a)) for x in a))
-        lse_b = max(b) + mpmath.log(sum(mpmath.exp(x - max(b)) for x in b))
+        lse_a, lse_b = logsumexp(a), logsumexp(b)
         f, gp, gq = [], [], []
         for av, bv in zip(a, b, strict=True):
             lq, lp = av - lse_a, bv - lse_b
@@ -195,7 +198,7 @@ def exact_truth(tensors: dict, labels, grad_out_seed=2, digits=50, **kwargs) -> 
         ss = [s.soft_weight * inv_t * x for x in sa]
         if s.has_hard:
             raw = [mpmath.mpf(float(z)) for z in zs[i]]
-            lse_c = max(raw) + mpmath.log(sum(mpmath.exp(x - max(raw)) for x in raw))
+            lse_c = logsumexp(raw)
             lab = int(labels[i]) if counted[i] else 0
             loss_i += s.hard_weight * (lse_c - raw[lab])
             soft = [mpmath.exp(x - lse_c) for x in raw]
