@@ -8,10 +8,7 @@ install:
 	$(PYTHON) -m pip install torch==2.13.0
 	$(PYTHON) -m pip install -e '.[test]'
 
-# The repository root must not be on sys.path while tests run: its kernels/ (installed as promptkd.kernels)
-# would shadow the `kernels` distribution that transformers >= 5.25 imports. `python -m` and xdist's `python -c`
-# workers prepend it; PYTHONSAFEPATH=1 (Python >= 3.11) keeps them from it.
-PYTEST = PYTHONSAFEPATH=1 $(PYTHON) -m pytest
+PYTEST = $(PYTHON) -m pytest
 
 # The whole suite runs on the CPU as CI runs it (Triton's interpreter, CUDA hidden); on a machine with
 # a GPU, the tests marked gpu then run on it with compiled kernels (see tests/conftest.py).

@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 here = Path(__file__).parent
@@ -14,9 +14,10 @@ version = re.search(r'__version__ = "([^"]+)"', (here / "promptkd" / "__init__.p
 
 
 class NativeKernels(build_ext):
-    """Builds the native CPU kernels (CMakeLists.txt) into promptkd/kernels/cpu/ (kernels/cpu/ in the
-    source tree for an editable install). A failed build (no compiler, no cmake) warns and leaves the
-    install working: promptkd then uses torch ops, and says so once at run time (``promptkd info``)."""
+    """Builds the native CPU kernels (CMakeLists.txt) into promptkd/kernels/cpu/ (for an editable install, the
+    source tree's promptkd/kernels/cpu/: kernels/cpu/ through the link). A failed build (no compiler, no cmake)
+    warns and leaves the install working: promptkd then uses torch ops, and says so once at run time
+    (``promptkd info``)."""
 
     def run(self):
         for ext in self.extensions:
@@ -46,11 +47,14 @@ setup(
     long_description=(here / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # The Triton kernels live in kernels/ and install as promptkd.kernels.
-    packages=["promptkd", "promptkd.kd", "promptkd.sparse", "promptkd.attention", "promptkd.hf", "promptkd.train",
-              "promptkd.demo", "promptkd.kernels"],
+    # The Triton kernels live in the top-level kernels/ folder, which promptkd/kernels links to (a committed
+    # symlink): promptkd.kernels is that folder, in a wheel, an editable install and the bare checkout alike.
+    # kernels/ has no __init__.py on purpose: from the checkout root, where Python puts the working directory
+    # first on sys.path, a regular package there would shadow the `kernels` distribution transformers imports;
+    # a directory without one is at most a namespace portion, which loses to any installed regular package.
+    # promptkd.kernels is therefore a namespace package (DESIGN.md, "How kernels/ is packaged").
+    packages=[*find_packages(include=["promptkd", "promptkd.*"]), "promptkd.kernels"],
     # CMakeLists.txt builds kernels/cpu/*.cpp; the sources ship in the sdist (MANIFEST.in)
-    package_dir={"promptkd": "promptkd", "promptkd.kernels": "kernels"},
     # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
     # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.
     # The trainer adds tokenizers (the demo's BPE), PyYAML (configs), tqdm, rouge-score (evaluation) and

@@ -34,9 +34,9 @@ def library_path() -> Path:
     override = os.environ.get("PROMPTKD_NATIVE_LIB")
     if override:
         return Path(override)
-    from .. import kernels
+    from .. import kernels  # a namespace package (DESIGN.md): a __path__, no __file__
 
-    return Path(kernels.__file__).resolve().parent / "cpu" / LIBRARY_NAME
+    return Path(next(iter(kernels.__path__))).resolve() / "cpu" / LIBRARY_NAME
 
 
 @functools.cache
