@@ -27,6 +27,7 @@ import os
 import sys
 
 from .errors import InputError, TrainingDiverged
+from .hf.families import family_names
 
 
 def _train(args) -> int:
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init-student", help="a student made from the teacher by dropping decoder layers",
                           description="Writes a Hugging Face model directory: the teacher's embeddings, the kept "
                                       "decoder layers (renumbered, in order), final norm, output head, config and "
-                                      "tokenizer. Families: GPT-2, Llama, Mistral, Qwen2, OPT.")
+                                      f"tokenizer. Families: {family_names()}.")
     init.add_argument("--teacher", required=True, help="a model directory, hub name or .gguf file")
     which = init.add_mutually_exclusive_group(required=True)
     which.add_argument("--layers", help="the teacher layers to keep: ascending indices from 0, e.g. 0,3,6")

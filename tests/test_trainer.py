@@ -762,18 +762,3 @@ def test_sampling_streams_differ_per_rank(setup, tmp_path):
         trainer.distill.rank = rank
         seeds |= {trainer.distill.sample_seed(step, micro) for step in range(4) for micro in range(2)}
     assert len(seeds) == 16
-
-
-def test_old_import_paths_still_work_and_warn(monkeypatch):
-    """promptkd.trainer and promptkd.config (the 0.1 homes) alias promptkd.train for one release."""
-    import importlib
-
-    import promptkd.train
-
-    for name in ("promptkd.trainer", "promptkd.config"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-        with pytest.warns(DeprecationWarning, match="promptkd.train"):
-            module = importlib.import_module(name)
-        assert module.TrainConfig is promptkd.train.TrainConfig
-    assert sys.modules["promptkd.trainer"].train is promptkd.train.train
-    assert sys.modules["promptkd.trainer"].Trainer is promptkd.train.Trainer

@@ -32,9 +32,11 @@ import torch.nn.functional as F
 
 from ..attention import prefix_attention
 from . import fsdp
+from .families import MODEL_TYPES, unsupported
 
 ATTN_IMPLEMENTATION = "promptkd_prefix"
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "opt")
+#: The model types prefix attention and the prompted teacher take: the registry's (:mod:`promptkd.hf.families`).
+SUPPORTED_MODEL_TYPES = MODEL_TYPES
 
 
 @dataclass(frozen=True)
@@ -237,8 +239,7 @@ def check_supported(model) -> str:
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model: architecture {model_type!r} ({type(model).__name__}) is not supported; "
-                         f"supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(f"model: {type(model).__name__}: " + unsupported("prefix attention", model_type))
     if model.get_output_embeddings() is None:
         raise ValueError(f"model: {type(model).__name__} has no output embedding; pass a *ForCausalLM model")
     return model_type

@@ -22,19 +22,10 @@ from torch import nn
 
 from ..errors import InputError
 from ..files import publish_dir
+from .families import FAMILIES, unsupported
 
-# Where each family keeps its decoder layers, from the causal LM.
-LAYER_LISTS = {
-    "gpt2": "transformer.h",
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "qwen3": "model.layers",
-    "phi3": "model.layers",
-    "gemma2": "model.layers",
-    "gemma3_text": "model.layers",
-    "opt": "model.decoder.layers",
-}
+#: Where each family keeps its decoder layers, from the causal LM (the registry's, :mod:`promptkd.hf.families`).
+LAYER_LISTS = {model_type: family.layers for model_type, family in FAMILIES.items()}
 
 
 def num_layers(config) -> int:
@@ -43,8 +34,7 @@ def num_layers(config) -> int:
 
 def check_family(config) -> None:
     if config.model_type not in LAYER_LISTS:
-        raise InputError(f"layer dropping does not know where a {config.model_type!r} model keeps its layers; "
-                         f"supported model types: {', '.join(LAYER_LISTS)}")
+        raise InputError(unsupported("layer dropping", config.model_type))
 
 
 def spread(n: int, total: int) -> list[int]:
