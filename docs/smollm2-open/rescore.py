@@ -20,12 +20,12 @@ import sys
 from promptkd.demo.smollm2 import (
     BASELINES,
     ExperimentSettings,
-    _cost_text,
-    _evaluate,
-    _exposure_text,
-    _groups_text,
+    cost_text,
+    evaluate_model,
     exposure,
+    exposure_text,
     group_plots,
+    groups_text,
     prompt_cost,
     seed_groups,
     seed_verdict,
@@ -60,7 +60,7 @@ def main(run: str, log_file: str, out: str) -> None:
     for row, model_dir in models.items():
         file = row.replace("[", "_").replace("]", "")
         rows[row] = cached(os.path.join(out, "scores", f"{file}.json"),
-                           lambda d=model_dir: _evaluate(d, paths, settings))
+                           lambda d=model_dir: evaluate_model(d, paths, settings))
         print(f"{row}: test ROUGE-L {rows[row]['test']['rougeL']:.1f}, CE {rows[row]['test']['ce']:.3f}", flush=True)
     seconds = {}
     with open(log_file) as f:
@@ -78,8 +78,8 @@ def main(run: str, log_file: str, out: str) -> None:
     curves = cached(os.path.join(out, "exposure", "exposure.json"),
                     lambda: exposure(teacher_dir, students, paths, settings, seed, os.path.join(out, "exposure")))
     n = len(EVAL_SEEDS)
-    text = "\n\n".join([table(rows, n), verdict(rows), _groups_text(groups, n), seed_verdict(groups),
-                        _cost_text(cost, "teacher"), _exposure_text(curves, "teacher")])
+    text = "\n\n".join([table(rows, n), verdict(rows), groups_text(groups, n), seed_verdict(groups),
+                        cost_text(cost, "teacher"), exposure_text(curves, "teacher")])
     print(text)
     write_text(os.path.join(out, "results.md"), text + "\n")
     write_text(os.path.join(out, "results.json"), json.dumps(
