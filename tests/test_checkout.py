@@ -151,3 +151,10 @@ def test_a_wheel_holds_every_module_and_works_away_from_the_checkout(tmp_path):
         assert Path(got[key]).resolve().is_relative_to(site.resolve()), got
     assert [Path(p).resolve() for p in got["kernels"]] == [(site / "promptkd" / "kernels").resolve()]
     assert got["native"]
+
+
+def test_no_module_is_over_450_lines():
+    """Rooms a newcomer can hold in their head: a module that grows past this is split along its seams."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "promptkd").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
