@@ -52,44 +52,56 @@ def test_the_kernels_folder_is_no_regular_package():
     assert link.is_symlink() and os.readlink(link) == "../kernels"
 
 
-def test_import_kernels_from_the_checkout_root_finds_the_distribution():
-    found = python("-c", "import kernels, json; print(json.dumps([getattr(kernels, '__file__', None), "
-                         "list(kernels.__path__)]))")
-    file, path = json.loads(found)
+#: One interpreter from the checkout root does what a user's first lines there would: import the `kernels`
+#: distribution, build a transformers model, run a promptkd loss (each import costs seconds: done once).
+FROM_ROOT = textwrap.dedent("""
+    import json, kernels
+    found = {"kernels": [getattr(kernels, "__file__", None), list(kernels.__path__)]}
+    """) + TINY_MODEL + textwrap.dedent("""
+    import torch, promptkd, promptkd.kernels.configs
+    from promptkd.kd import native
+    from transformers.utils import is_kernels_available
+    loss = promptkd.fused_linear_kd_loss(torch.randn(4, 8), torch.randn(11, 8), torch.randn(4, 8),
+                                         torch.randn(11, 8), impl="chunked")
+    found.update(promptkd_kernels=list(promptkd.kernels.__path__), native=native.library() is not None,
+                 why=native.unavailable_reason(), loss=float(loss), kernels_available=is_kernels_available())
+    print(json.dumps(found))
+    """)
+
+
+@pytest.fixture(scope="module")
+def from_root() -> tuple[dict, str]:
+    out = python("-c", FROM_ROOT)
+    return json.loads(out.splitlines()[-1]), out
+
+
+def test_import_kernels_from_the_checkout_root_finds_the_distribution(from_root):
+    found, _ = from_root
+    file, path = found["kernels"]
     try:
         dist = importlib.metadata.distribution("kernels")
     except importlib.metadata.PackageNotFoundError:
         # No distribution (transformers < 5.25 does not need one): the folder is a namespace portion at most,
         # which transformers' availability check tells from an installed package.
-        assert file is None, file
-        assert "False" in python("-c", "from transformers.utils import is_kernels_available as a; print(a())")
+        assert file is None and not found["kernels_available"], found
         return
     installed = Path(str(dist.locate_file(""))).resolve()
     assert file is not None and Path(file).resolve().is_relative_to(installed), (file, installed)
     assert not Path(file).resolve().is_relative_to(ROOT / "kernels"), file
 
 
-def test_transformers_models_load_from_the_checkout_root():
-    assert "model ok" in python("-c", TINY_MODEL)
+def test_transformers_models_load_from_the_checkout_root(from_root):
+    assert "model ok" in from_root[1]  # python -c
     assert "model ok" in python("-", stdin=TINY_MODEL)  # python - <<EOF
 
 
-def test_promptkd_and_its_kernels_import_from_the_checkout_root():
-    script = textwrap.dedent("""
-        import json, torch, promptkd, promptkd.kernels.configs
-        from promptkd.kd import native
-        loss = promptkd.fused_linear_kd_loss(torch.randn(4, 8), torch.randn(11, 8), torch.randn(4, 8),
-                                             torch.randn(11, 8), impl="chunked")
-        print(json.dumps({"kernels": list(promptkd.kernels.__path__), "native": native.library() is not None,
-                          "why": native.unavailable_reason(), "loss": float(loss)}))
-    """)
-    got = json.loads(python("-c", script + "\n" + TINY_MODEL).splitlines()[0])
-    assert [Path(p).resolve() for p in got["kernels"]] == [(ROOT / "kernels").resolve()]
+def test_promptkd_and_its_kernels_import_from_the_checkout_root(from_root):
+    got, _ = from_root
+    assert [Path(p).resolve() for p in got["promptkd_kernels"]] == [(ROOT / "kernels").resolve()]
     if os.environ.get("PROMPTKD_REQUIRE_NATIVE") == "1":
         assert got["native"], got["why"]
-    assert got["loss"] == got["loss"]  # finite, computed
-    assert "usage: promptkd" in python("-m", "promptkd", "--help")
-    assert "native CPU kernels" in python("-m", "promptkd", "info")
+    assert got["loss"] == got["loss"]  # a number, computed
+    assert "native CPU kernels" in python("-m", "promptkd", "info")  # python -m promptkd
 
 
 def test_python_m_pytest_runs_from_the_checkout_root():
