@@ -58,9 +58,9 @@ setup(
     # Any torch >= 2.5 (SDPA with enable_gqa) works: a CPU build (pip install torch==2.13.0) or the CUDA
     # build already on a GPU machine satisfy it, so installing promptkd never replaces or pulls a torch build.
     # The trainer adds tokenizers (the demo's BPE), PyYAML (configs), tqdm, rouge-score (evaluation) and
-    # matplotlib (plots); TensorBoard logging switches on when the optional extra is installed.
+    # matplotlib (plots), requests (a served teacher's HTTP); TensorBoard logging switches on with the extra.
     install_requires=["torch>=2.5", "triton>=3.6; platform_system == 'Linux'", "numpy", "transformers>=5.0",
-                      "safetensors", "tokenizers", "pyyaml", "tqdm", "rouge-score", "matplotlib"],
+                      "safetensors", "tokenizers", "pyyaml", "tqdm", "rouge-score", "matplotlib", "requests"],
     # The benchmarks need nothing beyond the package and the test extra (PEFT: the prompt-tuning baseline);
     # liger-kernel, if installed, adds a GPU baseline.
     # gguf: models from .gguf files (transformers' GGUF loader needs gguf >= 0.10 and accelerate). accelerate

@@ -100,8 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
                                        "every response position, its top-k ids or the ids of S samples with their "
                                        "log-probabilities to --out (safetensors shards, manifest.json last; see "
                                        "promptkd.train.teacher_cache). Works under torchrun (each process caches a "
-                                       "share of the examples).")
-    cache.add_argument("--teacher", required=True, help="a model directory, hub name or .gguf file")
+                                       "share of the examples). With --server, a vLLM or SGLang server scores the "
+                                       "examples instead (top-k only; see docs/served.md).")
+    teacher = cache.add_mutually_exclusive_group(required=True)
+    teacher.add_argument("--teacher", help="a model directory, hub name or .gguf file, run in this process")
+    teacher.add_argument("--server", help="the URL of a served teacher, e.g. http://localhost:8000")
+    cache.add_argument("--api", default=None, choices=("vllm", "sglang"), help="the server's API (default vllm)")
+    cache.add_argument("--model", default=None, help="the served model's name (default: the only one it serves)")
+    cache.add_argument("--concurrency", type=int, default=None, help="requests in flight to the server (default 8)")
+    cache.add_argument("--timeout", type=float, default=None,
+                       help="seconds for each server request before it is retried (default 120)")
+    cache.add_argument("--retries", type=int, default=None, help="retries of a failed server request (default 4)")
     cache.add_argument("--data", required=True, help="the training JSONL file (the run's train_file)")
     cache.add_argument("--top-k", type=int, default=None, metavar="K", help="cache the K most likely ids")
     cache.add_argument("--samples", type=int, default=None, metavar="S",
@@ -111,12 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--max-length", type=int, default=512, help="as the run's max_length (default 512)")
     cache.add_argument("--max-prompt-length", type=int, default=256,
                        help="as the run's max_prompt_length (default 256)")
-    cache.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward (default 8)")
+    cache.add_argument("--batch-size", type=int, default=None,
+                       help="examples per teacher forward, or per round of server requests (default 8; 64 with "
+                            "--server)")
     cache.add_argument("--dtype", default="float16", help="of the stored log-probabilities: float16 (default) or "
                                                           "float32")
     cache.add_argument("--seed", type=int, default=0, help="of sampled targets (default 0)")
     cache.add_argument("--shard-mb", type=float, default=256.0, help="MiB per shard file (default 256)")
-    cache.add_argument("--tokenizer", default="", help="default: the teacher's")
+    cache.add_argument("--tokenizer", default="", help="default: the teacher's; with --server, the student's (needed)")
     cache.add_argument("--vocab-size", type=int, default=None,
                        help="how many leading rows of the teacher's output layer are real tokens (default: its "
                             "config's vocab_size)")

@@ -23,18 +23,34 @@ def train(args) -> int:
 
 def _cache_args(args) -> dict:
     return dict(top_k=args.top_k, samples=args.samples, temperature=args.temperature, max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
-                shard_mb=args.shard_mb, tokenizer=args.tokenizer or None, vocab_size=args.vocab_size,
-                device=args.device, resume=args.resume, overwrite=args.overwrite)
+                max_prompt_length=args.max_prompt_length, dtype=args.dtype, seed=args.seed, shard_mb=args.shard_mb,
+                tokenizer=args.tokenizer or None, vocab_size=args.vocab_size, resume=args.resume,
+                overwrite=args.overwrite)
 
 
 def cache_teacher(args) -> int:
     from .train import distributed
-    from .train.teacher_cache import cache_teacher, check_cache_args
+    from .train.teacher_cache import cache_teacher, check_cache_args, write_cache
 
-    check_cache_args(args.teacher, args.data, args.out, **_cache_args(args), flags=True)
+    served = {"api": args.api, "model": args.model, "concurrency": args.concurrency, "timeout": args.timeout,
+              "retries": args.retries}
+    if args.server is not None:
+        from .served import check_server_args
+
+        defaults = {"api": "vllm", "concurrency": 8, "timeout": 120.0, "retries": 4}
+        served = {k: defaults.get(k) if v is None else v for k, v in served.items()}
+        options = dict(_cache_args(args), batch_size=args.batch_size or 64)
+        source = check_server_args(args.server, args.data, args.out, **served, **options, flags=True)
+        write_cache(source, args.data, args.out, **options, device="cpu")
+        return 0
+    given = [f"--{k}" for k, v in served.items() if v is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} to a served teacher "
+                         "(--server URL), not to --teacher")
+    options = dict(_cache_args(args), batch_size=args.batch_size or 8, device=args.device)
+    check_cache_args(args.teacher, args.data, args.out, **options, flags=True)
     distributed.EXIT_WITHOUT_FINALIZING = True  # main() ends the process if a gloo group lingers
-    cache_teacher(args.teacher, args.data, args.out, **_cache_args(args))
+    cache_teacher(args.teacher, args.data, args.out, **options)
     return 0
 
 

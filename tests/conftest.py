@@ -45,17 +45,8 @@ def _runs_triton_on_cpu(item) -> bool:
     return "triton" in item.originalname or any(value == "triton" for value in params.values())
 
 
-#: Files whose tests run longest (AOT compiles, torchrun, whole demo and experiment runs), collected first so that
-#: xdist hands them out before the short ones and no worker is left with a long test at the end; each file's
-#: tests keep their order (and so their module fixtures).
-LONG_FIRST = ("test_compile.py", "test_trainer.py", "test_teacher_cache.py", "test_cli.py", "test_experiment.py",
-              "test_checkout.py", "test_prompted_teacher.py", "test_torch_compile.py")
-
-
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the markers added here
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))  # stable: file order kept otherwise
     for item in items:
         if "gpu" in item.keywords:
             if not torch.cuda.is_available():

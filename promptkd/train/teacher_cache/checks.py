@@ -93,4 +93,4 @@ def check_cache_args(teacher, data, out, *, top_k=None, samples=None, temperatur
                    max_prompt_length=max_prompt_length, batch_size=batch_size, dtype=dtype, seed=seed,
                    shard_mb=shard_mb, tokenizer=tokenizer, vocab_size=vocab_size, device=device, resume=resume,
                    overwrite=overwrite, name=name)
-    InProcessTeacher(teacher).check(name)
+    InProcessTeacher(teacher).check(name, "top_k" if top_k is not None else "samples", temperature)

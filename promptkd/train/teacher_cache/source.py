@@ -17,10 +17,12 @@ from .format import canonical, check_width, sha256_bytes
 class TeacherSource:
     """What the writer asks of a teacher, in this order:
 
-    1. :meth:`check` before anything loads (every process): its own arguments (InputError naming them);
+    1. :meth:`check` before anything loads (every process): its own arguments and whether it can give the
+       targets asked for (InputError naming them);
     2. :meth:`describe` on rank 0, once: the teacher's record for ``cache.json`` and the manifest: ``teacher``
        (a JSON fingerprint; a resume must find the same ``teacher_sha256``), ``vocab_size`` (the ids targets can
-       name), ``teacher_logit_transform`` (what the teacher applies to its logits, recorded);
+       name), ``teacher_logit_transform`` (what the teacher applies to its logits, recorded) and, where a row holds
+       more than k targets, ``width`` (the stored row width);
     3. :meth:`open` on every process once there is work, with the run's settings (``mode``, ``k``,
        ``samples``, ``temperature``, ``vocab_size``, ...) and the process's device;
     4. :meth:`targets` per batch: the targets of the batch's counted positions (``labels != -100``), in
@@ -31,10 +33,12 @@ class TeacherSource:
 
     tokenizer_path: str
 
-    def check(self, name) -> None:
-        """``name(argument)``: how the caller names an argument (``--teacher`` on the command line)."""
+    def check(self, name, mode: str, temperature: float) -> None:
+        """``name(argument)``: how the caller names an argument (``--teacher`` on the command line); ``mode``:
+        ``top_k`` or ``samples``."""
 
-    def describe(self, mode: str, k: int, vocab_size: int | None) -> dict:
+    def describe(self, mode: str, k: int, vocab_size: int | None, tokenizer, temperature: float) -> dict:
+        """``tokenizer``: the one the examples are encoded with (loaded)."""
         raise NotImplementedError
 
     def open(self, settings: dict, device: torch.device) -> None:
@@ -42,8 +46,9 @@ class TeacherSource:
 
     def targets(self, batch: dict, counted: torch.Tensor, keys: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids [rows, k] int64 (-1: no target) and log-probabilities [rows, k] float32 (-inf there), on the CPU,
-        for the ``rows = counted.sum()`` counted positions of ``batch`` (:func:`promptkd.train.data.collate`)."""
+        """ids [rows, width] int64 (-1: no target) and log-probabilities [rows, width] float32 (-inf there), on the
+        CPU, for the ``rows = counted.sum()`` counted positions of ``batch`` (:func:`promptkd.train.data.collate`,
+        plus ``examples`` [B]: each row's example index)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -98,12 +103,12 @@ class InProcessTeacher(TeacherSource):
         self.model = None
         self.settings: dict = {}
 
-    def check(self, name) -> None:
+    def check(self, name, mode: str = "top_k", temperature: float = 1.0) -> None:
         from ...hf.models import check_model_path
 
         check_model_path(name("teacher"), self.path)
 
-    def describe(self, mode: str, k: int, vocab_size: int | None) -> dict:
+    def describe(self, mode: str, k: int, vocab_size: int | None, tokenizer=None, temperature: float = 1.0) -> dict:
         from ...hf.models import load_config, logit_transform
 
         config = load_config("teacher", self.path)

@@ -215,6 +215,7 @@ class _Run:
             positions = (counted.cumsum(1) - 1)[counted]
             owners = torch.arange(first, stop)[:, None].expand_as(counted)[counted]
             keys = row_keys(s["seed"], owners, positions)
+        batch["examples"] = torch.arange(first, stop)
         ids, logprobs = source.targets(batch, counted, keys)
         rows = sum(counts)
         if tuple(ids.shape) != (rows, s["k"]) or tuple(logprobs.shape) != (rows, s["k"]):
@@ -248,9 +249,10 @@ class _Run:
 def _settings(source: TeacherSource, data, tokenizer_path, tokenizer, mode, k, samples, temperature, max_length,
               max_prompt_length, batch_size, dtype, seed, shard_mb, vocab_size, processes) -> dict:
     """What ``cache.json`` records (rank 0 computes it: the teacher is fingerprinted once)."""
-    teacher = source.describe(mode, k, vocab_size)
+    teacher = source.describe(mode, k, vocab_size, tokenizer, float(temperature))
     vocab = teacher["vocab_size"]
     check_width(mode, k, vocab)
+    k = teacher.get("width", k)  # the stored row width: a served teacher adds the label where it is not in the top k
     words = tokenizer_digest(tokenizer)
     data_sha256 = file_digest(data)
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "promptkd_version": promptkd_version(),
