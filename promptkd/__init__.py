@@ -13,6 +13,7 @@ from .sparse import (
     SparseTargets,
     fused_linear_sparse_kd_loss,
     fused_linear_topk,
+    sampled_reverse_kl_loss,
     sparse_kd_loss,
 )
 
@@ -21,6 +22,6 @@ __version__ = "0.2.0"
 __all__ = ["fused_linear_kd_loss", "kd_loss", "fused_linear_kl_pair_loss", "prefix_attention",
            "FusedLinearKDLoss", "KDLoss", "KDSettings",
            "fused_linear_topk", "SparseTargets", "fused_linear_sparse_kd_loss", "sparse_kd_loss",
-           "FusedLinearSparseKDLoss", "SparseKDLoss", "SparseKDSettings",
+           "FusedLinearSparseKDLoss", "SparseKDLoss", "SparseKDSettings", "sampled_reverse_kl_loss",
            "PromptedTeacher", "TeacherOutput",
            "DIVERGENCES", "REDUCTIONS", "__version__"]

@@ -17,6 +17,13 @@ a list of k such triples per token (null for the first). ``GET /get_model_info``
 (``model_path``), ``GET /get_server_info`` describes the server. promptkd reads SGLang's documented format; it
 is tested against answers of that format (its reference server), not against a live SGLang.
 
+**Hidden states** (vLLM only): a second vLLM server, started as a pooling model with ``--runner pooling --convert
+embed --pooler-config '{"task": "token_embed", "tok_pooling_type": "ALL", "use_activation": false}'``, answers
+``POST /pooling`` with ``{"model", "input": [ids], "task": "token_embed"}`` by the final hidden states (after the
+model's final norm: the input of its output head), ``data[0].data`` [n, D]. One vLLM server runs one runner: the
+scoring server and the hidden-state server are two processes. SGLang's hidden-state output is not read by
+promptkd (not verified here): ``hidden`` refuses it.
+
 Each API gives, for a sequence of n ids, n - 1 :class:`Position` records: position i (1 <= i < n) is the
 distribution that predicts token i from tokens 0..i-1.
 """
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 from .client import Client, RequestRefused, ServerError
 
@@ -84,6 +93,12 @@ class API:
         """The n - 1 positions of ``ids`` (n >= 2)."""
         raise NotImplementedError
 
+    def hidden(self, client: Client, model: str, ids: list[int], what: str = "a hidden-state request"
+               ) -> torch.Tensor:
+        """The final hidden states [n, D] (float32) of ``ids``."""
+        raise ServerError(f"--api {self.name}: promptkd reads served hidden states from vLLM's /pooling only; serve "
+                          "the teacher's hidden states with vLLM (--runner pooling), or use its log-probabilities")
+
 
 class VLLM(API):
     name = "vllm"
@@ -127,6 +142,24 @@ class VLLM(API):
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
             raise ServerError(f"{url} answered {what} with prompt log-probabilities promptkd cannot read ({e}); "
                               "is it a vLLM OpenAI-compatible server (--api vllm)?") from None
+
+
+    def hidden(self, client: Client, model: str, ids: list[int], what: str = "a hidden-state request"
+               ) -> torch.Tensor:
+        answer = client.post("/pooling", {"model": model, "input": [int(i) for i in ids], "task": "token_embed"},
+                             what)
+        try:
+            rows = answer["data"][0]["data"]
+            hidden = torch.tensor(rows, dtype=torch.float32)
+            if hidden.ndim != 2 or hidden.shape[0] != len(ids):
+                raise ValueError(f"hidden states of shape {tuple(hidden.shape)} for {len(ids)} tokens")
+            if not torch.isfinite(hidden).all():
+                raise ValueError("non-finite hidden states")
+            return hidden
+        except (KeyError, IndexError, TypeError, ValueError) as e:
+            raise ServerError(f"{client.url} answered {what} with hidden states promptkd cannot read ({e}); is it a "
+                              "vLLM pooling server (--runner pooling --convert embed, token_embed with ALL "
+                              "pooling)?") from None
 
 
 class SGLang(API):

@@ -1,16 +1,18 @@
 """A small teacher server speaking both APIs promptkd's client reads (vLLM's ``/v1/completions`` with
-``prompt_logprobs``, SGLang's ``/generate``), over a transformers causal LM in float32 on the CPU: for tests, and
-for trying the client where no vLLM runs. It is not a serving engine: one forward per request, in turn.
+``prompt_logprobs`` and, as a pooling server, ``/pooling``'s final hidden states; SGLang's ``/generate``), over a
+transformers causal LM in float32 on the CPU: for tests, and for trying the client where no vLLM runs.
+It is not a serving engine: one forward per request, in turn.
 
     python -m promptkd.served.reference --model DIR [--host 127.0.0.1] [--port 0] [--name NAME]
-        [--max-logprobs 20] [--logprobs-mode raw|processed] [--tokenizer DIR]
+        [--runner generate|pooling] [--max-logprobs 20] [--logprobs-mode raw|processed] [--tokenizer DIR]
         [--fail-every N] [--delay SECONDS [--delay-after N]] [--exit-after N]
 
-It prints ``listening on http://HOST:PORT`` once it serves. The fault switches: ``--fail-every N`` answers every
-Nth scoring request with HTTP 503; ``--delay`` waits before each scoring answer after the first ``--delay-after``;
-``--exit-after N`` ends the process (no answer) at the (N+1)th scoring request; ``--tokenizer`` tokenizes
-``/tokenize`` and text prompts with another tokenizer than the model's (a server that disagrees with the
-student's).
+It prints ``listening on http://HOST:PORT`` once it serves. ``--runner pooling`` serves hidden states instead of
+log-probabilities, as a vLLM server started with ``--runner pooling`` does (one runner per server). The fault
+switches: ``--fail-every N`` answers every Nth scoring (or pooling) request with HTTP 503; ``--delay`` waits before
+each scoring answer after the first ``--delay-after``; ``--exit-after N`` ends the process (no answer) at the
+(N+1)th scoring request; ``--tokenizer`` tokenizes ``/tokenize`` and text prompts with another tokenizer than the
+model's (a server that disagrees with the student's).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ class Scorer:
         with self.lock, torch.no_grad():
             logits = self.model(torch.tensor([ids])).logits[0].float()
         return torch.log_softmax(logits / temperature, dim=-1)
+
+    def hidden(self, ids: list[int]) -> torch.Tensor:
+        """The final hidden states [n, D] (after the final norm: the output head's input)."""
+        with self.lock, torch.no_grad():
+            return self.model.base_model(input_ids=torch.tensor([ids])).last_hidden_state[0].float()
 
     def top(self, row: torch.Tensor, k: int) -> list[tuple[int, float]]:
         """The k largest (id, logprob) of a row, ties to the lower id."""
@@ -99,12 +106,19 @@ class Handler(BaseHTTPRequestHandler):
             ids = self.server.scorer.tokenizer(body["prompt"], add_special_tokens=body.get("add_special_tokens", True))
             return self._send(200, {"tokens": ids["input_ids"], "count": len(ids["input_ids"]),
                                     "max_model_len": self.server.args.max_len})
-        if self.path not in ("/v1/completions", "/generate"):
+        if self.path not in ("/v1/completions", "/generate", "/pooling"):
             return self._error(404, f"no route {self.path}")
-        scoring = self.path == "/v1/completions" or "input_ids" in body and body.get("top_logprobs_num")
+        pooling = self.server.args.runner == "pooling"
+        if (self.path == "/pooling") != pooling:
+            api = "Pooling" if self.path == "/pooling" else "Completions"
+            return self._error(400, f"The model does not support {api} API (this server runs the "
+                                    f"{self.server.args.runner} runner)")
+        scoring = self.path in ("/v1/completions", "/pooling") or "input_ids" in body and body.get("top_logprobs_num")
         if scoring and not self._fault():
             return None
         try:
+            if self.path == "/pooling":
+                return self._pooling(body)
             return self._completions(body) if self.path == "/v1/completions" else self._generate(body)
         except (KeyError, TypeError, ValueError) as e:
             return self._error(400, f"bad request: {e}")
@@ -153,6 +167,17 @@ class Handler(BaseHTTPRequestHandler):
                                       "finish_reason": "length", "prompt_logprobs": entries}],
                          "usage": {"prompt_tokens": len(ids), "completion_tokens": 1, "total_tokens": len(ids) + 1}})
 
+    def _pooling(self, body: dict):
+        a, scorer = self.server.args, self.server.scorer
+        if body.get("task", "token_embed") != "token_embed":
+            return self._error(400, f"task {body.get('task')!r}: this server pools token_embed (ALL) only")
+        prompt = body["input"]
+        ids = scorer.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else [int(i) for i in prompt]
+        hidden = scorer.hidden(ids)
+        self._send(200, {"id": "pool-reference", "object": "list", "model": a.name,
+                         "data": [{"index": 0, "object": "pooling", "data": hidden.tolist()}],
+                         "usage": {"prompt_tokens": len(ids), "total_tokens": len(ids)}})
+
     def _generate(self, body: dict):
         scorer = self.server.scorer
         ids = ([int(i) for i in body["input_ids"]] if "input_ids" in body
@@ -181,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="the served model's name (default: the directory)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    parser.add_argument("--runner", choices=("generate", "pooling"), default="generate",
+                        help="pooling: answer /pooling with hidden states (and no scoring), as vLLM's pooling runner")
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--max-len", type=int, default=2048)
     parser.add_argument("--logprobs-mode", choices=("raw", "processed"), default="raw")

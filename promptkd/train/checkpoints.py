@@ -37,7 +37,7 @@ RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "resumes.jsonl", "best", "final",
 #: it computes (device, kernels, recomputation), never what it computes. Any other change is refused.
 RESUMABLE = ("max_steps", "epochs", "eval_interval", "save_interval", "keep_checkpoints", "log_interval",
              "tensorboard", "progress", "output_dir", "extra", "device", "gradient_checkpointing", "loss_impl",
-             "attention_impl")
+             "attention_impl", "teacher_server", "teacher_server_concurrency", "teacher_server_timeout")
 
 
 def checkpoints(output_dir: str) -> list[str]:

@@ -30,6 +30,13 @@ class TrainConfig:
     student: str = ""                 # local directory, .gguf file or Hugging Face hub name of a causal LM
     teacher: str = ""                 # the same, for every method but sft (and kd from a teacher_cache)
     teacher_cache: str = ""           # kd only: a directory of `promptkd cache-teacher`; the teacher is not loaded
+    teacher_server: str = ""          # a served teacher's URL (promptkd.served.online): the teacher is not loaded
+    teacher_server_api: str = "vllm"  # vllm | sglang
+    teacher_server_model: str = ""    # the served model's name (empty: the only one the server serves)
+    teacher_server_payload: str = "logprobs"  # logprobs (kd: top-k; rkl: sampled tokens) | hidden (every method)
+    teacher_server_top_k: int = 20    # kd from served log-probabilities: the top k (plus the label) per position
+    teacher_server_concurrency: int = 8  # requests in flight
+    teacher_server_timeout: float = 120.0  # seconds per request (then retries with backoff)
     tokenizer: str = ""               # defaults to the student's directory / name
     output_dir: str = "runs/promptkd"
 
@@ -108,14 +115,14 @@ class TrainConfig:
         _one_of("attention_impl", self.attention_impl, ATTENTION_IMPLS)
         for name in ("max_length", "max_prompt_length", "epochs", "batch_size", "gradient_accumulation",
                      "prompt_length", "num_samples", "eval_max_new_tokens", "eval_batch_size", "keep_checkpoints",
-                     "log_interval"):
+                     "log_interval", "teacher_server_top_k", "teacher_server_concurrency"):
             _int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "warmup_steps", "max_new_tokens", "eval_interval", "save_interval", "seed",
                      "max_valid_examples"):
             _int(name, getattr(self, name), minimum=0)
         if self.max_prompt_length >= self.max_length:
             raise InputError(f"max_prompt_length ({self.max_prompt_length}) must be < max_length ({self.max_length})")
-        for name in ("lr", "sample_temperature"):
+        for name in ("lr", "sample_temperature", "teacher_server_timeout"):
             if _float(name, getattr(self, name)) <= 0:
                 raise InputError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("weight_decay", "clip_grad_norm", "prompt_lr", "prompt_reg", "adam_eps"):
@@ -140,7 +147,8 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise InputTypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("student", "teacher", "teacher_cache", "tokenizer", "output_dir", "train_file", "valid_file",
-                     "device", "prompt_init_text"):
+                     "device", "prompt_init_text", "teacher_server", "teacher_server_api", "teacher_server_model",
+                     "teacher_server_payload"):
             if not isinstance(getattr(self, name), str):
                 raise InputTypeError(f"{name} must be a string, got {type(getattr(self, name)).__name__}")
         check_device(self.device)
@@ -159,12 +167,52 @@ class TrainConfig:
                    f"{self.method} samples responses from the student during training, and the teacher's targets "
                    "for those cannot be cached: it needs the teacher online")
             raise InputError(f"teacher_cache applies to method 'kd' only, not {self.method!r}: {why}")
+        if self.teacher_server:
+            self._check_server()
+
+    def _check_server(self) -> None:
+        """teacher_server: which methods and payloads a served teacher can give (promptkd.served.online)."""
+        from ..served.apis import APIS
+        from ..served.client import check_url
+        from ..served.online import PAYLOADS
+
+        try:
+            check_url(self.teacher_server)
+        except InputError as e:
+            raise InputError(str(e).replace("--server", "teacher_server")) from None
+        _one_of("teacher_server_api", self.teacher_server_api, APIS)
+        _one_of("teacher_server_payload", self.teacher_server_payload, PAYLOADS)
+        if self.teacher_cache:
+            raise InputError("teacher_server and teacher_cache exclude each other: the targets come from the server at "
+                             "every step, or from the cache")
+        if self.method == "sft":
+            raise InputError("teacher_server applies to the distillation methods; sft uses no teacher")
+        if self.method == "promptkd":
+            raise InputError("teacher_server cannot serve method 'promptkd': its prompt step needs the gradient of the "
+                             "teacher's loss with respect to a soft prompt inside the teacher, which a server does not "
+                             "give; load the teacher (teacher=PATH, teacher_server empty)")
+        hidden = self.teacher_server_payload == "hidden"
+        if hidden and self.teacher_server_api != "vllm":
+            raise InputError(f"teacher_server_payload=hidden with teacher_server_api={self.teacher_server_api}: "
+                             "promptkd reads served hidden states from vLLM's /pooling only (SGLang's hidden-state "
+                             "output is not verified here); serve them with vLLM, or use teacher_server_payload="
+                             "logprobs")
+        if not hidden and self.method in ("gkd", "distillm"):
+            raise InputError(f"teacher_server_payload=logprobs cannot give {self.method}'s divergence: it needs the "
+                             "teacher's whole distribution, and a top-k slice gives forward KL (kd) or, from the "
+                             "student's samples, reverse KL (rkl); serve the teacher's hidden states "
+                             "(teacher_server_payload=hidden, with teacher= its weights for the output head)")
+        if not hidden and self.method == "rkl" and self.sample_temperature != 1.0:
+            raise InputError(f"sample_temperature={self.sample_temperature:g}: rkl from a served teacher's "
+                             "log-probabilities estimates the reverse KL from the student's own samples, so they "
+                             "must be drawn at temperature 1 (or serve hidden states: teacher_server_payload=hidden)")
 
     def check_ready(self) -> None:
         """The checks that need the fields a run must set (``validate`` accepts a partial config)."""
         missing = [name for name in ("student", "train_file") if not getattr(self, name)]
-        if self.method != "sft" and not self.teacher and not self.teacher_cache:
-            missing.append("teacher")
+        local = not self.teacher_cache and not (self.teacher_server and self.teacher_server_payload == "logprobs")
+        if self.method != "sft" and not self.teacher and local:
+            missing.append("teacher")  # with served hidden states: its weights, for the output head alone
         if missing:
             raise InputError(f"method {self.method!r} needs {', '.join(missing)} to be set")
 

@@ -13,8 +13,12 @@ the soft prompt, one step of each method (``TrainConfig.method``) is:
                :func:`promptkd.fused_linear_sparse_kd_loss`'s at the cache's temperature: for top-k targets the
                exact KL of p and q coarsened to the k ids plus one tail bucket (the full KL when k covers the
                vocabulary), for sampled targets the KL from the renormalised empirical distribution (whose
-               gradient is the full KL's in expectation).
-- ``rkl``      KL(q || p) on responses the student samples.
+               gradient is the full KL's in expectation). From a served teacher (``teacher_server``) the same
+               sparse loss on the server's top k plus the label, asked at each step; from its hidden states
+               (``teacher_server_payload: hidden``) the exact KL with the teacher's head, as for every baseline.
+- ``rkl``      KL(q || p) on responses the student samples. From a served teacher's log-probabilities: the
+               sampled-token estimator of :func:`promptkd.sampled_reverse_kl_loss` (log q(y) - log p(y) at the
+               student's own tokens, score-function gradient), which needs one teacher number per token.
 - ``gkd``      JSD(gkd_beta) on student samples with probability gkd_lambda, else on ground truth.
 - ``distillm`` skew forward KL(p || a p + (1-a) q) or skew reverse KL(q || (1-a) p + a q), a = distillm_alpha,
                on ground truth (student samples with probability distillm_student_ratio).
@@ -51,6 +55,7 @@ from ..impls import pick_impl
 from ..kd.api import fused_linear_kd_loss
 from ..kd.pair import PAIR_IMPLS, fused_linear_kl_pair_loss
 from ..sparse.api import SPARSE_IMPLS, fused_linear_sparse_kd_loss
+from ..sparse.sampled import sampled_reverse_kl_loss
 from .config import TrainConfig
 from .data import Example, collate, collate_shared
 
@@ -95,7 +100,7 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
         else:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     teacher = prompted = None
-    if cfg.method != "sft" and not cfg.teacher_cache:  # kd from a cache runs no teacher
+    if cfg.method != "sft" and not cfg.teacher_cache and not cfg.teacher_server:  # cached or served: no teacher
         teacher = load_model("teacher", cfg.teacher, dtype, device)
         probe_logits("teacher", teacher)
         teacher.requires_grad_(False).eval()
@@ -127,6 +132,8 @@ def _use_prefix_attention(student, teacher) -> None:
     from ..hf.attention import check_supported, register
 
     for name, model in (("student", student), ("teacher", teacher)):
+        if model is None:
+            continue  # a served teacher: the server runs it
         try:
             check_supported(model)
         except ValueError as e:
@@ -145,14 +152,15 @@ class Distillation:
     (ground truth or the student's samples), runs the models to hidden states, and computes the losses."""
 
     def __init__(self, cfg: TrainConfig, tokenizer, student, teacher, prompted, dtype: torch.dtype,
-                 device: torch.device, rank: int, cache=None):
+                 device: torch.device, rank: int, cache=None, served=None, head=None):
         self.cfg, self.tokenizer, self.dtype, self.device, self.rank = cfg, tokenizer, dtype, device, rank
         self.student_model, self.teacher_model, self.prompted = student, teacher, prompted
-        self.cache = cache
+        self.cache, self.served, self.head = cache, served, head  # head: a served teacher's, for its hidden states
         self.vocab_size = None
-        if teacher is not None:
+        vt = (teacher.get_output_embeddings().weight.shape[0] if teacher is not None
+              else head.weight.shape[0] if head is not None else None)
+        if vt is not None:
             vs = student.get_output_embeddings().weight.shape[0]
-            vt = teacher.get_output_embeddings().weight.shape[0]
             self.vocab_size = None if vs == vt else min(vs, vt)
 
     # ---- batches ----
@@ -255,6 +263,27 @@ class Distillation:
                                            **student.loss_transforms("student"),
                                            impl=cfg.loss_impl if cfg.loss_impl in SPARSE_IMPLS else "auto")
 
+    def served_loss(self, student: LMOutput, batch, labels, method: Baseline) -> torch.Tensor:
+        """A baseline's loss with a served teacher (:mod:`promptkd.served.online`): from its hidden states and the
+        teacher's head, the method's own fused loss, exactly; from its log-probabilities, the sparse forward KL on
+        the top k plus the label (``kd``) or the sampled-token reverse KL on the student's samples (``rkl``)."""
+        cfg, c, served = self.cfg, self._cast, self.served
+        if cfg.teacher_server_payload == "hidden":
+            head = self.head
+            teacher = LMOutput(served.hidden(batch, self.dtype), head.weight, head.bias, head.transform)
+            return self.kd(student, teacher, labels, **method.loss(cfg))
+        impl = cfg.loss_impl if cfg.loss_impl in SPARSE_IMPLS else "auto"
+        vocab = student.weight.shape[0]
+        if cfg.method == "rkl":
+            return sampled_reverse_kl_loss(c(student.hidden), c(student.weight), labels,
+                                           served.label_logprobs(batch, labels), student_bias=c(student.bias),
+                                           **student.loss_transforms("student"), impl=impl)
+        ids, logprobs = served.targets(batch, labels)
+        return fused_linear_sparse_kd_loss(c(student.hidden), c(student.weight), ids, logprobs, labels, tail=True,
+                                           soft_weight=cfg.kd_ratio, hard_weight=1.0 - cfg.kd_ratio,
+                                           student_bias=c(student.bias), vocab_size=vocab,
+                                           **student.loss_transforms("student"), impl=impl)
+
     # ---- the methods ----
 
     def micro_loss(self, examples: list[Example], step: int, micro: int):
@@ -272,6 +301,8 @@ class Distillation:
             return linear_cross_entropy(student, labels), tokens
         if self.cache is not None:
             return self.cached_kd(student, examples, labels), tokens
+        if self.served is not None:
+            return self.served_loss(student, batch, labels, method), tokens
         with torch.no_grad():
             teacher = self.teacher(batch)
         return self.kd(student, teacher, labels, **method.loss(cfg)), tokens

@@ -19,7 +19,10 @@ parallel, or with ``fsdp`` sharded by FSDP2) in :mod:`promptkd.train.distributed
 - checkpoint files are read with ``torch.load(weights_only=True)``: a planted file cannot run code;
 - ``kd`` with ``teacher_cache`` loads no teacher: the cache is verified (every shard's sha256) and checked
   against this run's tokenizer, training data, lengths and example count before the student loads, and a
-  resume must use the cache the checkpoint was trained from (the same manifest).
+  resume must use the cache the checkpoint was trained from (the same manifest);
+- ``teacher_server`` loads no teacher either (its output head alone for served hidden states): the server is
+  probed (model, tokenizer, payload) before the student loads, and asked at every step
+  (:mod:`promptkd.served.online`); a resume may point at another URL.
 """
 
 from __future__ import annotations
@@ -97,12 +100,14 @@ class Trainer:
 
         # Everything that can be wrong with the inputs is found before any model is loaded.
         check_model_path("student", config.student)
-        online = config.method != "sft" and not config.teacher_cache  # kd from a cache loads no teacher
-        if online:
+        # kd from a cache, and a served teacher, load no teacher (served hidden states: its output head alone)
+        head_only = bool(config.teacher_server) and config.teacher_server_payload == "hidden"
+        online = config.method != "sft" and not config.teacher_cache and not config.teacher_server
+        if online or head_only:
             check_model_path("teacher", config.teacher)
         tokenizer_path = config.tokenizer or config.student
         self.tokenizer = teacher_tokenizer = load_tokenizer("tokenizer", tokenizer_path)
-        if online and has_tokenizer(config.teacher):
+        if (online or head_only) and has_tokenizer(config.teacher):
             teacher_tokenizer = load_tokenizer("teacher", config.teacher)
             if not config.tokenizer:
                 check_same_tokens(self.tokenizer, teacher_tokenizer, tokenizer_path, config.teacher)
@@ -126,6 +131,10 @@ class Trainer:
             self._say(f"teacher cache: {config.teacher_cache} ({self.cache.manifest['mode']}, k={self.cache.k}, "
                       f"T={self.cache.temperature}); the teacher is not loaded")
 
+        self.served = self.head = None
+        if config.teacher_server:
+            self._connect_server(head_only)
+
         self.train_digest = file_digest(config.train_file)
         self.start_step, self.best, self.changes = 0, {"rougeL": None, "step": None}, {}
         if self.run.resume_from:
@@ -137,8 +146,27 @@ class Trainer:
         self.student, self.teacher, self.prompted = load_models(config, self.dtype, self.device, self.tokenizer,
                                                                 self.run.resume_from, teacher_tokenizer)
         self.distill = Distillation(config, self.tokenizer, self.student, self.teacher, self.prompted, self.dtype,
-                                    self.device, self.procs.rank, cache=self.cache)
+                                    self.device, self.procs.rank, cache=self.cache, served=self.served, head=self.head)
         self._build_optimizers()
+
+    def _connect_server(self, head_only: bool) -> None:
+        """teacher_server: the teacher's output head (served hidden states), then the server's probes."""
+        from ..hf.head import load_head
+        from ..hf.models import load_config
+        from ..served.online import OnlineTeacher
+
+        c = self.cfg
+        student_config = load_config("student", c.student).get_text_config()
+        vocab = student_config.vocab_size
+        if head_only:
+            self.head = load_head("teacher", c.teacher, self.dtype, self.device)
+            vocab = min(vocab, self.head.weight.shape[0])
+        self.served = OnlineTeacher(c.teacher_server, c.teacher_server_api, c.teacher_server_model or None,
+                                    c.teacher_server_payload, c.teacher_server_top_k, c.teacher_server_concurrency,
+                                    c.teacher_server_timeout)
+        line = self.served.connect(self.tokenizer, vocab, None if self.head is None else self.head.weight.shape[1])
+        head = f"; the teacher's output head from {c.teacher} ({self.head.source})" if head_only else ""
+        self._say(f"{line}{head}; the teacher is not loaded")
 
     def _say(self, text: str) -> None:
         if self.procs.main:
@@ -147,8 +175,8 @@ class Trainer:
     def close(self) -> None:
         """Releases the models and optimizers, then ends the process group the trainer started (see
         :class:`~promptkd.train.distributed.Processes`). The trainer cannot train after this."""
-        for name in ("student", "teacher", "prompted", "distill", "cache", "optimizer", "scheduler",
-                     "prompt_optimizer", "prompt_scheduler", "student_params"):
+        for name in ("student", "teacher", "prompted", "distill", "cache", "served", "head", "optimizer",
+                     "scheduler", "prompt_optimizer", "prompt_scheduler", "student_params"):
             setattr(self, name, None)
         self.procs.close()
 
