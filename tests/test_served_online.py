@@ -176,9 +176,8 @@ def test_another_tokenizer_is_refused(setup, tmp_path, loads):
 
 
 def test_the_head_is_read_alone(setup, tmp_path):
-    from transformers import AutoModelForCausalLM
-
     from tiny_models import tiny_decoder
+    from transformers import AutoModelForCausalLM
 
     for family, tied in (("qwen3", True), ("qwen3", False), ("phi3", False), ("gemma2", True)):
         cap = dict(final_logit_softcapping=30.0) if family == "gemma2" else {}
