@@ -2,8 +2,8 @@
 
     promptkd demo [--quick] [--out runs/demo] [--resume | --overwrite]
     promptkd train CONFIG.yaml [key=value ...] [--resume | --overwrite]
-    promptkd cache-teacher --teacher PATH --data FILE (--top-k K | --samples S) --out DIR [--temperature T]
-        [--max-length L] [--max-prompt-length P] [--batch-size B] [--dtype float16|float32] [--seed N]
+    promptkd cache-teacher --teacher PATH --data FILE (--top-k K | --samples S | --hidden) --out DIR [--temperature T]
+        [--max-length L] [--max-prompt-length P] [--batch-size B] [--dtype float16|float32|bfloat16] [--seed N]
         [--shard-mb MB] [--tokenizer PATH] [--vocab-size V] [--device auto|cpu|cuda] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--top-k", type=int, default=None, metavar="K", help="cache the K most likely ids")
     cache.add_argument("--samples", type=int, default=None, metavar="S",
                        help="cache the distinct ids of S draws from the teacher (and log(count / S))")
+    cache.add_argument("--hidden", action="store_true",
+                       help="cache the teacher's final hidden states (bfloat16): kd then applies its output head, "
+                            "exactly (train with teacher= its weights)")
     cache.add_argument("--out", required=True, help="the cache's directory")
     cache.add_argument("--temperature", type=float, default=1.0, help="T of the teacher's softmax (default 1)")
     cache.add_argument("--max-length", type=int, default=512, help="as the run's max_length (default 512)")
@@ -123,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--batch-size", type=int, default=None,
                        help="examples per teacher forward, or per round of server requests (default 8; 64 with "
                             "--server)")
-    cache.add_argument("--dtype", default="float16", help="of the stored log-probabilities: float16 (default) or "
-                                                          "float32")
+    cache.add_argument("--dtype", default=None, help="of the stored log-probabilities: float16 (default) or float32; "
+                                                   "of hidden states: bfloat16 (default) or float32")
     cache.add_argument("--seed", type=int, default=0, help="of sampled targets (default 0)")
     cache.add_argument("--shard-mb", type=float, default=256.0, help="MiB per shard file (default 256)")
     cache.add_argument("--tokenizer", default="", help="default: the teacher's; with --server, the student's (needed)")

@@ -22,8 +22,9 @@ def train(args) -> int:
 
 
 def _cache_args(args) -> dict:
-    return dict(top_k=args.top_k, samples=args.samples, temperature=args.temperature, max_length=args.max_length,
-                max_prompt_length=args.max_prompt_length, dtype=args.dtype, seed=args.seed, shard_mb=args.shard_mb,
+    return dict(top_k=args.top_k, samples=args.samples, hidden=args.hidden, temperature=args.temperature,
+                max_length=args.max_length, max_prompt_length=args.max_prompt_length, dtype=args.dtype, seed=args.seed,
+                shard_mb=args.shard_mb,
                 tokenizer=args.tokenizer or None, vocab_size=args.vocab_size, resume=args.resume,
                 overwrite=args.overwrite)
 

@@ -6,6 +6,9 @@ tokenizer gives the student tokenizer's ids on probe texts; it admits ``prompt_l
 k; and a temperature other than 1 is refused unless the server's log-probabilities follow the request's
 temperature (checked on a probe sequence). Each is refused naming the server, the setting and the fix.
 
+With ``hidden`` (a vLLM pooling server): each counted position's final hidden state, width D (probed), the
+record naming the payload; ``kd`` applies the teacher's output head (``teacher=``) to them.
+
 What is stored: ``mode: top_k`` with width k + 1: each row's k most likely ids and, where the actual next token
 (the label) is not among them, that token's exact log-probability as one more target (-1 / -inf pad the rows
 where it is). The teacher's record in the manifest is the server (URL, API, model name, version) in place of
@@ -44,7 +47,10 @@ class ServedTeacher(TeacherSource):
         self.settings: dict = {}
 
     def check(self, name, mode: str = "top_k", temperature: float = 1.0) -> None:
-        if mode != "top_k":
+        if mode == "hidden" and self.api_name != "vllm":
+            raise InputError(f"{name('hidden')} with {name('api')} {self.api_name}: promptkd reads served hidden "
+                             "states from vLLM's /pooling only (SGLang's hidden-state output is not verified here)")
+        if mode == "samples":
             raise InputError(f"{name('samples')}: a served teacher gives its top-k log-probabilities, not samples "
                              f"drawn with promptkd's keys; use {name('top_k')}")
         if self.api_name not in APIS:
@@ -64,7 +70,7 @@ class ServedTeacher(TeacherSource):
     def describe(self, mode: str, k: int, vocab_size: int | None, tokenizer=None, temperature: float = 1.0) -> dict:
         """Probes the server (see the module docstring) and returns the teacher's record."""
         client, server = self._connect()
-        if mode != "top_k":
+        if mode == "samples":
             raise InputError("samples: a served teacher gives its top-k log-probabilities; use top_k")
         self.model = server.model(client, self.wanted)
         info = server.describe(client)
@@ -75,6 +81,12 @@ class ServedTeacher(TeacherSource):
             raise InputError("vocab_size (--vocab-size) is needed: how many ids the teacher's head scores")
         check_width(mode, k, vocab)
         probe = _probe_ids(tokenizer, vocab)
+        if mode == "hidden":
+            width = server.hidden(client, self.model, probe, "a probe for the hidden states").shape[1]
+            record = {"server": client.url, "api": server.name, "model": self.model, **info, "payload": "hidden"}
+            identity = {key: record[key] for key in ("api", "model", "payload")}
+            return {"teacher": record, "teacher_sha256": sha256_bytes(canonical(identity)), "vocab_size": vocab,
+                    "width": width, "teacher_logit_transform": {"logit_scale": None, "softcap": None, "by": "trainer"}}
         self._check_logprobs(client, server, probe, k)
         processed = self._check_temperature(client, server, probe, k, temperature)
         record = {"server": client.url, "api": server.name, "model": self.model, **info,
@@ -148,6 +160,21 @@ class ServedTeacher(TeacherSource):
             out_ids[r, :len(p.ids)] = torch.tensor(p.ids, dtype=torch.int64)
             out_lp[r, :len(p.ids)] = torch.tensor(p.logprobs, dtype=torch.float32)
         return out_ids, out_lp
+
+
+    def hidden(self, batch: dict, counted: torch.Tensor) -> torch.Tensor:
+        client, server = self._connect()
+        lengths = batch["attention_mask"].sum(1).tolist()
+        examples = batch["examples"].tolist()
+        jobs = [(examples[b], batch["input_ids"][b, :n].tolist(), counted[b].nonzero().flatten()) for b, n in
+                enumerate(lengths)]
+
+        def fetch(job):
+            example, ids, cols = job
+            return server.hidden(client, self.model, ids, f"example {example}")[cols]  # column c: token c's state
+
+        rows = client.map(fetch, jobs)
+        return torch.cat(rows) if rows else torch.zeros((0, self.settings["k"]))
 
 
 def _probe_ids(tokenizer, vocab: int) -> list[int]:

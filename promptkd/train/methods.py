@@ -13,8 +13,10 @@ the soft prompt, one step of each method (``TrainConfig.method``) is:
                :func:`promptkd.fused_linear_sparse_kd_loss`'s at the cache's temperature: for top-k targets the
                exact KL of p and q coarsened to the k ids plus one tail bucket (the full KL when k covers the
                vocabulary), for sampled targets the KL from the renormalised empirical distribution (whose
-               gradient is the full KL's in expectation). From a served teacher (``teacher_server``) the same
-               sparse loss on the server's top k plus the label, asked at each step; from its hidden states
+               gradient is the full KL's in expectation); from a cache of the teacher's hidden states
+               (``cache-teacher --hidden``) the exact KL with the teacher's head read alone. From a served
+               teacher (``teacher_server``) the same sparse loss on the server's top k plus the label, asked at
+               each step; from its hidden states
                (``teacher_server_payload: hidden``) the exact KL with the teacher's head, as for every baseline.
 - ``rkl``      KL(q || p) on responses the student samples. From a served teacher's log-probabilities: the
                sampled-token estimator of :func:`promptkd.sampled_reverse_kl_loss` (log q(y) - log p(y) at the
@@ -250,8 +252,13 @@ class Distillation:
                                     **teacher.loss_transforms("teacher"), **kwargs)
 
     def cached_kd(self, student: LMOutput, examples: list[Example], labels) -> torch.Tensor:
-        """``kd`` from the teacher cache: the sparse loss on the batch's cached targets (see the module docstring)."""
+        """``kd`` from the teacher cache: the sparse loss on the batch's cached targets (see the module docstring),
+        or, from a cache of hidden states, the exact loss with the teacher's head."""
         cfg, cache, c = self.cfg, self.cache, self._cast
+        if cache.hidden:  # the teacher's final hidden states: its head applied here, the exact loss
+            hidden = cache.batch_hidden([e.index for e in examples], labels, self.dtype)
+            teacher = LMOutput(hidden, self.head.weight, self.head.bias, self.head.transform)
+            return self.kd(student, teacher, labels, **BASELINES["kd"].loss(cfg))
         ids, logprobs = cache.batch_targets([e.index for e in examples], labels)
         # In the stored dtype (float16 values are exact in it): the loss's check of the targets' probability sum
         # then allows for their rounding.

@@ -130,8 +130,10 @@ class Trainer:
                                         config.max_prompt_length, len(self.train_examples))
             self._say(f"teacher cache: {config.teacher_cache} ({self.cache.manifest['mode']}, k={self.cache.k}, "
                       f"T={self.cache.temperature}); the teacher is not loaded")
-
         self.served = self.head = None
+        if self.cache is not None and self.cache.hidden:
+            self._cached_head()
+
         if config.teacher_server:
             self._connect_server(head_only)
 
@@ -148,6 +150,29 @@ class Trainer:
         self.distill = Distillation(config, self.tokenizer, self.student, self.teacher, self.prompted, self.dtype,
                                     self.device, self.procs.rank, cache=self.cache, served=self.served, head=self.head)
         self._build_optimizers()
+
+    def _cached_head(self) -> None:
+        """A cache of hidden states: the teacher's output head, read alone from ``teacher`` and checked to be the
+        cached teacher's (its weight files' digest, for a cache written in process; the width, for a served one)."""
+        from ..hf.head import load_head
+        from .teacher_cache.source import local_teacher, teacher_digest
+
+        c, cached = self.cfg, self.cache.manifest["teacher"]
+        where = f"teacher_cache {c.teacher_cache!r}"
+        if not c.teacher:
+            raise InputError(f"{where} holds the teacher's hidden states: set teacher= the teacher's weights, whose "
+                             "output head kd applies to them (it is read alone)")
+        if "files" in cached:
+            mine = teacher_digest(local_teacher(c.teacher))["sha256"]
+            if mine != cached["sha256"]:
+                raise InputError(f"{where} holds the hidden states of the teacher at {cached.get('path')!r}, and "
+                                 f"teacher={c.teacher!r} has other weights (sha256 {mine[:12]}... against "
+                                 f"{cached['sha256'][:12]}...): its head would not be the one they feed")
+        self.head = load_head("teacher", c.teacher, self.dtype, self.device)
+        if self.head.weight.shape[1] != self.cache.k:
+            raise InputError(f"{where} holds hidden states of width {self.cache.k}, and the output head of "
+                             f"teacher={c.teacher!r} takes {self.head.weight.shape[1]}")
+        self._say(f"teacher cache: the teacher's output head from {c.teacher} ({self.head.source})")
 
     def _connect_server(self, head_only: bool) -> None:
         """teacher_server: the teacher's output head (served hidden states), then the server's probes."""
@@ -340,7 +365,8 @@ class Trainer:
                 started = time.perf_counter()
                 values = self._step(step)
                 tokens = values.pop("tokens") * self.procs.world_size  # an estimate: rank 0's count
-                values["train/tokens_per_s"] = tokens / max(time.perf_counter() - started, 1e-9)
+                values["train/step_s"] = seconds = time.perf_counter() - started
+                values["train/tokens_per_s"] = tokens / max(seconds, 1e-9)
                 done = step + 1
                 if self.valid_examples and (done % eval_every == 0 or done == self.total_steps):
                     if self.procs.main or cfg.fsdp:  # a sharded student generates on every process

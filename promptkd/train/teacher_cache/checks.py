@@ -6,7 +6,7 @@ import math
 import os
 
 from ...errors import InputError, InputTypeError
-from .format import LOGPROB_DTYPES
+from .format import HIDDEN_DTYPES, LOGPROB_DTYPES
 
 
 def _int(name: str, value, minimum: int, maximum: int | None = None) -> int:
@@ -26,30 +26,51 @@ def _positive(name: str, value) -> float:
     return float(value)
 
 
-def check_run_args(data, out, *, top_k=None, samples=None, temperature=1.0, max_length=512, max_prompt_length=256,
-                   batch_size=8, dtype="float16", seed=0, shard_mb=256.0, tokenizer=None, vocab_size=None,
-                   device="auto", resume=False, overwrite=False, name=str) -> None:
+def cache_mode(top_k, samples, hidden) -> str:
+    """``top_k``, ``samples`` or ``hidden``: which of the three a run asked for (exactly one, checked before)."""
+    return "hidden" if hidden else "top_k" if top_k is not None else "samples"
+
+
+def resolve_dtype(dtype, hidden) -> str:
+    """The stored dtype: as given, or the mode's default (float16 log-probabilities, bfloat16 hidden states)."""
+    return dtype if dtype is not None else "bfloat16" if hidden else "float16"
+
+
+def check_run_args(data, out, *, top_k=None, samples=None, hidden=False, temperature=1.0, max_length=512,
+                   max_prompt_length=256, batch_size=8, dtype=None, seed=0, shard_mb=256.0, tokenizer=None,
+                   vocab_size=None, device="auto", resume=False, overwrite=False, name=str) -> None:
     """What every cache run checks, whatever its teacher: ``name(argument)`` names an argument as the caller
     spells it (``--top-k`` on the command line)."""
     from ...hf.models import check_model_path
     from ..config import check_device
 
-    if (top_k is None) == (samples is None):
-        raise InputError(f"give exactly one of {name('top_k')} (the k most likely ids) and {name('samples')} "
-                         f"(ids drawn from the teacher), got {'both' if top_k is not None else 'neither'}")
+    if not isinstance(hidden, bool):
+        raise InputTypeError(f"{name('hidden')} must be true or false, got {hidden!r}")
+    asked = [n for n, given in (("top_k", top_k is not None), ("samples", samples is not None), ("hidden", hidden))
+             if given]
+    if len(asked) != 1:
+        raise InputError(f"give exactly one of {name('top_k')} (the k most likely ids), {name('samples')} (ids drawn "
+                         f"from the teacher) and {name('hidden')} (the teacher's final hidden states), got "
+                         f"{' and '.join(name(n) for n in asked) if asked else 'none'}")
     if top_k is not None:
         _int(name("top_k"), top_k, 1)
-    else:
+    elif samples is not None:
         _int(name("samples"), samples, 1)
     _positive(name("temperature"), temperature)
+    if hidden and temperature != 1.0:
+        raise InputError(f"{name('temperature')}={temperature:g} with {name('hidden')}: hidden states hold no "
+                         "temperature (the loss applies the trainer's); leave it at 1")
     _int(name("max_length"), max_length, 2)
     _int(name("max_prompt_length"), max_prompt_length, 1)
     if max_prompt_length >= max_length:
         raise InputError(f"{name('max_prompt_length')} ({max_prompt_length}) must be < {name('max_length')} "
                          f"({max_length})")
     _int(name("batch_size"), batch_size, 1)
-    if dtype not in LOGPROB_DTYPES:
-        raise InputError(f"{name('dtype')} must be one of {tuple(LOGPROB_DTYPES)}, got {dtype!r}")
+    dtypes = HIDDEN_DTYPES if hidden else LOGPROB_DTYPES
+    dtype = resolve_dtype(dtype, hidden)
+    if dtype not in dtypes:
+        what = "hidden states" if hidden else "log-probabilities"
+        raise InputError(f"{name('dtype')} must be one of {tuple(dtypes)} for stored {what}, got {dtype!r}")
     _int(name("seed"), seed, 0, 2**63 - 1)
     _positive(name("shard_mb"), shard_mb)
     if vocab_size is not None:
@@ -79,8 +100,8 @@ def flag_names(flags: bool):
     return (lambda n: "--" + n.replace("_", "-")) if flags else str
 
 
-def check_cache_args(teacher, data, out, *, top_k=None, samples=None, temperature=1.0, max_length=512,
-                     max_prompt_length=256, batch_size=8, dtype="float16", seed=0, shard_mb=256.0, tokenizer=None,
+def check_cache_args(teacher, data, out, *, top_k=None, samples=None, hidden=False, temperature=1.0, max_length=512,
+                     max_prompt_length=256, batch_size=8, dtype=None, seed=0, shard_mb=256.0, tokenizer=None,
                      vocab_size=None, device="auto", resume=False, overwrite=False, flags: bool = False) -> None:
     """Everything :func:`~promptkd.train.teacher_cache.cache_teacher` checks before it loads anything
     (InputError naming the argument; ``flags``: named as the command line's options, ``--top-k``)."""
@@ -89,8 +110,8 @@ def check_cache_args(teacher, data, out, *, top_k=None, samples=None, temperatur
     name = flag_names(flags)
     if not isinstance(teacher, str) or not teacher:
         raise InputError(f"{name('teacher')} must be a non-empty path, got {teacher!r}")
-    check_run_args(data, out, top_k=top_k, samples=samples, temperature=temperature, max_length=max_length,
-                   max_prompt_length=max_prompt_length, batch_size=batch_size, dtype=dtype, seed=seed,
-                   shard_mb=shard_mb, tokenizer=tokenizer, vocab_size=vocab_size, device=device, resume=resume,
-                   overwrite=overwrite, name=name)
-    InProcessTeacher(teacher).check(name, "top_k" if top_k is not None else "samples", temperature)
+    check_run_args(data, out, top_k=top_k, samples=samples, hidden=hidden, temperature=temperature,
+                   max_length=max_length, max_prompt_length=max_prompt_length, batch_size=batch_size, dtype=dtype,
+                   seed=seed, shard_mb=shard_mb, tokenizer=tokenizer, vocab_size=vocab_size, device=device,
+                   resume=resume, overwrite=overwrite, name=name)
+    InProcessTeacher(teacher).check(name, cache_mode(top_k, samples, hidden), temperature)

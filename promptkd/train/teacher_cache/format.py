@@ -16,8 +16,10 @@ FORMAT = "promptkd-teacher-cache"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 SETTINGS_FILE = "cache.json"
-MODES = ("top_k", "samples")
+MODES = ("top_k", "samples", "hidden")
 LOGPROB_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+#: What ``hidden`` caches store the teacher's final hidden states as (bfloat16: float32's range at half the bytes).
+HIDDEN_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 #: uint16 ids serve vocabularies up to this size; the value itself then means "no target".
 NO_ID_UINT16 = 65535
 #: The fourth counter word of the Philox call that derives each row's key (:func:`row_keys`): "kdrk".
@@ -86,6 +88,11 @@ def manifest(settings: dict, shards: list[dict], measured: dict) -> dict:
             "shards": shards, "measured": dict(measured, bytes_per_token=round(size / max(tokens, 1), 3))}
 
 
+def stored_dtype(mode: str, dtype: str) -> torch.dtype:
+    """The torch dtype a cache of ``mode`` stores its values (log-probabilities, or hidden states) in."""
+    return (HIDDEN_DTYPES if mode == "hidden" else LOGPROB_DTYPES)[dtype]
+
+
 def check_width(mode: str, k: int, vocab_size: int) -> None:
     """Top-k targets cannot name more ids than the vocabulary has."""
     if mode == "top_k" and k > vocab_size:
@@ -100,9 +107,11 @@ def id_dtype_for(vocab_size: int) -> str:
     return "uint16" if vocab_size <= NO_ID_UINT16 else "int32"
 
 
-def row_bytes(k: int, id_dtype: str, dtype: str) -> int:
-    """Bytes a stored row of ``k`` targets takes: its ids and its log-probabilities."""
-    return k * ((2 if id_dtype == "uint16" else 4) + (2 if dtype == "float16" else 4))
+def row_bytes(k: int, id_dtype: str | None, dtype: str) -> int:
+    """Bytes a stored row of ``k`` targets takes: its ids and its log-probabilities (a hidden state's ``k`` values:
+    no ids)."""
+    ids = 0 if id_dtype is None else 2 if id_dtype == "uint16" else 4
+    return k * (ids + (4 if dtype == "float32" else 2))
 
 
 def encode_ids(ids: torch.Tensor, id_dtype: str) -> torch.Tensor:

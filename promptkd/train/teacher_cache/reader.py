@@ -75,6 +75,16 @@ class TeacherCache:
         return self.manifest["k"]
 
     @property
+    def mode(self) -> str:
+        """``top_k``, ``samples`` or ``hidden``."""
+        return self.manifest["mode"]
+
+    @property
+    def hidden(self) -> bool:
+        """True for a cache of the teacher's final hidden states (width :attr:`k`, its output head's input)."""
+        return self.mode == "hidden"
+
+    @property
     def tail(self) -> bool:
         """True for top-k targets (the sparse loss's tail bucket), False for sampled ones."""
         return self.manifest["mode"] == "top_k"
@@ -122,35 +132,74 @@ class TeacherCache:
             from safetensors import safe_open
 
             handle = safe_open(os.path.join(self.path, self.shards[index]["file"]), framework="pt")
-            self._open[index] = (handle, handle.get_tensor("offsets").tolist(), handle.get_slice("ids"),
-                                 handle.get_slice("logprobs"))
+            names = ("hidden",) if self.hidden else ("ids", "logprobs")
+            self._open[index] = (handle, handle.get_tensor("offsets").tolist(), *(handle.get_slice(n) for n in names))
         return self._open[index]
 
-    def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Example ``i``'s targets: ids [n_i, k] int64 (-1: no target) and logprobs [n_i, k] float32 (-inf there),
-        one row per counted position (n_i = its response length + 1)."""
+    def _rows(self, i: int):
         if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < self.num_examples:
             raise InputError(f"example index {i!r} is outside the cache's {self.num_examples} examples")
         index = bisect.bisect_right(self._starts, i) - 1
-        _, offsets, ids, logprobs = self._shard(index)
+        _, offsets, *tensors = self._shard(index)
         local = i - self._starts[index]
         a, b = offsets[local], offsets[local + 1]
-        return decode_ids(ids[a:b]), logprobs[a:b].float()
+        return [t[a:b] for t in tensors]
+
+    def example(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Example ``i``'s targets: ids [n_i, k] int64 (-1: no target) and logprobs [n_i, k] float32 (-inf there),
+        one row per counted position (n_i = its response length + 1). A hidden-state cache has no targets:
+        :meth:`example_hidden`."""
+        if self.hidden:
+            raise InputError(f"teacher cache {self.path!r} holds hidden states, not targets: read them with "
+                             "example_hidden / batch_hidden")
+        ids, logprobs = self._rows(i)
+        return decode_ids(ids), logprobs.float()
+
+    def example_hidden(self, i: int) -> torch.Tensor:
+        """Example ``i``'s teacher hidden states [n_i, D] as stored (bfloat16 or float32), one row per counted
+        position, for a ``hidden`` cache."""
+        if not self.hidden:
+            raise InputError(f"teacher cache {self.path!r} holds {self.mode} targets, not hidden states")
+        (rows,) = self._rows(i)
+        return rows
+
+    def batch_hidden(self, example_indices, labels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Hidden states aligned with a training batch: [B, L, D] in ``dtype`` on ``labels``' device, example
+        ``example_indices[b]``'s rows at row b's counted positions in order, zeros elsewhere (as
+        :meth:`batch_targets` places targets)."""
+        counted = self._counted(example_indices, labels)
+        rows = []
+        for b, i in enumerate(example_indices):
+            h = self.example_hidden(int(i))
+            self._check_rows(int(i), h.shape[0], counted[b])
+            rows.append(h)
+        out = torch.zeros((*counted.shape, self.k), dtype=dtype)
+        if rows:
+            out[counted] = torch.cat(rows).to(dtype)
+        return out.to(labels.device)
+
+    def _counted(self, example_indices, labels: torch.Tensor) -> torch.Tensor:
+        counted = (labels != IGNORE_INDEX).cpu()
+        if counted.ndim != 2 or counted.shape[0] != len(example_indices):
+            raise InputError(f"labels must be [B, L] with B = {len(example_indices)} examples, got "
+                             f"{tuple(labels.shape)}")
+        return counted
+
+    @staticmethod
+    def _check_rows(i: int, rows: int, counted: torch.Tensor) -> None:
+        if rows != int(counted.sum()):
+            raise InputError(f"example {i}: the cache holds {rows} target rows, the batch counts "
+                             f"{int(counted.sum())} positions (labels from other data or settings)")
 
     def batch_targets(self, example_indices, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Targets aligned with a training batch: ids [B, L, k] int64 and logprobs [B, L, k] float32 on ``labels``'
         device, example ``example_indices[b]``'s rows at row b's counted positions (``labels != -100``) in order,
         -1 / -inf elsewhere. A row whose count of counted positions is not its example's is an InputError."""
-        counted = (labels != IGNORE_INDEX).cpu()
-        if counted.ndim != 2 or counted.shape[0] != len(example_indices):
-            raise InputError(f"labels must be [B, L] with B = {len(example_indices)} examples, got "
-                             f"{tuple(labels.shape)}")
+        counted = self._counted(example_indices, labels)
         rows_ids, rows_lp = [], []
         for b, i in enumerate(example_indices):
             ids, lp = self.example(int(i))
-            if ids.shape[0] != int(counted[b].sum()):
-                raise InputError(f"example {i}: the cache holds {ids.shape[0]} target rows, the batch counts "
-                                 f"{int(counted[b].sum())} positions (labels from other data or settings)")
+            self._check_rows(int(i), ids.shape[0], counted[b])
             rows_ids.append(ids)
             rows_lp.append(lp)
         shape = (*counted.shape, self.k)

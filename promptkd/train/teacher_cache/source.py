@@ -22,11 +22,12 @@ class TeacherSource:
     2. :meth:`describe` on rank 0, once: the teacher's record for ``cache.json`` and the manifest: ``teacher``
        (a JSON fingerprint; a resume must find the same ``teacher_sha256``), ``vocab_size`` (the ids targets can
        name), ``teacher_logit_transform`` (what the teacher applies to its logits, recorded) and, where a row holds
-       more than k targets, ``width`` (the stored row width);
+       more than k targets, ``width`` (the stored row width; for ``hidden``, the hidden size D);
     3. :meth:`open` on every process once there is work, with the run's settings (``mode``, ``k``,
        ``samples``, ``temperature``, ``vocab_size``, ...) and the process's device;
     4. :meth:`targets` per batch: the targets of the batch's counted positions (``labels != -100``), in
-       row-major order, with the Philox key of each row when the mode is ``samples``;
+       row-major order, with the Philox key of each row when the mode is ``samples`` (:meth:`hidden` instead for
+       the ``hidden`` mode: the final hidden states at those positions);
     5. :meth:`close`.
 
     ``tokenizer_path`` is the tokenizer the examples are encoded with when the caller names none."""
@@ -50,6 +51,11 @@ class TeacherSource:
         CPU, for the ``rows = counted.sum()`` counted positions of ``batch`` (:func:`promptkd.train.data.collate`,
         plus ``examples`` [B]: each row's example index)."""
         raise NotImplementedError
+
+    def hidden(self, batch: dict, counted: torch.Tensor) -> torch.Tensor:
+        """[rows, D] float32 on the CPU: the final hidden states (the output head's input) at the counted
+        positions of ``batch``, in row-major order (mode ``hidden``)."""
+        raise InputError(f"{type(self).__name__} gives no hidden states")
 
     def close(self) -> None:
         pass
@@ -121,8 +127,11 @@ class InProcessTeacher(TeacherSource):
             raise InputError("teacher: its config states no vocab_size; pass vocab_size (--vocab-size)")
         check_width(mode, k, vocab)  # before the teacher's files are hashed
         fingerprint = teacher_digest(local_teacher(self.path)) | {"path": self.path}
-        return {"teacher": fingerprint, "teacher_sha256": fingerprint["sha256"], "vocab_size": vocab,
-                "teacher_logit_transform": {"logit_scale": logit_scale, "softcap": softcap}}
+        record = {"teacher": fingerprint, "teacher_sha256": fingerprint["sha256"], "vocab_size": vocab,
+                  "teacher_logit_transform": {"logit_scale": logit_scale, "softcap": softcap}}
+        if mode == "hidden":
+            record["width"] = _hidden_size(config)
+        return record
 
     def open(self, settings: dict, device: torch.device) -> None:
         from ...hf.models import load_model, probe_logits
@@ -153,5 +162,21 @@ class InProcessTeacher(TeacherSource):
                                         logit_scale=form["logit_scale"], softcap=form["softcap"])
         return targets.ids.cpu(), targets.logprobs.float().cpu()
 
+    def hidden(self, batch: dict, counted: torch.Tensor) -> torch.Tensor:
+        from ...hf.models import lm_hidden
+
+        with torch.no_grad():
+            out = lm_hidden(self.model, batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            return out.hidden[counted.to(self.device)].float().cpu()
+
     def close(self) -> None:
         self.model = None
+
+
+def _hidden_size(config) -> int:
+    """The width of a model's final hidden states (its output head's input)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    size = getattr(text, "hidden_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise InputError(f"teacher: its config states no hidden_size ({type(text).__name__})")
+    return size

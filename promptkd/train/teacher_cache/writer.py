@@ -18,11 +18,10 @@ from ...files import sync_dir, write_atomic, write_text
 from ...kd.settings import IGNORE_INDEX
 from ..checkpoints import file_digest
 from ..data import collate, load_examples
-from .checks import check_cache_args
+from .checks import cache_mode, check_cache_args, resolve_dtype
 from .format import (
     FORMAT,
     FORMAT_VERSION,
-    LOGPROB_DTYPES,
     MANIFEST,
     MIB,
     SETTINGS_FILE,
@@ -40,6 +39,7 @@ from .format import (
     row_bytes,
     row_keys,
     shard_name,
+    stored_dtype,
     template_digest,
     tokenizer_digest,
 )
@@ -176,13 +176,12 @@ class _Run:
     def _shard(self, source, bar, index: int, start: int, stop_at: int, forced: bool) -> int:
         """Computes shard ``index`` from example ``start``: whole batches until it holds ``shard_mb`` (or, for a
         recorded shard, until its recorded end ``stop_at``); writes it and the progress; returns its end."""
-        ids, logprobs, counts = [], [], []
+        parts, counts = [], []
         cursor, batch_size = start, self.settings["batch_size"]
         while True:
             stop = min(cursor + batch_size, stop_at)
-            batch_ids, batch_lp, batch_counts = self._targets(source, cursor, stop)
-            ids.append(encode_ids(batch_ids, self.id_dtype))
-            logprobs.append(batch_lp.to(LOGPROB_DTYPES[self.settings["dtype"]]))
+            batch_tensors, batch_counts = self._targets(source, cursor, stop)
+            parts.append(batch_tensors)
             counts.extend(batch_counts)
             batch_index, cursor = (cursor - self.lo) // batch_size, stop
             self.computed_examples += len(batch_counts)
@@ -192,15 +191,15 @@ class _Run:
             size = sum(counts) * self.row_bytes + 8 * (len(counts) + 1)
             closes = cursor >= stop_at or (not forced and size >= self.limit)
             if closes:
-                self._write(index, start, cursor, torch.cat(ids), torch.cat(logprobs), counts)
+                self._write(index, start, cursor, {n: torch.cat([p[n] for p in parts]) for n in parts[0]}, counts)
             if self.on_batch is not None:
                 self.on_batch(batch_index)
             if closes:
                 return cursor
 
     def _targets(self, source, first: int, stop: int):
-        """Sparse targets of examples [first, stop): ids [rows, k] int64, logprobs [rows, k] float32 (CPU) and each
-        example's row count."""
+        """The stored tensors of examples [first, stop) (``ids`` [rows, k] and ``logprobs`` [rows, k] as stored, or
+        ``hidden`` [rows, D]) and each example's row count."""
         s = self.settings
         examples = self.examples[first:stop]
         batch = collate([e.prompt_ids for e in examples], [e.response_ids for e in examples],
@@ -216,21 +215,29 @@ class _Run:
             owners = torch.arange(first, stop)[:, None].expand_as(counted)[counted]
             keys = row_keys(s["seed"], owners, positions)
         batch["examples"] = torch.arange(first, stop)
-        ids, logprobs = source.targets(batch, counted, keys)
         rows = sum(counts)
+        values = stored_dtype(s["mode"], s["dtype"])
+        if s["mode"] == "hidden":
+            hidden = source.hidden(batch, counted)
+            if tuple(hidden.shape) != (rows, s["k"]) or not torch.isfinite(hidden).all():
+                raise RuntimeError(f"examples {first}..{stop}: the teacher gave hidden states of shape "
+                                   f"{tuple(hidden.shape)} (finite: {bool(torch.isfinite(hidden).all())}), expected "
+                                   f"({rows}, {s['k']})")
+            return {"hidden": hidden.to(values)}, counts
+        ids, logprobs = source.targets(batch, counted, keys)
         if tuple(ids.shape) != (rows, s["k"]) or tuple(logprobs.shape) != (rows, s["k"]):
             raise RuntimeError(f"examples {first}..{stop}: the teacher gave targets of shape {tuple(ids.shape)} / "
                                f"{tuple(logprobs.shape)}, expected ({rows}, {s['k']})")
-        return ids, logprobs, counts
+        return {"ids": encode_ids(ids, self.id_dtype), "logprobs": logprobs.to(values)}, counts
 
-    def _write(self, index: int, start: int, end: int, ids, logprobs, counts) -> None:
+    def _write(self, index: int, start: int, end: int, tensors: dict, counts) -> None:
         from safetensors.torch import save_file
 
         name = shard_name(self.procs.rank, index)
         path = os.path.join(self.out, name)
         offsets = torch.zeros(len(counts) + 1, dtype=torch.int64)
         offsets[1:] = torch.tensor(counts, dtype=torch.int64).cumsum(0)
-        tensors = {"ids": ids.contiguous(), "logprobs": logprobs.contiguous(), "offsets": offsets}
+        tensors = {**{n: t.contiguous() for n, t in tensors.items()}, "offsets": offsets}
         # One metadata key: safetensors writes the metadata map in a per-process random order, and a resumed
         # cache must be byte-identical to an uninterrupted one.
         metadata = {FORMAT: json.dumps({"format_version": FORMAT_VERSION, "examples": [start, end]})}
@@ -260,7 +267,8 @@ def _settings(source: TeacherSource, data, tokenizer_path, tokenizer, mode, k, s
             "data": {"path": data, "sha256": data_sha256}, "teacher_sha256": teacher["teacher_sha256"],
             "tokenizer_sha256": words, "data_sha256": data_sha256, "template_sha256": template_digest(),
             "max_length": max_length, "max_prompt_length": max_prompt_length, "mode": mode, "k": k, "samples": samples,
-            "temperature": float(temperature), "dtype": dtype, "id_dtype": id_dtype_for(vocab), "vocab_size": vocab,
+            "temperature": float(temperature), "dtype": dtype, "vocab_size": vocab,
+            "id_dtype": None if mode == "hidden" else id_dtype_for(vocab),
             "seed": seed, "batch_size": batch_size, "shard_mb": float(shard_mb), "processes": processes,
             "teacher_logit_transform": teacher["teacher_logit_transform"]}
 
@@ -303,9 +311,10 @@ def _all_shards(out: str, world_size: int) -> list[dict]:
 
 
 def write_cache(source: TeacherSource, data: str, out: str, *, top_k: int | None = None, samples: int | None = None,
-                temperature: float = 1.0, max_length: int = 512, max_prompt_length: int = 256, batch_size: int = 8,
-                dtype: str = "float16", seed: int = 0, shard_mb: float = 256.0, tokenizer: str | None = None,
-                vocab_size: int | None = None, device: str = "auto", resume: bool = False, overwrite: bool = False,
+                hidden: bool = False, temperature: float = 1.0, max_length: int = 512, max_prompt_length: int = 256,
+                batch_size: int = 8, dtype: str | None = None, seed: int = 0, shard_mb: float = 256.0,
+                tokenizer: str | None = None, vocab_size: int | None = None, device: str = "auto", resume: bool = False,
+                overwrite: bool = False,
                 log=print, on_batch: Callable[[int], None] | None = None) -> dict:
     """Writes the targets ``source`` gives over the training file ``data`` to ``out``; returns the manifest. The
     arguments are :func:`~promptkd.train.teacher_cache.cache_teacher`'s, checked by the caller."""
@@ -314,7 +323,9 @@ def write_cache(source: TeacherSource, data: str, out: str, *, top_k: int | None
     from ...hf.models import load_tokenizer
     from ..distributed import Processes
 
-    mode, k = ("top_k", top_k) if top_k is not None else ("samples", samples)
+    mode = cache_mode(top_k, samples, hidden)
+    k = {"top_k": top_k, "samples": samples, "hidden": None}[mode]  # hidden: the width comes from the teacher
+    dtype = resolve_dtype(dtype, hidden)
     procs = Processes(device)
     say = log if procs.main else (lambda _: None)
     lock = None
@@ -333,8 +344,9 @@ def write_cache(source: TeacherSource, data: str, out: str, *, top_k: int | None
 
         settings = _on_main(procs, prepare)
         say(f"cache: {stats.kept} examples from {data} ({stats.dropped_long_prompt} dropped for prompts over "
-            f"{max_prompt_length} tokens, {stats.truncated_response} responses cut); {mode} k={k}, "
-            f"T={settings['temperature']}, {dtype} log-probabilities, {settings['id_dtype']} ids")
+            f"{max_prompt_length} tokens, {stats.truncated_response} responses cut); "
+            + (f"hidden states of width {settings['k']} in {dtype}" if mode == "hidden" else
+               f"{mode} k={k}, T={settings['temperature']}, {dtype} log-probabilities, {settings['id_dtype']} ids"))
         run = _Run(out, procs, examples, tok, settings, say, on_batch)
         pending = _each(procs, run.inspect)
         anything = any(_gather(procs, pending))
@@ -383,16 +395,19 @@ def write_cache(source: TeacherSource, data: str, out: str, *, top_k: int | None
 
 
 def cache_teacher(teacher: str, data: str, out: str, *, top_k: int | None = None, samples: int | None = None,
-                  temperature: float = 1.0, max_length: int = 512, max_prompt_length: int = 256, batch_size: int = 8,
-                  dtype: str = "float16", seed: int = 0, shard_mb: float = 256.0, tokenizer: str | None = None,
-                  vocab_size: int | None = None, device: str = "auto", resume: bool = False, overwrite: bool = False,
-                  log=print, on_batch: Callable[[int], None] | None = None) -> dict:
+                  hidden: bool = False, temperature: float = 1.0, max_length: int = 512, max_prompt_length: int = 256,
+                  batch_size: int = 8, dtype: str | None = None, seed: int = 0, shard_mb: float = 256.0,
+                  tokenizer: str | None = None, vocab_size: int | None = None, device: str = "auto",
+                  resume: bool = False, overwrite: bool = False, log=print,
+                  on_batch: Callable[[int], None] | None = None) -> dict:
     """Runs ``teacher`` over the training file ``data`` once and writes its sparse targets to ``out``; returns the
     manifest (see the package docstring for what is cached, the files and the guarantees).
 
-    Exactly one of ``top_k`` (the k most likely ids) and ``samples`` (S draws; stored width k = S). ``temperature``
-    T of the softmax; ``max_length`` / ``max_prompt_length`` as the trainer's (they decide the examples);
-    ``batch_size`` examples per teacher forward; ``dtype`` of the stored log-probabilities (float16 or float32);
+    Exactly one of ``top_k`` (the k most likely ids), ``samples`` (S draws; stored width k = S) and ``hidden``
+    (the teacher's final hidden states, width k = D: ``kd`` then applies the teacher's output head, exactly).
+    ``temperature`` T of the softmax; ``max_length`` / ``max_prompt_length`` as the trainer's (they decide the
+    examples); ``batch_size`` examples per teacher forward; ``dtype`` of the stored log-probabilities (float16, the
+    default, or float32) or hidden states (bfloat16, the default, or float32);
     ``seed`` of sampled targets (ignored by top-k, but recorded); ``shard_mb`` MiB per shard; ``tokenizer``
     (default: the teacher's); ``vocab_size``: how many leading rows of the teacher's head are real tokens (default:
     its config's vocab_size); ``device``: auto (cuda:LOCAL_RANK if CUDA is available), cpu, cuda or cuda:N.
@@ -400,7 +415,7 @@ def cache_teacher(teacher: str, data: str, out: str, *, top_k: int | None = None
     ``on_batch(i)`` is called after each batch (i: the batch's index in this process's share), once its shard
     is written if the batch completed one. Under torchrun, every process calls it with the same arguments.
     """
-    options = dict(top_k=top_k, samples=samples, temperature=temperature, max_length=max_length,
+    options = dict(top_k=top_k, samples=samples, hidden=hidden, temperature=temperature, max_length=max_length,
                    max_prompt_length=max_prompt_length, batch_size=batch_size, dtype=dtype, seed=seed,
                    shard_mb=shard_mb, tokenizer=tokenizer, vocab_size=vocab_size, device=device, resume=resume,
                    overwrite=overwrite)
