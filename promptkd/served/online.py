@@ -62,7 +62,15 @@ class OnlineTeacher:
         if len(probe) < 2:
             probe = [i % vocab_size for i in (1, 2, 3, 4, 5)]
         if self.payload == "hidden":
-            hidden = s.hidden(c, self.model, probe, "a probe for the hidden states")
+            try:
+                hidden = s.hidden(c, self.model, probe, "a probe for the hidden states")
+            except RequestRefused as e:
+                if e.status != 404:
+                    raise
+                raise ServerError(f"teacher_server {c.url} has no /pooling (HTTP 404): hidden states come from a "
+                                  "vLLM server started as a pooling model (--runner pooling --convert embed, "
+                                  "token_embed with ALL pooling); this one scores (teacher_server_payload="
+                                  "logprobs)") from None
             if hidden_size is not None and hidden.shape[1] != hidden_size:
                 raise ServerError(f"teacher_server {c.url} ({self.model}) returns hidden states of width "
                                   f"{hidden.shape[1]}, and the teacher's output head (teacher) takes {hidden_size}: "
@@ -71,6 +79,10 @@ class OnlineTeacher:
         try:
             s.score(c, self.model, probe, self.top_k, what=f"a probe with {self.top_k} log-probabilities")
         except RequestRefused as e:
+            if e.status == 404:
+                raise ServerError(f"teacher_server {c.url} has no /v1/completions (HTTP 404): is it a pooling "
+                                  "server? Log-probabilities come from a generating server; a pooling one gives "
+                                  "hidden states (teacher_server_payload=hidden)") from None
             raise ServerError(f"teacher_server {c.url} refuses {self.top_k} log-probabilities per position "
                               f"({e.message}); start it with --max-logprobs {self.top_k} or more, or lower "
                               "teacher_server_top_k") from None

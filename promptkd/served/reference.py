@@ -109,10 +109,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path not in ("/v1/completions", "/generate", "/pooling"):
             return self._error(404, f"no route {self.path}")
         pooling = self.server.args.runner == "pooling"
-        if (self.path == "/pooling") != pooling:
-            api = "Pooling" if self.path == "/pooling" else "Completions"
-            return self._error(400, f"The model does not support {api} API (this server runs the "
-                                    f"{self.server.args.runner} runner)")
+        if (self.path == "/pooling") != pooling:  # as vLLM: the other runner's routes do not exist
+            return self._send(404, {"detail": "Not Found"})
         scoring = self.path in ("/v1/completions", "/pooling") or "input_ids" in body and body.get("top_logprobs_num")
         if scoring and not self._fault():
             return None

@@ -82,7 +82,14 @@ class ServedTeacher(TeacherSource):
         check_width(mode, k, vocab)
         probe = _probe_ids(tokenizer, vocab)
         if mode == "hidden":
-            width = server.hidden(client, self.model, probe, "a probe for the hidden states").shape[1]
+            try:
+                width = server.hidden(client, self.model, probe, "a probe for the hidden states").shape[1]
+            except RequestRefused as e:
+                if e.status != 404:
+                    raise
+                raise ServerError(f"the teacher server at {client.url} has no /pooling (HTTP 404): --hidden needs a "
+                                  "vLLM server started as a pooling model (--runner pooling --convert embed, "
+                                  "token_embed with ALL pooling)") from None
             record = {"server": client.url, "api": server.name, "model": self.model, **info, "payload": "hidden"}
             identity = {key: record[key] for key in ("api", "model", "payload")}
             return {"teacher": record, "teacher_sha256": sha256_bytes(canonical(identity)), "vocab_size": vocab,
@@ -109,6 +116,9 @@ class ServedTeacher(TeacherSource):
         try:
             server.score(client, self.model, probe, k, what=f"a probe with {k} log-probabilities per position")
         except RequestRefused as e:
+            if e.status == 404:
+                raise ServerError(f"the teacher server at {client.url} has no scoring route (HTTP 404): is it a "
+                                  "pooling server? Its hidden states are cached with --hidden") from None
             setting = "--max-logprobs" if server.name == "vllm" else "the server's limit on top_logprobs_num"
             raise ServerError(f"the teacher server at {client.url} refuses {k} log-probabilities per position "
                               f"({e.message}); start it with {setting} {k} or more, or lower --top-k") from None
