@@ -12,8 +12,8 @@ its own (``promptkd train``, the demo's tasks); its peak resident memory is read
 1. Peak trainer memory and seconds per step: ``sft``; ``kd`` and ``rkl`` with the teacher in memory; ``kd`` from
    served log-probabilities (top-k); ``rkl`` from served log-probabilities (the sampled-token estimator); ``kd`` and
    ``rkl`` from served hidden states (the teacher's head loaded alone).
-2. Payloads, per scored token: bytes on the wire as JSON, and as stored (top-k: k ids int32 + k float16
-   log-probabilities; hidden: D bfloat16), and the loss each gives against the exact forward KL on the same batch.
+2. Payloads, per scored token: bytes on the wire as JSON, and as stored (top-k: k + 1 ids, uint16 or int32 as the
+   cache stores them, and k + 1 float16 log-probabilities; hidden: D bfloat16), and the loss each gives against the exact forward KL on the same batch.
 
 Everything goes to ``OUT/served_online.json`` with the commit, the versions and the machine.
 """
@@ -78,6 +78,7 @@ def payloads(work: Path, teacher: str, student: str, scoring: str, k: int) -> di
     from promptkd.hf.models import lm_hidden, load_model, load_tokenizer
     from promptkd.served.online import OnlineTeacher
     from promptkd.train.data import collate, load_examples
+    from promptkd.train.teacher_cache.format import id_dtype_for, row_bytes
 
     tok = load_tokenizer("student", student)
     examples, _ = load_examples(str(work / "train.jsonl"), tok, 128, 192, limit=8)
@@ -104,7 +105,8 @@ def payloads(work: Path, teacher: str, student: str, scoring: str, k: int) -> di
 
     answer = requests.post(f"{scoring}/v1/completions", json=request, timeout=600).content
     return {"tokens": counted, "k": k, "hidden_size": d,
-            "stored_bytes_per_token": {"top_k": (k + 1) * (4 + 2), "hidden_bfloat16": d * 2},
+            "stored_bytes_per_token": {"top_k": row_bytes(k + 1, id_dtype_for(head.weight.shape[0]), "float16"),
+                                       "hidden_bfloat16": row_bytes(d, None, "bfloat16")},
             "json_bytes_per_token_topk": len(answer) / len(request["prompt"]),
             "json_bytes_per_token_hidden_estimate": d * 12,
             "forward_kl": {"exact": exact, "top_k_plus_label_float16": sparse, "hidden_bfloat16": from_hidden}}

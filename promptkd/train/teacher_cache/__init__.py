@@ -25,7 +25,9 @@ that key and counter (0, 0, s, 0). Distinct rows get independent 64-bit keys.
 The directory. ``shard-<rank>-<index>.safetensors`` (about ``shard_mb`` MiB each, whole batches of whole
 examples) hold ``ids`` [tokens, k] (uint16 when the vocabulary used has at most 65535 ids, 65535 meaning "no
 target"; else int32 with -1), ``logprobs`` [tokens, k] (float16 or float32, -inf where there is no target) and
-``offsets`` [examples + 1] int64 (each example's first row in the shard). ``cache.json`` records the settings
+``offsets`` [examples + 1] int64 (each example's first row in the shard); a cache of ``mode: hidden`` holds
+``hidden`` [tokens, D] (the teacher's final hidden states, bfloat16 or float32) in place of ids and
+log-probabilities. ``cache.json`` records the settings
 when a run starts; ``progress-rank<r>.json`` the shards each process completed (with their sha256), rewritten
 after each shard; ``manifest.json`` is written last, once every process has finished: its presence means the
 cache is complete. ``lock-rank<r>`` is locked (``flock``) by the process writing that rank's shards. Every file
