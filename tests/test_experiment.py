@@ -358,20 +358,64 @@ def test_open_regime_with_the_student_sft_trained_first(teacher, tmp_path):
         _reference_ce(sft_final, test, tokenizer.eos_token_id), rel=1e-4)
 
 
+def test_the_long_budget_with_the_frozen_prompt_ablation(teacher, tmp_path):
+    """``smollm2-long`` at smoke sizes: its methods (no gkd) and PromptKD's frozen-prompt ablation, each for two
+    training seeds and grouped; the frozen runs keep the initial prompt; the prompt diagnostics are logged at each
+    validation and plotted; the verdict compares the learned prompt with the frozen one and promptkd with rkl."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "long")
+    results = smollm2.run_experiment(out, teacher=teacher, quick=True, name="smollm2-long", train_seeds=(11,),
+                                     log=lambda _: None)
+    q = smollm2.QUICK_LONG
+    methods = list(smollm2.LONG.methods)
+    assert "gkd" not in methods and q.methods == smollm2.LONG.methods
+    assert list(results["scores"]) == ["teacher", "sft_init", *methods, "promptkd[promptkd_frozen]",
+                                       *[f"{m}[{m}_seed11]" for m in methods], "promptkd[promptkd_frozen_seed11]"]
+    assert results["seed_groups"]["promptkd prompt_frozen=True"]["runs"] == {
+        "promptkd[promptkd_frozen]": 10, "promptkd[promptkd_frozen_seed11]": 11}
+    initial = None
+    for run in ("promptkd_frozen", "promptkd_frozen_seed11"):
+        run_dir = os.path.join(out, "variants", run)
+        prompt = load_file(os.path.join(run_dir, "final", "prompt", "adapter_model.safetensors"))["prompt_embeddings"]
+        initial = prompt if initial is None else initial
+        assert torch.equal(prompt, initial)
+        lines = [json.loads(x) for x in open(os.path.join(run_dir, "metrics.jsonl"))]
+        assert lines[-1]["prompt/distance"] == 0.0 and not any("prompt/loss" in x for x in lines)
+    learned = load_file(os.path.join(out, "promptkd", "final", "prompt", "adapter_model.safetensors"))
+    assert not torch.equal(learned["prompt_embeddings"], initial)
+    lines = [json.loads(x) for x in open(os.path.join(out, "promptkd", "metrics.jsonl"))]
+    assert sum("prompt/kl_student_prompted" in x for x in lines) == q.eval_points
+    for plot in ("prompt_kl_student_prompted.png", "prompt_kl_prompted_plain.png", "prompt_teacher_rougeL.png",
+                 "prompt_distance.png", "prompt_loss.png"):
+        assert os.path.getsize(os.path.join(out, "plots", plot)) > 0
+    assert os.path.getsize(os.path.join(out, "promptkd", "plots", "prompt_diagnostics.png")) > 0
+    text = open(os.path.join(out, "results.md")).read()
+    assert "the learned prompt against the frozen one" in text and "promptkd against rkl" in text
+
+
 def test_seed_verdict_calls_apart_only_gaps_beyond_twice_the_training_seed_std():
     def group(rouge, std, ce, ce_std, n=3):
         return {"runs": {f"r{i}": i for i in range(n)}, "test": rouge, "train_std": std, "ce": ce, "ce_std": ce_std}
 
     groups = {"sft": group(20.0, 0.5, 3.0, 0.01), "kd": group(23.0, 1.0, 2.9, 0.02), "rkl": group(21.0, 0.5, 3.1, 0.01),
-              "promptkd": group(23.5, 0.4, 2.95, 0.05)}
+              "promptkd": group(23.5, 0.4, 2.95, 0.05), "promptkd prompt_frozen=True": group(22.0, 0.3, 3.0, 0.02)}
     lines = smollm2.seed_verdict(groups).splitlines()
-    assert lines[1] == ("- test ROUGE-L: does distillation beat fine-tuning? kd 23 is better than sft 20 "
-                        "(+3; noise 2)")
-    assert lines[2] == ("- test ROUGE-L: promptkd against the best baseline: promptkd 23.5 is within noise of kd 23 "
-                        "(+0.5; noise 2)")
-    assert lines[3] == ("- test cross-entropy: does distillation beat fine-tuning? kd 2.9 is better than sft 3 "
-                        "(-0.1; noise 0.04)")
-    assert lines[4] == ("- test cross-entropy: promptkd against the best baseline: promptkd 2.95 is within noise of "
-                        "kd 2.9 (+0.05; noise 0.1)")
+    assert lines[1:] == [
+        "- test ROUGE-L: does distillation beat fine-tuning? kd 23 is better than sft 20 (+3; noise 2)",
+        "- test ROUGE-L: promptkd against the best baseline: promptkd 23.5 is within noise of kd 23 (+0.5; noise 2)",
+        "- test ROUGE-L: promptkd against rkl (its student loss without the prompt): promptkd 23.5 is better than "
+        "rkl 21 (+2.5; noise 1)",
+        "- test ROUGE-L: the learned prompt against the frozen one: promptkd 23.5 is better than promptkd "
+        "prompt_frozen=True 22 (+1.5; noise 0.8)",
+        "- test cross-entropy: does distillation beat fine-tuning? kd 2.9 is better than sft 3 (-0.1; noise 0.04)",
+        "- test cross-entropy: promptkd against the best baseline: promptkd 2.95 is within noise of kd 2.9 (+0.05; "
+        "noise 0.1)",
+        "- test cross-entropy: promptkd against rkl (its student loss without the prompt): promptkd 2.95 is better "
+        "than rkl 3.1 (-0.15; noise 0.1)",
+        "- test cross-entropy: the learned prompt against the frozen one: promptkd 2.95 is within noise of promptkd "
+        "prompt_frozen=True 3 (-0.05; noise 0.1)"]
     groups["kd"] = group(23.0, 1.0, 2.9, 0.02, n=1)
     assert "not called (one training seed)" in smollm2.seed_verdict(groups).splitlines()[1]

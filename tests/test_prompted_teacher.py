@@ -294,6 +294,27 @@ def test_cached_generation_still_works_on_the_wrapped_model():
                        plain.generate(ids, attention_mask=mask, **kw))
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_after_the_prompt_continues_the_forward(family):
+    """PromptedTeacher.generate (greedy, KV cache, left padding): each new token is the argmax of forward() on the
+    row's tokens so far after the soft prompt, and each step's logits are forward()'s at that position."""
+    teacher = PromptedTeacher(build(family), P, init="random")
+    ids, mask = batch("left")
+    steps = 4
+    kw = dict(max_new_tokens=steps, min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    out = teacher.generate(ids, attention_mask=mask, **kw)
+    assert out.shape == (ids.shape[0], ids.shape[1] + steps) and torch.equal(out[:, :ids.shape[1]], ids)
+    full_mask = torch.cat([mask, torch.ones(ids.shape[0], steps, dtype=torch.long)], dim=1)
+    with torch.no_grad():
+        logits = teacher(out, full_mask, return_logits=True).logits
+    n = ids.shape[1]
+    assert torch.equal(logits[:, n - 1:-1].argmax(-1), out[:, n:])
+    plain_logits = teacher(out, full_mask, use_prompt=False, return_logits=True).logits
+    assert not torch.equal(plain_logits[:, n - 1:-1].argmax(-1), out[:, n:])  # the prompt changes the tokens
+    with pytest.raises(ValueError, match="return_dict_in_generate"):
+        teacher.generate(ids, attention_mask=mask, return_dict_in_generate=True, **kw)
+
+
 def test_cached_generation_with_an_attention_softcap():
     """Gemma 2's attention softcap (tight) in decoding with a KV cache through the wrapped model's attention
     (explicit capped scores) gives the plain model's greedy tokens and step logits."""

@@ -135,6 +135,8 @@ class PromptedTeacher(nn.Module):
             with torch.no_grad():
                 prompt = embed(torch.tensor(ids, device=embed.weight.device))
         self.soft_prompt = nn.Parameter(prompt.to(device=embed.weight.device, dtype=torch.float32).clone())
+        # The prompt it started from (not saved, not changed by load_prompt): how far training moved it.
+        self.register_buffer("initial_prompt", self.soft_prompt.detach().clone(), persistent=False)
 
         model.requires_grad_(False)
         model.set_attn_implementation(register())
@@ -245,6 +247,30 @@ class PromptedTeacher(nn.Module):
 
             logits = transform_logits(torch.nn.functional.linear(hidden, weight, bias), *self.logit_transform)
         return TeacherOutput(hidden, weight, bias, logits, self.logit_transform)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The wrapped model's ``generate`` after the soft prompt: the prompt's embeddings are put before each row's
+        (left-padded) tokens, as with concatenation (a row's real tokens continue at positions P, P + 1, ...,
+        :meth:`forward`'s positions). Returns ``input_ids`` followed by the new tokens, as ``generate`` with
+        ``input_ids`` does, so callers such as :func:`promptkd.train.evaluate.sample` take it unchanged. The keyword
+        arguments are ``generate``'s (``return_dict_in_generate`` is refused: only the ids come back)."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be a [B, N] tensor, got {getattr(input_ids, 'shape', input_ids)}")
+        if kwargs.get("return_dict_in_generate"):
+            raise ValueError("PromptedTeacher.generate returns token ids; return_dict_in_generate is not supported")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        embed = self.model.get_input_embeddings()
+        b, p = input_ids.shape[0], self.num_prompt_tokens
+        prompt = self.soft_prompt.to(embed.weight.dtype)[None].expand(b, -1, -1)
+        embeds = torch.cat([prompt, embed(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(b, p), attention_mask], dim=1)
+        new = self.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        return torch.cat([input_ids, new.to(input_ids.device)], dim=1)
 
     # ---- saving and loading as a PEFT prompt-tuning adapter ----
 

@@ -71,6 +71,7 @@ class TrainConfig:
     prompt_init_text: str = "Suppose you are a student."
     prompt_lr: float = 0.0            # promptkd: prompt optimizer learning rate (0: same as lr)
     prompt_reg: float = 1.0           # promptkd: lambda of the KL(p_TP || p_T) regulariser, decayed linearly
+    prompt_frozen: bool = False       # promptkd: keep the soft prompt at its initialisation (no prompt step)
     num_samples: int = 1              # responses sampled per instruction (on-policy methods)
     share_prefix: bool = False        # sampled batches run each instruction once, shared by its samples
     max_new_tokens: int = 0           # sampled response length (0: max_length - prompt length)
@@ -143,7 +144,7 @@ class TrainConfig:
             raise InputError("eval_seeds must name at least one seed")
         for seed in self.eval_seeds:
             _int("eval_seeds", seed, minimum=0)
-        for name in ("gradient_checkpointing", "tensorboard", "progress", "share_prefix", "fsdp"):
+        for name in ("gradient_checkpointing", "tensorboard", "progress", "share_prefix", "fsdp", "prompt_frozen"):
             if not isinstance(getattr(self, name), bool):
                 raise InputTypeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("student", "teacher", "teacher_cache", "tokenizer", "output_dir", "train_file", "valid_file",
@@ -156,6 +157,8 @@ class TrainConfig:
             raise InputError("prompt_init_text must not be empty (the soft prompt is initialised from its tokens)")
         if not isinstance(self.extra, dict):
             raise InputTypeError(f"extra must be a mapping, got {type(self.extra).__name__}")
+        if self.prompt_frozen and self.method != "promptkd":
+            raise InputError(f"prompt_frozen applies to method 'promptkd' (its soft prompt), not {self.method!r}")
         if self.num_samples > 1 and self.method not in ON_POLICY:
             raise InputError(f"num_samples > 1 applies to methods that sample ({', '.join(ON_POLICY)}), "
                              f"not {self.method!r}")

@@ -28,6 +28,8 @@ the soft prompt, one step of each method (``TrainConfig.method``) is:
                (2) prompt step, gradient to the soft prompt only:
                    KL(p_TP || q_S) + prompt_reg * (1 - step / total) * KL(p_TP || p_T);
                (3) student step with the updated prompt (no gradient to it): KL(q_S || p_TP).
+               ``prompt_frozen``: no prompt step; the student learns from the teacher with its initial prompt
+               (the ablation that isolates what learning the prompt does).
 
 Losses are token means over response tokens, averaged over micro-batches (and processes, by the
 trainer). ``num_samples`` K samples K responses per instruction; ``share_prefix`` runs each
@@ -120,6 +122,8 @@ def load_models(cfg: TrainConfig, dtype: torch.dtype, device: torch.device, toke
                                    tokenizer=teacher_tokenizer or tokenizer,
                                    gradient_checkpointing=cfg.gradient_checkpointing, attention_impl=cfg.attention_impl,
                                    allow_logit_transform=True)
+        if cfg.prompt_frozen:
+            prompted.soft_prompt.requires_grad_(False)
         if resume_from:
             prompted.load_prompt(os.path.join(resume_from, "prompt"))
     if cfg.fsdp:
@@ -378,13 +382,14 @@ def promptkd_step(d: Distillation, micro_batches, step: int, total_steps: int, a
         batch, n = d.batch(*d.on_policy(examples, step, m), shared=cfg.share_prefix)
         samples.append(batch)
         tokens += n
-    scale = 1.0 / len(micro_batches)
-    reg = cfg.prompt_reg * (1.0 - step / total_steps)
-    prompt_total = accumulate((d.prompt_loss(batch, reg) for batch in samples), scale, d.device)
-    prompt_lr = lr("prompt")
-    prompt_value, prompt_norm = apply(step, "prompt", prompt_total)
+    scale, out = 1.0 / len(micro_batches), {}
+    if not cfg.prompt_frozen:
+        reg = cfg.prompt_reg * (1.0 - step / total_steps)
+        prompt_total = accumulate((d.prompt_loss(batch, reg) for batch in samples), scale, d.device)
+        prompt_lr = lr("prompt")
+        prompt_value, prompt_norm = apply(step, "prompt", prompt_total)
+        out = {"prompt/loss": prompt_value, "prompt/grad_norm": prompt_norm, "prompt/lr": prompt_lr}
     student_total = accumulate((d.student_loss(batch) for batch in samples), scale, d.device)
     student_lr = lr("student")
     value, norm = apply(step, "student", student_total)
-    return {"train/loss": value, "train/grad_norm": norm, "train/lr": student_lr, "prompt/loss": prompt_value,
-            "prompt/grad_norm": prompt_norm, "prompt/lr": prompt_lr, "tokens": tokens}
+    return {"train/loss": value, "train/grad_norm": norm, "train/lr": student_lr, **out, "tokens": tokens}

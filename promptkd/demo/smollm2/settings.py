@@ -56,10 +56,18 @@ class ExperimentSettings:
     exposure_prompts: int = 40
     exposure_samples: int = 2
     exposure_length: int = 16
+    methods: tuple = BASELINES            # the baselines trained (a subset of BASELINES, in this order)
+    ablations: tuple = ()                 # --variant strings every experiment of these settings adds (and seeds)
+    eval_points: int = 4                  # validations per distillation run (the curves' points)
 
     def __post_init__(self):
         if self.regime not in REGIMES:
             raise InputError(f"regime must be one of {REGIMES}, got {self.regime!r}")
+        unknown = [m for m in self.methods if m not in BASELINES]
+        if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
+            raise InputError(f"methods must be distinct names among {', '.join(BASELINES)}, got {self.methods!r}")
+        if isinstance(self.eval_points, bool) or not isinstance(self.eval_points, int) or self.eval_points < 1:
+            raise InputError(f"eval_points must be an int >= 1, got {self.eval_points!r}")
 
 
 #: A smoke test's sizes (tests run it on tiny GGUF models written on the spot).
@@ -81,8 +89,18 @@ QUICK_OPEN = ExperimentSettings(regime="open", n_train=24, n_valid=2, n_test=4, 
 #: docs/experiments.md), then 30 steps (one epoch) of each method from there.
 OPEN_SFT = replace(OPEN, sft_steps=60, distill_steps=30)
 QUICK_OPEN_SFT = replace(QUICK_OPEN, sft_steps=2)
+#: PromptKD's frozen-prompt ablation: everything PromptKD does but learning the prompt (``prompt_frozen``).
+FROZEN = "promptkd_frozen:prompt_frozen=true"
+#: ``smollm2-long``: the open regime with the student SFT-trained first, at ten times ``smollm2-open-sft``'s
+#: distillation steps (300), made cheaper per step rather than fewer: batches of 4 and answers of 24 tokens, one
+#: epoch of 1,200 training instructions; the methods the prompt question needs and the frozen-prompt ablation,
+#: with 10 validations per run for the prompt's curves (docs/experiments.md).
+LONG = replace(OPEN_SFT, n_train=1200, max_length=88, max_new_tokens=24, batch_size=4, sft_steps=150,
+               distill_steps=300, methods=("sft", "kd", "rkl", "distillm", "promptkd"), ablations=(FROZEN,),
+               eval_points=10, exposure_prompts=12)
+QUICK_LONG = replace(QUICK_OPEN_SFT, methods=LONG.methods, ablations=LONG.ablations, eval_points=2)
 EXPERIMENTS = {"smollm2": (ExperimentSettings(), QUICK), "smollm2-open": (OPEN, QUICK_OPEN),
-               "smollm2-open-sft": (OPEN_SFT, QUICK_OPEN_SFT)}
+               "smollm2-open-sft": (OPEN_SFT, QUICK_OPEN_SFT), "smollm2-long": (LONG, QUICK_LONG)}
 
 
 def packaged_teacher() -> str:
@@ -141,16 +159,19 @@ def parse_cache(spec: str) -> tuple[str, int]:
     return ("top_k" if kind == "k" else "samples"), int(digits)
 
 
-def seed_variants(train_seeds: tuple[int, ...], seed: int) -> tuple[str, ...]:
-    """``--train-seeds``: every baseline once more per extra training seed, as the variants
-    ``METHOD_seedS:method=METHOD,seed=S`` (grouped with the method's run by :func:`seed_groups`)."""
+def seed_variants(train_seeds: tuple[int, ...], seed: int, methods: tuple = BASELINES,
+                  ablations: tuple = ()) -> tuple[str, ...]:
+    """``--train-seeds``: every baseline of ``methods`` once more per extra training seed, as the variants
+    ``METHOD_seedS:method=METHOD,seed=S``, and every ablation ``NAME:CHANGES`` as ``NAME_seedS:CHANGES,seed=S``
+    (each grouped with its first run by :func:`seed_groups`)."""
     out = []
     for s in train_seeds:
         if isinstance(s, bool) or not isinstance(s, int) or s < 0:
             raise InputError(f"--train-seeds: a seed must be an int >= 0, got {s!r}")
         if s == seed:
             raise InputError(f"--train-seeds: {s} is the experiment's own seed (its runs have it already)")
-        out += [f"{m}_seed{s}:method={m},seed={s}" for m in BASELINES]
+        out += [f"{m}_seed{s}:method={m},seed={s}" for m in methods]
+        out += [f"{name}_seed{s}:{changes},seed={s}" for name, _, changes in (a.partition(":") for a in ablations)]
     if len(set(train_seeds)) != len(train_seeds):
         raise InputError("--train-seeds: a seed is given twice")
     return tuple(out)
