@@ -1,0 +1,42 @@
+"""Pilot of ``smollm2-long`` (docs/experiments.md): PromptKD and its frozen-prompt ablation only, one training seed,
+at the experiment's settings (300 steps from ``sft_init``, batches of 4, 24-token answers, 10 validations with the
+prompt's diagnostics), to see whether the prompt moves the teacher at this budget before the full run.
+
+    python docs/smollm2-long/pilot.py [OUT]        # default runs/smollm2-long-pilot; --resume continues
+
+Writes OUT/results.md, OUT/plots/ (the prompt's diagnostics of both runs) and, beside this script, pilot.json
+(the scores, the prompt cost, each run's diagnostics at every validation and its seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import replace
+
+from promptkd.demo.smollm2 import LONG, run_experiment
+from promptkd.train.plot import run_series
+
+
+def main() -> int:
+    out = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "runs/smollm2-long-pilot"
+    resume = "--resume" in sys.argv
+    settings = replace(LONG, methods=("promptkd",))
+    results = run_experiment(out, settings=settings, name="smollm2-long", resume=resume)
+    runs = {"promptkd": os.path.join(out, "promptkd"),
+            "promptkd[promptkd_frozen]": os.path.join(out, "variants", "promptkd_frozen")}
+    curves = {}
+    for row, run_dir in runs.items():
+        series = run_series(run_dir)
+        curves[row] = {k: {"steps": v[0], "values": v[1]} for k, v in series.items()
+                       if k.startswith("prompt/") or k in ("valid/ce", "valid/rougeL")}
+    summary = {"settings": results["settings"], "scores": results["scores"], "prompt_cost": results["prompt_cost"],
+               "seconds": results["seconds"], "curves": curves}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pilot.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
