@@ -2,7 +2,7 @@
 PYTHON ?= python
 PYTEST_WORKERS ?= 2
 
-.PHONY: install test test-gpu test-served gpu-check lint bench bench-quick
+.PHONY: install test test-gpu test-served gpu-check gpu-research lint bench bench-quick
 
 install:
 	$(PYTHON) -m pip install torch==2.13.0
@@ -29,6 +29,11 @@ test-served:
 # the GPU benchmarks; results in bench/results/gpu/ (bench/gpu_check.sh; GPU_CHECK_DRY=1 prints the commands only).
 gpu-check:
 	PYTHON=$(PYTHON) bash bench/gpu_check.sh
+
+# smollm2-long at the paper's step count on one GPU, sized to one call from what it measures there first
+# (bench/gpu_research.py; GPU_RESEARCH_DRY=1 prints the settings, the plans and the commands only).
+gpu-research:
+	$(PYTHON) bench/gpu_research.py
 
 lint:
 	ruff check .

@@ -13,7 +13,8 @@ its own (``promptkd train``, the demo's tasks); its peak resident memory is read
    served log-probabilities (top-k); ``rkl`` from served log-probabilities (the sampled-token estimator); ``kd`` and
    ``rkl`` from served hidden states (the teacher's head loaded alone).
 2. Payloads, per scored token: bytes on the wire as JSON, and as stored (top-k: k + 1 ids, uint16 or int32 as the
-   cache stores them, and k + 1 float16 log-probabilities; hidden: D bfloat16), and the loss each gives against the exact forward KL on the same batch.
+   cache stores them, and k + 1 float16 log-probabilities; hidden: D bfloat16), and the loss each gives against
+   the exact forward KL on the same batch.
 
 Everything goes to ``OUT/served_online.json`` with the commit, the versions and the machine.
 """

@@ -74,12 +74,8 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
                              f"(given: {', '.join(caches) or 'none'})")
         resolved = {**changes, **({"teacher_cache": "x"} if "teacher_cache" in changes else {})}
         stage_config(settings, dict.fromkeys(("train", "valid"), "x"), "x", seed, **{"method": "promptkd", **resolved})
-    manifest = {"settings": json.loads(json.dumps(asdict(settings))), "seed": seed,
-                "teacher": os.path.basename(os.path.normpath(teacher))}
+    manifest = experiment_manifest(settings, seed, teacher)
     if settings.regime == "open":
-        # Recorded so that a run from before these rules (references sampled from ``seed``, best weights
-        # scored) is refused on resume rather than mixed with them.
-        manifest.update(references_seed=references_seed(seed), scored="final")
         for s_ in (*settings.eval_seeds, *train_seeds):  # validation samples at ``seed``, never equal to it
             if s_ == references_seed(seed):
                 raise InputError(f"seed {s_} is the references' sampling seed (seed + {REFERENCES_SEED_OFFSET}); "
@@ -217,6 +213,23 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
               os.path.join(plots, "teacher_ce.png"), "Teacher cross-entropy on test responses", "nats per token")
     log(f"experiment finished in {results['seconds']['total']:.0f} s; results in {out}/results.md, plots in {plots}")
     return results
+
+#: Settings a resumed experiment may change: which baselines and ablations it trains (their runs are added, as
+#: ``--variant`` runs are); every other setting must match the run's ``experiment.json``.
+EXTENSIBLE = ("methods", "ablations")
+
+
+def experiment_manifest(settings: ExperimentSettings, seed: int, teacher: str) -> dict:
+    """What ``experiment.json`` records and a resume must match (:data:`EXTENSIBLE` apart)."""
+    fixed = {k: v for k, v in asdict(settings).items() if k not in EXTENSIBLE}
+    manifest = {"settings": json.loads(json.dumps(fixed)), "seed": seed,
+                "teacher": os.path.basename(os.path.normpath(teacher))}
+    if settings.regime == "open":
+        # Recorded so that a run from before these rules (references sampled from ``seed``, best weights
+        # scored) is refused on resume rather than mixed with them.
+        manifest.update(references_seed=references_seed(seed), scored="final")
+    return manifest
+
 
 def check_variant(run_dir: str, changes: dict) -> None:
     """A variant's changes are recorded with it: the same name with other changes is refused, not reused."""

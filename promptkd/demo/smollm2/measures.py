@@ -29,7 +29,7 @@ def build_caches(out: str, specs: tuple[str, ...], teacher_dir: str, paths: dict
             timed(f"cache_{spec}", lambda path=path, kwargs=kwargs, started=started: cache_teacher(
                 teacher_dir, paths["train"], path, max_length=settings.max_length,
                 max_prompt_length=settings.max_prompt_length, batch_size=settings.batch_size, seed=seed,
-                device="cpu", resume=started, log=lambda _: None, **kwargs))
+                device=settings.device, resume=started, log=lambda _: None, **kwargs))
             log(f"cache {spec}: written to {path}")
         with open(manifest) as f:
             manifests[spec] = json.load(f)
@@ -43,7 +43,7 @@ def stage_config(settings: ExperimentSettings, paths: dict, out: str, experiment
                 warmup_steps=s.warmup_steps, weight_decay=0.01, clip_grad_norm=1.0, eval_seeds=(experiment_seed,),
                 eval_max_new_tokens=s.max_new_tokens, eval_batch_size=64, max_new_tokens=s.max_new_tokens,
                 prompt_length=s.prompt_length, keep_checkpoints=1, progress=False, tensorboard=False,
-                output_dir=out, dtype="float32")
+                output_dir=out, dtype=s.dtype, device=s.device)
     base.update(changes)
     return TrainConfig(**base)
 
@@ -64,7 +64,7 @@ def prepare(out: str, teacher: str, settings: ExperimentSettings, seed: int, log
     paths["teacher_init"] = target = os.path.join(out, "init", "teacher")
     if not os.path.isfile(os.path.join(target, "config.json")):
         t0 = time.perf_counter()
-        model = load_model("--teacher", teacher, torch.float32, torch.device("cpu"))
+        model = load_model("--teacher", teacher, torch.float32, torch.device(settings.device))
         tokenizer = load_tokenizer("--teacher", teacher)
         tmp = os.path.join(out, "init", ".tmp-teacher")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -84,7 +84,7 @@ def prepare(out: str, teacher: str, settings: ExperimentSettings, seed: int, log
     from ..open_tasks import answer_with_teacher, generate_open_tasks
 
     splits = generate_open_tasks(seed, n_train=settings.n_train, n_valid=settings.n_valid, n_test=settings.n_test)
-    model = load_model("teacher", target, torch.float32, torch.device("cpu")).eval()
+    model = load_model("teacher", target, torch.float32, torch.device(settings.device)).eval()
     tokenizer = load_tokenizer("teacher", target)
     for split, records in splits.items():
         if os.path.isfile(paths[split]):
@@ -109,7 +109,7 @@ def evaluate_model(model_dir: str, paths: dict, settings: ExperimentSettings) ->
     from ...train.evaluate import evaluate, reference_ce
 
     tokenizer = load_tokenizer("model", model_dir)
-    model = load_model("model", model_dir, torch.float32, torch.device("cpu")).eval()
+    model = load_model("model", model_dir, torch.float32, torch.device(settings.device)).eval()
     scores = {}
     for split in ("test", "test_heldout"):
         examples, _ = load_examples(paths[split], tokenizer, settings.max_prompt_length, settings.max_length)
@@ -140,7 +140,7 @@ def prompt_cost(teacher_dir: str, prompt_dirs: dict[str, str], paths: dict, sett
     if result["no_prompt"] is not None and result["initial_prompt"] is not None and not todo:
         return {**result, "num_examples": known["num_examples"]}
     tokenizer = load_tokenizer("teacher", teacher_dir)
-    model = load_model("teacher", teacher_dir, torch.float32, torch.device("cpu"))
+    model = load_model("teacher", teacher_dir, torch.float32, torch.device(settings.device))
     examples, _ = load_examples(paths["test"], tokenizer, settings.max_prompt_length, settings.max_length)
     batches = [collate([e.prompt_ids for e in examples[i:i + 32]], [e.response_ids for e in examples[i:i + 32]],
                        tokenizer.pad_token_id, tokenizer.eos_token_id) for i in range(0, len(examples), 32)]
@@ -149,6 +149,7 @@ def prompt_cost(teacher_dir: str, prompt_dirs: dict[str, str], paths: dict, sett
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in batches:
+                batch = {k: v.to(model.device) for k, v in batch.items()}
                 out = prompted(batch["input_ids"], batch["attention_mask"], use_prompt=use_prompt)
                 n = int((batch["labels"] != -100).sum())
                 loss = linear_cross_entropy(LMOutput(out.hidden_states, out.output_weight, out.output_bias),
@@ -187,10 +188,10 @@ def exposure(teacher_dir: str, students: dict[str, str], paths: dict, settings: 
         examples, _ = load_examples(paths["test"], tokenizer, settings.max_prompt_length, settings.max_length,
                                     limit=settings.exposure_prompts)
         prompts = [e.prompt_ids for e in examples]
-        teacher = load_model("teacher", teacher_dir, torch.float32, torch.device("cpu")).eval()
+        teacher = load_model("teacher", teacher_dir, torch.float32, torch.device(settings.device)).eval()
         teacher_samples = sample_continuations(teacher, tokenizer, prompts, **options)
         for name in todo:
-            student = load_model(name, students[name], torch.float32, torch.device("cpu")).eval()
+            student = load_model(name, students[name], torch.float32, torch.device(settings.device)).eval()
             done[name] = json_ready(exposure_bias(teacher, student, tokenizer, prompts,
                                                   teacher_samples=teacher_samples, **options))
         known = {"num_prompts": len(prompts)}

@@ -59,6 +59,8 @@ class ExperimentSettings:
     methods: tuple = BASELINES            # the baselines trained (a subset of BASELINES, in this order)
     ablations: tuple = ()                 # --variant strings every experiment of these settings adds (and seeds)
     eval_points: int = 4                  # validations per distillation run (the curves' points)
+    device: str = "cpu"                   # of every stage (cuda: the GPU experiment, bench/gpu_research.py)
+    dtype: str = "float32"                # of training (bfloat16 on CUDA); scores are computed in float32
 
     def __post_init__(self):
         if self.regime not in REGIMES:
@@ -66,6 +68,9 @@ class ExperimentSettings:
         unknown = [m for m in self.methods if m not in BASELINES]
         if unknown or not self.methods or len(set(self.methods)) != len(self.methods):
             raise InputError(f"methods must be distinct names among {', '.join(BASELINES)}, got {self.methods!r}")
+        if self.device not in ("cpu", "cuda") or self.dtype not in ("float32", "bfloat16"):
+            raise InputError(f"device must be cpu or cuda and dtype float32 or bfloat16, got {self.device!r}, "
+                             f"{self.dtype!r}")
         if isinstance(self.eval_points, bool) or not isinstance(self.eval_points, int) or self.eval_points < 1:
             raise InputError(f"eval_points must be an int >= 1, got {self.eval_points!r}")
 
