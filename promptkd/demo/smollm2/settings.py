@@ -99,10 +99,12 @@ FROZEN = "promptkd_frozen:prompt_frozen=true"
 #: ``smollm2-long``: the open regime with the student SFT-trained first, at ten times ``smollm2-open-sft``'s
 #: distillation steps (300), made cheaper per step rather than fewer: batches of 4 and answers of 24 tokens, one
 #: epoch of 1,200 training instructions; the methods the prompt question needs and the frozen-prompt ablation,
-#: with 10 validations per run for the prompt's curves (docs/experiments.md).
+#: with 10 validations per run for the prompt's curves. The prompt as the reference code trains it: its learning
+#: rate the student's (``prompt_lr`` 0), 7 tokens from "Suppose you are a student.", the regulariser at 1 decaying;
+#: warm-up 30 steps, the reference's 100 of about 1,000 scaled to 300 (docs/experiments.md).
 LONG = replace(OPEN_SFT, n_train=1200, max_length=88, max_new_tokens=24, batch_size=4, sft_steps=150,
-               distill_steps=300, methods=("sft", "kd", "rkl", "distillm", "promptkd"), ablations=(FROZEN,),
-               eval_points=10, exposure_prompts=12)
+               distill_steps=300, prompt_lr=0.0, warmup_steps=30, methods=("sft", "kd", "rkl", "distillm", "promptkd"),
+               ablations=(FROZEN,), eval_points=10, exposure_prompts=12)
 QUICK_LONG = replace(QUICK_OPEN_SFT, methods=LONG.methods, ablations=LONG.ablations, eval_points=2)
 EXPERIMENTS = {"smollm2": (ExperimentSettings(), QUICK), "smollm2-open": (OPEN, QUICK_OPEN),
                "smollm2-open-sft": (OPEN_SFT, QUICK_OPEN_SFT), "smollm2-long": (LONG, QUICK_LONG)}
