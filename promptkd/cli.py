@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "--seed run: means and stds over training seeds")
     exp.add_argument("--cache", action="append", default=[], metavar="SPEC",
                      help="write the SFT teacher's targets over the training data first (repeatable): kN (top N) "
-                          "or sN (N samples), e.g. k64, s12; variants use them with teacher_cache=SPEC")
+                          "or sN (N samples), e.g. k64, s12, or srv-kN (the top N from the --server teacher); "
+                          "variants use them with teacher_cache=SPEC")
+    exp.add_argument("--server", default=None, metavar="URL",
+                     help="the experiment's teacher served by vLLM or SGLang, for srv-kN caches (docs/served.md)")
     _run_flags(exp, "experiment")
     exp.set_defaults(func=commands.experiment)
 

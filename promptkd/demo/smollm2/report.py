@@ -132,6 +132,20 @@ def caches_text(manifests: dict, groups: dict) -> str:
             where = "within" if abs(diff) <= noise else "outside"
             lines.append(f"- {label.removeprefix('kd ')}: {g['test']:.1f} over {len(g['runs'])} training seed(s), "
                          f"{diff:+.1f}: {where} one training-seed std of online kd")
+    # A served cache against the in-process cache of the same spec: the served teacher's targets are the same
+    # teacher's, so kd from them should land within one training-seed std (the larger of the two groups').
+    for label, g in groups.items():
+        spec = label.removeprefix("kd teacher_cache=")
+        local = groups.get(f"kd teacher_cache={spec.removeprefix('srv-')}")
+        if not spec.startswith("srv-") or label == spec or local is None:
+            continue
+        for key, std, name in (("test", "train_std", "ROUGE-L"), ("ce", "ce_std", "CE")):
+            if key not in g or key not in local:
+                continue
+            diff, noise = g[key] - local[key], max(g[std], local[std])
+            where = "within" if abs(diff) <= noise else "outside"
+            lines.append(f"- {spec} against {spec.removeprefix('srv-')} by {name}: {g[key]:.3f} vs {local[key]:.3f} "
+                         f"({diff:+.3f}): {where} one training-seed std ({noise:.3f})")
     return "\n".join(lines)
 
 def cost_text(cost: dict, teacher: str = "SFT teacher") -> str:

@@ -157,12 +157,23 @@ def parse_variant(text: str) -> tuple[str, dict]:
     return name, changes
 
 
+#: A ``--cache`` spec with this prefix is written by the served teacher at ``--server`` (top-k only).
+SERVED = "srv-"
+
+
 def parse_cache(spec: str) -> tuple[str, int]:
-    """``--cache`` ``kN`` (top-N targets) or ``sN`` (N sampled tokens) as (mode, N)."""
-    kind, digits = spec[:1], spec[1:]
+    """``--cache`` ``kN`` (top-N targets) or ``sN`` (N sampled tokens) as (mode, N); ``srv-kN``: the top N from the
+    served teacher (``--server``, :func:`promptkd.served.cache_from_server`), the label added where it is not among
+    them."""
+    served = spec.startswith(SERVED)
+    body = spec[len(SERVED):] if served else spec
+    kind, digits = body[:1], body[1:]
     if kind not in ("k", "s") or not digits.isdigit() or int(digits) < 1:
-        raise InputError(f"--cache {spec!r}: expected kN (the top N teacher tokens) or sN (N sampled tokens), "
-                         "e.g. k64 or s12")
+        raise InputError(f"--cache {spec!r}: expected kN (the top N teacher tokens), sN (N sampled tokens) or "
+                         f"{SERVED}kN (the top N from the --server teacher), e.g. k64, s12 or {SERVED}k64")
+    if served and kind == "s":
+        raise InputError(f"--cache {spec!r}: a served teacher gives top-k targets only (it cannot draw with "
+                         f"promptkd's per-row keys); use {SERVED}k{digits}")
     return ("top_k" if kind == "k" else "samples"), int(digits)
 
 
