@@ -433,6 +433,7 @@ def test_kd_from_a_served_cache_beside_the_in_process_one(teacher, tmp_path):
     assert local.k == 8 and served.k == 9 and served.manifest["teacher"]["server"] == url
     text = open(os.path.join(out, "results.md")).read()
     assert "srv-k8 against k8 by ROUGE-L" in text and "srv-k8 against k8 by CE" in text
+    assert "- nothing to call: the verdict compares" in text  # kd alone: no control to compare with
 
 
 def test_seed_verdict_calls_apart_only_gaps_beyond_twice_the_training_seed_std():

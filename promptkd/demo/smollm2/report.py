@@ -106,6 +106,9 @@ def seed_verdict(groups: dict, control: str = "sft") -> str:
             if FROZEN_GROUP in groups:
                 lines.append(f"- {title}: the learned prompt against the frozen one: "
                              f"{compare('promptkd', FROZEN_GROUP, key, std, sign)}")
+    if len(lines) == 1:
+        lines.append(f"- nothing to call: the verdict compares the best of {', '.join(DISTILLERS)} with {control}, "
+                     "and these runs do not hold both")
     return "\n".join(lines)
 
 def cache_figures(manifest: dict) -> dict:
