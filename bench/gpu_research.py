@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from dataclasses import asdict, replace
@@ -139,13 +140,13 @@ def main(argv=None) -> int:
         return 0
 
     import torch
+    from research_budget import time_steps  # bench/, beside this script
 
     from promptkd.demo.smollm2 import ENTRIES, FROZEN, parse_variant, prepare, run_experiment, stage_config
     from promptkd.demo.smollm2.experiment import experiment_manifest
     from promptkd.demo.smollm2.measures import evaluate_model
     from promptkd.demo.stages import cached, final_model, start, train_stage
     from promptkd.hf.layer_drop import init_student
-    from promptkd.train import Trainer
     from promptkd.train.plot import run_series
 
     if not torch.cuda.is_available():
@@ -170,7 +171,7 @@ def main(argv=None) -> int:
                                       lr=settings.sft_lr, max_steps=settings.sft_steps,
                                       eval_interval=max(1, settings.sft_steps // 5)), log, "sft_init")
     steps = run_series(sft_dir)["train/step_s"][1]
-    per_step = {"sft": sorted(steps[1:])[len(steps[1:]) // 2]}
+    per_step = {"sft": statistics.median(steps[1:])}
     t0 = time.perf_counter()
     cached(os.path.join(out, "scores", "sft_init.json"), lambda: evaluate_model(final_model(sft_dir), paths, settings))
     eval_s = time.perf_counter() - t0
@@ -182,16 +183,8 @@ def main(argv=None) -> int:
         cfg = stage_config(settings, paths, run_dir, seed, **{"method": "promptkd", **changes},
                            student=final_model(sft_dir), teacher=paths["teacher_init"], lr=settings.distill_lr,
                            prompt_lr=settings.prompt_lr, max_steps=3, eval_interval=3, save_interval=10 ** 6)
-        trainer = Trainer(cfg, overwrite=True, log=lambda _: None)
-        try:
-            t = time.perf_counter()
-            trainer.train()
-            wall = time.perf_counter() - t
-        finally:
-            trainer.close()
-        times = run_series(run_dir)["train/step_s"][1]
-        per_step[row] = sorted(times[1:])[len(times[1:]) // 2]
-        validate_s = max(validate_s, wall - sum(times))
+        _, per_step[row], other = time_steps(cfg)
+        validate_s = max(validate_s, other)
     measured.update(per_step=per_step, validate_s=round(validate_s, 1), eval_s=round(eval_s, 1))
     left = (args.budget - (time.perf_counter() - started)) * (1 - RESERVE)
     choice, costs = choose(per_step, validate_s, eval_s, settings, left)

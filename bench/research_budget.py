@@ -33,6 +33,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def time_steps(cfg) -> tuple[list[float], float, float]:
+    """Trains ``cfg`` (overwriting its run directory) and returns its steps' seconds (``train/step_s``), their median
+    from the second step on (the first warms up), and what the run spent besides its steps (validation, saving)."""
+    from promptkd.train import Trainer
+    from promptkd.train.plot import run_series
+
+    trainer = Trainer(cfg, overwrite=True, log=lambda _: None)
+    try:
+        started = time.perf_counter()
+        trainer.train()
+        wall = time.perf_counter() - started
+    finally:
+        trainer.close()
+    steps = run_series(cfg.output_dir)["train/step_s"][1]
+    return steps, statistics.median(steps[1:]), wall - sum(steps)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", default="smollm2-long")
@@ -51,9 +68,7 @@ def main(argv=None) -> int:
     from promptkd.demo.smollm2 import EXPERIMENTS, packaged_teacher, parse_variant, prepare, stage_config
     from promptkd.demo.smollm2.measures import evaluate_model
     from promptkd.hf.layer_drop import init_student
-    from promptkd.train import Trainer
     from promptkd.train.config import parse_overrides
-    from promptkd.train.plot import run_series
 
     settings = replace(EXPERIMENTS[args.experiment][0], **parse_overrides(args.set))
     n_eval = 6  # test prompts per split for the evaluation's timing
@@ -90,18 +105,10 @@ def main(argv=None) -> int:
                            student=str(student), teacher=paths["teacher_init"], lr=small.distill_lr,
                            prompt_lr=small.prompt_lr, max_steps=args.steps, eval_interval=args.steps,
                            save_interval=10 ** 6)
-        trainer = Trainer(cfg, overwrite=True, log=lambda _: None)
-        try:
-            started = time.perf_counter()
-            trainer.train()
-            wall = time.perf_counter() - started
-        finally:
-            trainer.close()
-        steps = run_series(str(run_dir))["train/step_s"][1]
-        per_step = statistics.median(steps[1:])
+        steps, per_step, other = time_steps(cfg)
         measured[row] = {"seconds_per_step": round(per_step, 3), "steps_s": [round(s, 3) for s in steps],
-                         "validation_and_saving_s": round(wall - sum(steps), 1)}
-        log(f"{row:18s} {per_step:6.2f} s/step  validation + saving {wall - sum(steps):5.1f} s")
+                         "validation_and_saving_s": round(other, 1)}
+        log(f"{row:18s} {per_step:6.2f} s/step  validation + saving {other:5.1f} s")
 
     t0 = time.perf_counter()
     evaluate_model(str(student), paths, small)
